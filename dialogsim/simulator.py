@@ -1,0 +1,189 @@
+"""The conversation simulator shared by the single and the vectorized environment.
+
+It owns the prompt table, the simulated user, the reward model and the episode rules (horizon,
+token budget, when the reward comes) and advances a batch of dialogues with one user-model call
+and one reward-model call per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from dialogsim.dialogue import DialogueState, fingerprint
+from dialogsim.prompts import PromptRow
+from dialogsim.rewards.base import RewardModel
+from dialogsim.user import UserSimulator
+
+MAX_HORIZON = 5
+
+
+@dataclass(frozen=True)
+class EpisodeConfig:
+    """Episode rules.
+
+    Attributes:
+        max_horizon: largest horizon H (≤ 5 as in the paper).
+        horizon: fixed H, or ``None`` to draw H uniformly from 1..max_horizon at each reset (the
+            REFUEL public code's choice).
+        max_dialogue_tokens: budget for the whole chat-templated dialogue (policy tokenizer, tokens);
+            past it the episode is truncated.
+        reward_per_turn: score the dialogue after every assistant reply, not only at the horizon.
+    """
+
+    max_horizon: int = 3
+    horizon: int | None = None
+    max_dialogue_tokens: int = 2048
+    reward_per_turn: bool = False
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_horizon <= MAX_HORIZON:
+            raise ValueError(f"max_horizon must be in 1..{MAX_HORIZON}, got {self.max_horizon}")
+        if self.horizon is not None and not 1 <= self.horizon <= self.max_horizon:
+            raise ValueError(f"horizon must be in 1..max_horizon={self.max_horizon}, got {self.horizon}")
+
+
+@dataclass
+class StepOutcome:
+    """What one dialogue got from a step: reward (at the horizon, else 0), end flags and info."""
+
+    reward: float
+    terminated: bool
+    truncated: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class DialogueSimulator:
+    """Starts, restores and advances dialogues.
+
+    Args:
+        prompts: the prompt rows episodes start from (ids must be unique).
+        user: the simulated user.
+        reward: the reward model.
+        config: episode rules.
+        tokenizer: the policy's tokenizer, used to count dialogue tokens against the budget.
+
+    Raises:
+        ValueError: no prompts, or duplicate prompt ids.
+    """
+
+    def __init__(
+        self,
+        prompts: list[PromptRow],
+        user: UserSimulator,
+        reward: RewardModel,
+        config: EpisodeConfig,
+        tokenizer: PreTrainedTokenizerBase,
+    ) -> None:
+        if not prompts:
+            raise ValueError("the environment needs at least one prompt row")
+        self.prompts = {row.id: row for row in prompts}
+        if len(self.prompts) != len(prompts):
+            raise ValueError("prompt ids must be unique; deduplicate the rows (dialogsim.data.load_prompts does)")
+        self.prompt_ids = [row.id for row in prompts]
+        self.user, self.reward, self.config, self.tokenizer = user, reward, config, tokenizer
+        self.fingerprint = fingerprint(
+            {
+                "prompts": fingerprint({"ids": self.prompt_ids}),
+                "user_model": getattr(user.backend, "name", type(user.backend).__name__),
+                "user_template": user.template.name,
+                "user_sampling": asdict(user.sampling),
+                "reward": type(reward).__name__,
+                "episode": asdict(config),
+            }
+        )
+
+    def new_state(self, rng: np.random.Generator, options: dict[str, Any] | None = None) -> DialogueState:
+        """Start a dialogue: the prompt's instruction is the first user message (state s_1).
+
+        ``options`` may hold ``prompt_id`` (else drawn uniformly) and ``horizon`` (else the config's).
+
+        Raises:
+            KeyError: unknown ``prompt_id``.
+            ValueError: ``horizon`` outside 1..max_horizon.
+        """
+        options = options or {}
+        prompt_id = options.get("prompt_id")
+        if prompt_id is None:
+            prompt_id = self.prompt_ids[int(rng.integers(len(self.prompt_ids)))]
+        elif prompt_id not in self.prompts:
+            raise KeyError(f"unknown prompt_id {prompt_id!r}; it is not among the env's {len(self.prompts)} prompts")
+        horizon = options.get("horizon", self.config.horizon)
+        if horizon is None:
+            horizon = int(rng.integers(1, self.config.max_horizon + 1))
+        if not isinstance(horizon, int) or not 1 <= horizon <= self.config.max_horizon:
+            raise ValueError(f"options['horizon'] must be an int in 1..{self.config.max_horizon}, got {horizon!r}")
+        seed = int(rng.integers(2**63))
+        messages = [{"role": "user", "content": self.prompts[prompt_id].instruction}]
+        return DialogueState(prompt_id, messages, horizon, np.random.Generator(np.random.PCG64(seed)))
+
+    def restore(self, snapshot: Any) -> DialogueState:
+        """A state from a snapshot (see :meth:`DialogueState.from_snapshot`), checked against this config."""
+        state = DialogueState.from_snapshot(snapshot, self.fingerprint, self.config.max_horizon)
+        if state.prompt_id not in self.prompts:
+            raise KeyError(f"snapshot prompt_id {state.prompt_id!r} is not among this env's prompts")
+        return state
+
+    def count_tokens(self, state: DialogueState) -> int:
+        """Chat-templated token count of the dialogue with the policy's tokenizer (tokens)."""
+        return len(self.tokenizer.apply_chat_template(state.messages, tokenize=True, return_dict=False))
+
+    def step(self, states: list[DialogueState], replies: list[str]) -> list[StepOutcome]:
+        """Append each reply as the assistant turn, then ask the user or score, in batched calls.
+
+        Args:
+            states: unfinished dialogues, each ending with a user message.
+            replies: the policy's assistant reply for each.
+
+        Returns:
+            One :class:`StepOutcome` per state; states are updated in place.
+
+        Raises:
+            RuntimeError: a state is already done.
+        """
+        for state, reply in zip(states, replies, strict=True):
+            if state.done:
+                raise RuntimeError(f"dialogue of prompt {state.prompt_id} has ended; reset it first")
+            state.messages.append({"role": "assistant", "content": reply})
+        tokens = [self.count_tokens(state) for state in states]
+        outcomes = [
+            StepOutcome(
+                reward=0.0,
+                terminated=state.turn >= state.horizon,
+                truncated=state.turn < state.horizon and n > self.config.max_dialogue_tokens,
+                info={"replied_turn": state.turn, "dialogue_tokens": n},
+            )
+            for state, n in zip(states, tokens, strict=True)
+        ]
+        self._score(states, outcomes)
+        self._ask_user(states, outcomes)
+        return outcomes
+
+    def _score(self, states: list[DialogueState], outcomes: list[StepOutcome]) -> None:
+        chosen = [
+            i
+            for i, outcome in enumerate(outcomes)
+            if outcome.terminated or outcome.truncated or self.config.reward_per_turn
+        ]
+        rewards = self.reward.score(
+            [states[i].messages for i in chosen], [self.prompts[states[i].prompt_id] for i in chosen]
+        )
+        for i, reward in zip(chosen, rewards, strict=True):
+            outcomes[i].reward = float(reward)
+
+    def _ask_user(self, states: list[DialogueState], outcomes: list[StepOutcome]) -> None:
+        going_on = [i for i, outcome in enumerate(outcomes) if not (outcome.terminated or outcome.truncated)]
+        for i, outcome in enumerate(outcomes):
+            states[i].done = i not in going_on
+            if states[i].done:
+                states[i].final_reward = outcome.reward
+        seeds = [int(states[i].rng.integers(2**63)) for i in going_on]
+        batch_seed = int(np.random.SeedSequence(seeds).generate_state(1)[0]) if seeds else None
+        turns = self.user.next_questions([states[i].messages for i in going_on], batch_seed)
+        for i, user_turn in zip(going_on, turns, strict=True):
+            states[i].messages.append({"role": "user", "content": user_turn.text})
+            states[i].user_parse_failures += not user_turn.parsed
+            outcomes[i].info["user_parsed"] = user_turn.parsed

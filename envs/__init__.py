@@ -1,0 +1,22 @@
+"""Gymnasium environments of dialogsim; importing this package registers them.
+
+>>> import gymnasium as gym, envs
+>>> env = gym.make("dialogsim/UltraInteract-v0")  # doctest: +SKIP
+"""
+
+import gymnasium as gym
+
+from envs.dialogue_env import DialogueEnv
+from envs.vector_env import VectorDialogueEnv
+
+ENV_ID = "dialogsim/UltraInteract-v0"
+
+if ENV_ID not in gym.registry:
+    gym.register(
+        id=ENV_ID,
+        entry_point="envs.dialogue_env:DialogueEnv",
+        vector_entry_point="envs.vector_env:VectorDialogueEnv",
+        disable_env_checker=False,
+    )
+
+__all__ = ["ENV_ID", "DialogueEnv", "VectorDialogueEnv"]

@@ -1,0 +1,82 @@
+"""Build a :class:`~dialogsim.simulator.DialogueSimulator` from names, for ``gym.make`` kwargs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from dialogsim.backends.transformers_backend import TransformersBackend, load_tokenizer
+from dialogsim.data import default_prompt_file, load_prompts, split_train_eval
+from dialogsim.models import DEFAULT_MODEL
+from dialogsim.prompts import PromptRow
+from dialogsim.rewards.factory import build_reward_model
+from dialogsim.simulator import DialogueSimulator, EpisodeConfig
+from dialogsim.user import UserSimulator
+
+
+def build_simulator(
+    prompts: str | Path | None = None,
+    tasks: Sequence[str] | None = ("Math_CoT",),
+    datasets: Sequence[str] | None = None,
+    splits: Sequence[str] | None = None,
+    limit: int | None = None,
+    holdout: int = 0,
+    partition: str = "all",
+    policy_model: str = DEFAULT_MODEL,
+    user_model: str = DEFAULT_MODEL,
+    user_template: str = "student",
+    reward: str = "math",
+    max_horizon: int = 3,
+    horizon: int | None = None,
+    max_dialogue_tokens: int = 2048,
+    max_prompt_tokens: int = 512,
+    reward_per_turn: bool = False,
+) -> DialogueSimulator:
+    """Load prompts, the user model, the reward model and the policy tokenizer by name.
+
+    Args:
+        prompts: prompt file (JSON Lines / Parquet) or hub id; default: the shared UltraInteract file.
+        tasks / datasets / splits: prompt filters (see :func:`dialogsim.data.load_prompts`).
+        holdout: number of prompts reserved for evaluation (chosen by id hash, seed 0, so training
+            and evaluation agree on them without sharing state).
+        partition: ``"train"`` (all but the held-out prompts), ``"heldout"`` or ``"all"``.
+        limit: keep at most this many prompts of the partition.
+        policy_model: model whose tokenizer counts dialogue tokens (the policy's).
+        user_model: model of the simulated user (loaded on its own, independent of the policy).
+        user_template: ``"student"`` (small models) or ``"paper"`` (the REFUEL paper's prompt).
+        reward: ``"math"`` (verifier + MiniLM similarity) or a sequence-classification RM id/path.
+        max_horizon / horizon / max_dialogue_tokens / reward_per_turn: see :class:`EpisodeConfig`.
+        max_prompt_tokens: prompts longer than this (policy chat template, tokens) are dropped.
+    """
+    tokenizer = load_tokenizer(policy_model)
+    rows, _ = load_prompts(
+        prompts if prompts is not None else default_prompt_file(),
+        tasks=tasks,
+        datasets=datasets,
+        splits=splits,
+        tokenizer=tokenizer,
+        max_prompt_tokens=max_prompt_tokens,
+    )
+    rows = select_partition(rows, holdout, partition)[:limit]
+    user = UserSimulator(TransformersBackend(user_model), user_template)
+    config = EpisodeConfig(
+        max_horizon=max_horizon,
+        horizon=horizon,
+        max_dialogue_tokens=max_dialogue_tokens,
+        reward_per_turn=reward_per_turn,
+    )
+    return DialogueSimulator(rows, user, build_reward_model(reward), config, tokenizer)
+
+
+def select_partition(rows: list[PromptRow], holdout: int, partition: str) -> list[PromptRow]:
+    """The training rows, the ``holdout`` evaluation rows, or all rows.
+
+    Raises:
+        ValueError: unknown ``partition``, or ``holdout`` missing for a split partition.
+    """
+    if partition == "all":
+        return rows
+    if partition not in ("train", "heldout") or holdout < 1:
+        raise ValueError(f"partition must be 'all', 'train' or 'heldout' (with holdout >= 1); got {partition!r}")
+    train, heldout = split_train_eval(rows, eval_count=holdout, seed=0)
+    return train if partition == "train" else heldout

@@ -1,0 +1,144 @@
+"""``DialogueEnv``: one conversation between the agent (the policy) and a simulated user."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import gymnasium as gym
+
+from dialogsim.dialogue import DialogueState
+from dialogsim.simulator import DialogueSimulator
+from envs.build import build_simulator
+from envs.spaces import UnicodeText, as_observation, dialogue_space
+
+
+class DialogueEnv(gym.Env):
+    """A multi-turn conversation with a simulated user over real prompts.
+
+    ## Description
+    The agent is the assistant. Each episode starts from an UltraInteract-format prompt (the first
+    user message). After each assistant reply the simulated user (an LLM prompted to ask the next
+    question, see :mod:`dialogsim.user`) adds a user message, until the horizon H (≤ 5) is reached.
+    This is the environment of REFUEL (Gao et al., ICLR 2025, arXiv 2410.04612, §3).
+
+    ## Action Space
+    The assistant reply for the current turn: a ``str`` (any Unicode, at most ``max_reply_chars``
+    characters), space :class:`envs.spaces.UnicodeText`.
+
+    ## Observation Space
+    The dialogue so far, ending with the current user message: a tuple of
+    ``{"role": "user" | "assistant" | "system", "content": str}`` dicts (the ``transformers`` chat
+    format), space ``Sequence(Dict(role=Text, content=UnicodeText))``. Pass it straight to
+    ``tokenizer.apply_chat_template(list(obs), add_generation_prompt=True)``.
+
+    ## Rewards
+    By default 0 until the last step; at the horizon (or on truncation) the reward model scores the
+    complete dialogue (the CPU default ``"math"``: 1[final answer correct] + 0.5 · MiniLM cosine of
+    the last reply to the reference solution, in [-0.5, 1.5]). With ``reward_per_turn=True`` every
+    step is scored. A reward that cannot be computed is NaN and its reason is counted in
+    ``env.unwrapped.simulator.reward.failures``.
+
+    ## Starting State
+    A prompt drawn uniformly with ``self.np_random`` (or ``options["prompt_id"]``), horizon H fixed
+    by ``horizon`` or drawn uniformly from 1..``max_horizon`` (or ``options["horizon"]``).
+    ``reset(options={"snapshot": s})`` restores the state s_h saved by :meth:`snapshot`: the same
+    messages, turn, horizon and user RNG, so the next user message is the same for the same reply.
+
+    ## Episode End
+    Terminated after the assistant reply of turn H. Truncated when the chat-templated dialogue
+    exceeds ``max_dialogue_tokens`` before the horizon.
+
+    ## Arguments
+    ``simulator`` (a ready :class:`~dialogsim.simulator.DialogueSimulator`), or the keyword arguments
+    of :func:`envs.build.build_simulator`: ``prompts``, ``tasks``, ``datasets``, ``splits``,
+    ``limit``, ``policy_model``, ``user_model``, ``user_template``, ``reward``, ``max_horizon``,
+    ``horizon``, ``max_dialogue_tokens``, ``max_prompt_tokens``, ``reward_per_turn``. Also
+    ``max_reply_chars`` (action length cap, characters) and ``max_message_chars`` (observation cap).
+
+    ``info`` holds ``turn`` (h of the observation), ``horizon``, ``prompt_id``; after a step also
+    ``replied_turn``, ``dialogue_tokens`` (tokens), ``user_parsed``; and
+    ``snapshot`` (while the episode goes on).
+
+    ## Vectorized environment
+    ``gym.make_vec("dialogsim/UltraInteract-v0", num_envs=32, vectorization_mode="vector_entry_point")``
+    gives :class:`envs.vector_env.VectorDialogueEnv`, which makes one batched user-model call and
+    one batched reward call per step for all conversations.
+
+    >>> import gymnasium as gym, envs
+    >>> env = gym.make("dialogsim/UltraInteract-v0", max_horizon=2)  # doctest: +SKIP
+    >>> obs, info = env.reset(seed=0)  # doctest: +SKIP
+    >>> obs, reward, terminated, truncated, info = env.step("The answer is \\\\boxed{72}.")  # doctest: +SKIP
+    """
+
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi"]}
+
+    def __init__(
+        self,
+        simulator: DialogueSimulator | None = None,
+        max_reply_chars: int = 16_384,
+        max_message_chars: int = 65_536,
+        render_mode: str | None = None,
+        **build_kwargs: Any,
+    ) -> None:
+        self.simulator = simulator if simulator is not None else build_simulator(**build_kwargs)
+        self.action_space = UnicodeText(max_length=max_reply_chars, min_length=0)
+        self.observation_space = dialogue_space(max_message_chars)
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
+        self.render_mode = render_mode
+        self.state: DialogueState | None = None
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[tuple[dict[str, str], ...], dict[str, Any]]:
+        """Start a dialogue, or restore ``options["snapshot"]``; see the class docstring."""
+        super().reset(seed=seed)
+        options = options or {}
+        if "snapshot" in options:
+            self.state = self.simulator.restore(options["snapshot"])
+        else:
+            self.state = self.simulator.new_state(self.np_random, options)
+        return as_observation(self.state.messages), self._info({})
+
+    def step(self, action: str) -> tuple[tuple[dict[str, str], ...], float, bool, bool, dict[str, Any]]:
+        """Append the assistant reply, then the user's next question or the final reward.
+
+        Raises:
+            RuntimeError: called before ``reset`` or after the episode ended.
+            TypeError: ``action`` is not a ``str``.
+            ValueError: ``action`` is longer than ``max_reply_chars``.
+        """
+        if self.state is None or self.state.done:
+            raise RuntimeError("DialogueEnv.step() called after the episode ended (or before reset); call reset()")
+        if not isinstance(action, str):
+            raise TypeError(f"action must be the assistant reply as a str, got {type(action).__name__}: {action!r:.80}")
+        if not self.action_space.contains(action):
+            raise ValueError(f"reply has {len(action)} characters; the action space allows {self.action_space}")
+        (outcome,) = self.simulator.step([self.state], [action])
+        info = self._info(outcome.info)
+        return as_observation(self.state.messages), outcome.reward, outcome.terminated, outcome.truncated, info
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-serialisable snapshot of the current state s_h (see :class:`DialogueState`).
+
+        Raises:
+            RuntimeError: before ``reset``.
+            SnapshotError: after the episode ended.
+        """
+        if self.state is None:
+            raise RuntimeError("call reset() before snapshot()")
+        return self.state.to_snapshot(self.simulator.fingerprint)
+
+    def render(self) -> str | None:
+        """The dialogue as text (``render_mode="ansi"``)."""
+        if self.render_mode != "ansi" or self.state is None:
+            return None
+        return "\n\n".join(f"[{m['role']}] {m['content']}" for m in self.state.messages)
+
+    def _info(self, step_info: dict[str, Any]) -> dict[str, Any]:
+        assert self.state is not None
+        info = {"turn": self.state.turn, "horizon": self.state.horizon, "prompt_id": self.state.prompt_id}
+        info.update(step_info)
+        if not self.state.done:
+            info["snapshot"] = self.snapshot()
+        return info

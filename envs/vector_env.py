@@ -1,0 +1,121 @@
+"""``VectorDialogueEnv``: N conversations advanced together with batched backend calls."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from dialogsim.dialogue import DialogueState
+from dialogsim.simulator import DialogueSimulator
+from envs.build import build_simulator
+from envs.spaces import UnicodeText, as_observation, dialogue_space
+
+
+class VectorDialogueEnv(VectorEnv):
+    """A native vector version of :class:`envs.dialogue_env.DialogueEnv`.
+
+    Every ``step`` appends the N replies and then makes **one** user-model call for all dialogues
+    that go on and **one** reward-model call for all that end. Observations, rewards and flags are
+    batched as tuples / arrays of length ``num_envs``. Sub-environments that ended are reset on the
+    next ``step`` (``AutoresetMode.NEXT_STEP``; that step's action for them is ignored).
+
+    ``reset(options=...)`` accepts ``{"snapshots": [s_0, ..., s_{N-1}]}`` (restore each
+    sub-environment), ``{"prompt_ids": [...]}`` and/or ``{"horizons": [...]}``. ``infos`` holds per-env
+    arrays of ``turn``, ``horizon`` and ``prompt_id`` and a list of ``snapshot`` values (``None``
+    for ended dialogues).
+
+    Args:
+        num_envs: number of parallel conversations.
+        simulator: a ready simulator, or else the keyword arguments of
+            :func:`envs.build.build_simulator`.
+        max_reply_chars / max_message_chars: as in :class:`DialogueEnv`.
+    """
+
+    metadata: ClassVar[dict[str, Any]] = {"autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(
+        self,
+        num_envs: int,
+        simulator: DialogueSimulator | None = None,
+        max_reply_chars: int = 16_384,
+        max_message_chars: int = 65_536,
+        **build_kwargs: Any,
+    ) -> None:
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        self.simulator = simulator if simulator is not None else build_simulator(**build_kwargs)
+        self.num_envs = num_envs
+        self.single_action_space = UnicodeText(max_length=max_reply_chars, min_length=0)
+        self.single_observation_space = dialogue_space(max_message_chars)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.states: list[DialogueState | None] = [None] * num_envs
+
+    def reset(
+        self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[tuple[tuple[dict[str, str], ...], ...], dict[str, Any]]:
+        """Start (or restore) all N dialogues; see the class docstring for ``options``."""
+        super().reset(seed=seed if isinstance(seed, int) or seed is None else int(seed[0]))
+        options = options or {}
+        snapshots = self._per_env(options, "snapshots")
+        prompt_ids = self._per_env(options, "prompt_ids")
+        horizons = self._per_env(options, "horizons")
+        for i in range(self.num_envs):
+            if snapshots[i] is not None:
+                self.states[i] = self.simulator.restore(snapshots[i])
+            else:
+                self.states[i] = self.simulator.new_state(
+                    self.np_random, {"prompt_id": prompt_ids[i], "horizon": horizons[i]}
+                )
+        return self._observations(), self._infos()
+
+    def step(self, actions: Any) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """Advance every dialogue by one reply; one batched user call and one batched reward call.
+
+        Raises:
+            TypeError: ``actions`` is not a sequence of N ``str`` (names the offending index).
+        """
+        actions = self._check_actions(actions)
+        rewards = np.zeros(self.num_envs, dtype=np.float64)
+        terminated = np.zeros(self.num_envs, dtype=bool)
+        truncated = np.zeros(self.num_envs, dtype=bool)
+        live = [i for i, state in enumerate(self.states) if state is not None and not state.done]
+        for i in set(range(self.num_envs)) - set(live):
+            self.states[i] = self.simulator.new_state(self.np_random)
+        outcomes = self.simulator.step([self.states[i] for i in live], [actions[i] for i in live])
+        for i, outcome in zip(live, outcomes, strict=True):
+            rewards[i], terminated[i], truncated[i] = outcome.reward, outcome.terminated, outcome.truncated
+        return self._observations(), rewards, terminated, truncated, self._infos()
+
+    def _per_env(self, options: dict[str, Any], key: str) -> list[Any]:
+        values = options.get(key)
+        if values is None:
+            return [None] * self.num_envs
+        if len(values) != self.num_envs:
+            raise ValueError(f"options[{key!r}] has {len(values)} entries; expected num_envs={self.num_envs}")
+        return list(values)
+
+    def _check_actions(self, actions: Any) -> list[str]:
+        if isinstance(actions, str) or len(actions) != self.num_envs:
+            raise TypeError(f"actions must be a sequence of {self.num_envs} reply strings, got {actions!r:.80}")
+        for i, action in enumerate(actions):
+            if not isinstance(action, str):
+                raise TypeError(f"actions[{i}] must be a str reply, got {type(action).__name__}")
+            if not self.single_action_space.contains(action):
+                raise ValueError(f"actions[{i}] has {len(action)} characters; allowed {self.single_action_space}")
+        return list(actions)
+
+    def _observations(self) -> tuple[tuple[dict[str, str], ...], ...]:
+        return tuple(as_observation(state.messages) for state in self.states if state is not None)
+
+    def _infos(self) -> dict[str, Any]:
+        states = [state for state in self.states if state is not None]
+        return {
+            "turn": np.array([state.turn for state in states]),
+            "horizon": np.array([state.horizon for state in states]),
+            "prompt_id": np.array([state.prompt_id for state in states], dtype=object),
+            "snapshot": [None if state.done else state.to_snapshot(self.simulator.fingerprint) for state in states],
+        }

@@ -1,0 +1,44 @@
+"""Command lines generated from config dataclasses, with an optional YAML/JSON ``--config`` file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from transformers import HfArgumentParser
+
+ConfigT = TypeVar("ConfigT")
+
+
+def parse_config(config_class: type[ConfigT], argv: Sequence[str] | None, description: str) -> ConfigT:
+    """Parse ``argv`` into ``config_class``; ``--config FILE`` (YAML or JSON) sets defaults that flags override.
+
+    Raises:
+        SystemExit: unknown keys in the config file or bad flags (argparse's message names them).
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path)
+    known, rest = pre.parse_known_args(argv)
+    parser = HfArgumentParser(config_class, description=description)
+    parser.add_argument("--config", type=Path, help="YAML or JSON file of defaults; flags override it")
+    if known.config is not None:
+        parser.set_defaults(**_read_config_file(known.config, parser))
+    return parser.parse_args_into_dataclasses(args=rest)[0]
+
+
+def _read_config_file(path: Path, parser: HfArgumentParser) -> dict[str, Any]:
+    if not path.exists():
+        parser.error(f"--config {path}: file not found")
+    text = path.read_text()
+    values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(values, dict):
+        parser.error(f"--config {path}: expected a mapping of field: value, got {type(values).__name__}")
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        parser.error(f"--config {path}: unknown keys {unknown}; valid keys are the flags of --help")
+    return values

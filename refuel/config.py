@@ -1,0 +1,65 @@
+"""Configuration of a REFUEL run: one dataclass, every field with a default and a help line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class RefuelConfig:
+    """Everything a REFUEL run needs; the command line of ``refuel-train`` is generated from it.
+
+    Defaults are the CPU main job (SmolLM2-135M-Instruct, shared Math_CoT prompts). The paper's GPU
+    values (Llama-3-8B-it, DESIGN.md §4) are noted in the help lines.
+    """
+
+    output_dir: str = field(default="runs/refuel", metadata=_help("run directory (pairs, checkpoints, metrics)"))
+    policy_model: str = field(default="smollm2-135m-instruct", metadata=_help("π_0: model name, folder or hub id"))
+    user_model: str = field(default="smollm2-135m-instruct", metadata=_help("simulated-user model (fixed)"))
+    user_template: str = field(default="student", metadata=_help("user prompt: 'student' (small) or 'paper'"))
+    reward: str = field(default="math", metadata=_help("'math' (verifier + MiniLM) or a seq-cls RM id/path"))
+    prompts: str | None = field(default=None, metadata=_help("prompt file or hub id; default: shared file"))
+    tasks: list[str] = field(default_factory=lambda: ["Math_CoT"], metadata=_help("UltraInteract tasks to keep"))
+    datasets: list[str] = field(default_factory=lambda: ["gsm8k"], metadata=_help("source datasets to keep"))
+    splits: list[str] = field(default_factory=lambda: ["train"], metadata=_help("source splits to keep"))
+    holdout: int = field(default=64, metadata=_help("prompts reserved for evaluation (never trained on)"))
+    iterations: int = field(default=1, metadata=_help("REFUEL iterations t = 0..T-1 (paper: 2)"))
+    pairs_per_iteration: int = field(default=32, metadata=_help("reset points tried per iteration"))
+    max_horizon: int = field(default=3, metadata=_help("H is drawn uniformly from 1..max_horizon (paper: 5)"))
+    max_new_tokens: int = field(default=160, metadata=_help("cap on policy reply tokens (paper: 1024)"))
+    temperature: float = field(default=0.8, metadata=_help("policy sampling and log-prob temperature (paper: 0.8)"))
+    top_p: float = field(default=1.0, metadata=_help("policy nucleus sampling mass"))
+    max_prompt_tokens: int = field(default=384, metadata=_help("drop prompts longer than this (tokens)"))
+    max_dialogue_tokens: int = field(default=2048, metadata=_help("token budget per dialogue; pairs past it drop"))
+    generation_batch_size: int = field(default=32, metadata=_help("pairs advanced together in collection"))
+    eta: float = field(default=1.0, metadata=_help("η in the REFUEL loss (paper: 1e3 with raw ArmoRM scores)"))
+    learning_rate: float = field(default=2e-5, metadata=_help("AdamW learning rate (paper: 3e-7 for 8B)"))
+    adam_beta1: float = field(default=0.9, metadata=_help("AdamW β1"))
+    adam_beta2: float = field(default=0.95, metadata=_help("AdamW β2"))
+    weight_decay: float = field(default=1e-6, metadata=_help("AdamW weight decay"))
+    warmup_ratio: float = field(default=0.1, metadata=_help("fraction of steps of linear warm-up before cosine"))
+    epochs: int = field(default=1, metadata=_help("passes over an iteration's pairs"))
+    per_device_batch_size: int = field(default=4, metadata=_help("pairs per micro-batch"))
+    gradient_accumulation_steps: int = field(default=2, metadata=_help("micro-batches per optimizer step"))
+    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm"))
+    validation_fraction: float = field(default=0.2, metadata=_help("share of pairs held out for validation"))
+    mixed_precision: str = field(default="no", metadata=_help("accelerate mixed precision: no | bf16 | fp16"))
+    seed: int = field(default=0, metadata=_help("seed of collection, data order and initialisation"))
+
+    def __post_init__(self) -> None:
+        checks = {
+            "iterations": self.iterations >= 1,
+            "pairs_per_iteration": self.pairs_per_iteration >= 2,
+            "eta": self.eta > 0,
+            "temperature": self.temperature > 0,
+            "validation_fraction": 0 <= self.validation_fraction < 1,
+            "per_device_batch_size": self.per_device_batch_size >= 1,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid RefuelConfig values: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}")

@@ -1,0 +1,165 @@
+"""``refuel-train``: N REFUEL iterations, each collect → π_t log-probs → regression → π_{t+1}.
+
+Run directory layout (every file written atomically; a re-run resumes after the last finished stage)::
+
+    <output_dir>/config.json
+    <output_dir>/iteration_<t>/pairs.jsonl      collected pairs with token ids, masks and π_t log-probs
+    <output_dir>/iteration_<t>/metrics.json     drops by reason, validation before/after, step log
+    <output_dir>/iteration_<t>/policy/          π_{t+1} (save_pretrained folder)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, set_seed
+
+from dialogsim.backends.transformers_backend import TransformersBackend, load_tokenizer
+from dialogsim.models import resolve_model
+from dialogsim.sampling import SamplingParams
+from dialogsim.simulator import DialogueSimulator
+from envs.build import build_simulator
+from refuel.cli import parse_config
+from refuel.collect import collect_pairs
+from refuel.config import RefuelConfig
+from refuel.pairs import reference_logprobs, tokenize_pair
+from refuel.storage import read_rows, write_json, write_rows
+from refuel.trainer import RefuelTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def policy_sampling(config: RefuelConfig) -> SamplingParams:
+    """π_t's sampling settings from the run configuration."""
+    return SamplingParams(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens)
+
+
+def build_training_simulator(config: RefuelConfig) -> DialogueSimulator:
+    """The simulator on the training split of the prompts."""
+    return build_simulator(
+        prompts=config.prompts,
+        tasks=config.tasks,
+        datasets=config.datasets,
+        splits=config.splits,
+        holdout=config.holdout,
+        partition="train" if config.holdout else "all",
+        policy_model=config.policy_model,
+        user_model=config.user_model,
+        user_template=config.user_template,
+        reward=config.reward,
+        max_horizon=config.max_horizon,
+        max_dialogue_tokens=config.max_dialogue_tokens,
+        max_prompt_tokens=config.max_prompt_tokens,
+    )
+
+
+def prepare_pairs(
+    config: RefuelConfig, simulator: DialogueSimulator, policy_path: str, iteration: int, stats: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Collect, tokenise and attach π_t log-probs; reuse ``pairs.jsonl`` if a previous run wrote it."""
+    path = Path(config.output_dir) / f"iteration_{iteration}" / "pairs.jsonl"
+    if path.exists():
+        logger.info("resuming: reusing %s", path)
+        return read_rows(path)
+    result = collect_pairs(
+        simulator,
+        TransformersBackend(policy_path),
+        config.pairs_per_iteration,
+        policy_sampling(config),
+        seed=config.seed + 1000 * iteration,
+        batch_size=config.generation_batch_size,
+    )
+    stats["dropped"] = dict(result.dropped)
+    stats["user_parse_rate"] = simulator.user.parse_rate
+    tokenizer = load_tokenizer(policy_path)
+    token_stats: Counter[str] = Counter()
+    rows = [record | tokenize_pair(record, tokenizer, token_stats) for record in result.pairs]
+    stats["tokenization"] = dict(token_stats)
+    model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
+    ref = reference_logprobs(model, rows, tokenizer.pad_token_id, config.temperature, config.per_device_batch_size)
+    for row, (ref_logp, ref_logp_prime) in zip(rows, ref, strict=True):
+        row["ref_logp"], row["ref_logp_prime"] = ref_logp, ref_logp_prime
+    write_rows(rows, path)
+    return rows
+
+
+def split_validation(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded split of pairs into training and validation rows."""
+    order = np.random.default_rng(seed).permutation(len(rows))
+    n_val = round(fraction * len(rows)) if len(rows) > 2 else 0
+    return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]
+
+
+def train_iteration(
+    config: RefuelConfig, rows: list[dict[str, Any]], policy_path: str, tokenizer: PreTrainedTokenizerBase
+) -> tuple[RefuelTrainer, dict[str, Any]]:
+    """Gradient steps π_t → π_{t+1} with validation before and after."""
+    train_rows, val_rows = split_validation(rows, config.validation_fraction, config.seed)
+    model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
+    trainer = RefuelTrainer(config, model, tokenizer, train_rows, val_rows)
+    before = trainer.validate()
+    log = trainer.train()
+    after = trainer.validate()
+    metrics = {
+        "train_pairs": len(train_rows),
+        "validation_pairs": len(val_rows),
+        "validation_before": asdict(before),
+        "validation_after": asdict(after),
+        "steps": log,
+    }
+    return trainer, metrics
+
+
+def run(config: RefuelConfig) -> str:
+    """Run all iterations; returns the folder of the last policy π_T."""
+    set_seed(config.seed)
+    run_dir = Path(config.output_dir)
+    write_json(asdict(config), run_dir / "config.json")
+    simulator = build_training_simulator(config)
+    tokenizer = load_tokenizer(config.policy_model)
+    policy_path = resolve_model(config.policy_model)
+    for iteration in range(config.iterations):
+        iteration_dir = run_dir / f"iteration_{iteration}"
+        if (iteration_dir / "policy" / "config.json").exists():
+            logger.info("resuming: iteration %d already trained", iteration)
+            policy_path = str(iteration_dir / "policy")
+            continue
+        stats: dict[str, Any] = {"iteration": iteration, "policy_in": policy_path}
+        rows = prepare_pairs(config, simulator, policy_path, iteration, stats)
+        stats["pairs"] = len(rows)
+        trainer, metrics = train_iteration(config, rows, policy_path, tokenizer)
+        trainer.save(iteration_dir / "policy", tokenizer)
+        write_json(stats | metrics, iteration_dir / "metrics.json")
+        policy_path = str(iteration_dir / "policy")
+        _report(iteration_dir, stats | metrics)
+    return policy_path
+
+
+def _report(iteration_dir: Path, metrics: dict[str, Any]) -> None:
+    before, after = metrics["validation_before"], metrics["validation_after"]
+    print(
+        f"iteration {metrics['iteration']}: {metrics['pairs']} pairs kept, dropped {metrics.get('dropped', {})}; "
+        f"validation loss {before['loss']:.4f} -> {after['loss']:.4f}, "
+        f"sign agreement {before['sign_agreement']:.3f} -> {after['sign_agreement']:.3f}\n"
+        f"  pairs:      {iteration_dir / 'pairs.jsonl'}\n"
+        f"  checkpoint: {iteration_dir / 'policy'}\n"
+        f"  metrics:    {iteration_dir / 'metrics.json'}"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``refuel-train`` / ``python -m refuel.train``."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = parse_config(RefuelConfig, argv, description=__doc__)
+    print(f"final policy: {run(config)}")
+
+
+if __name__ == "__main__":
+    main()

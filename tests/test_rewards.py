@@ -1,0 +1,275 @@
+"""Reward models: answer extraction and matching, MiniLM embeddings, the math reward, RM heads."""
+
+from __future__ import annotations
+
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from dialogsim.messages import Message
+from dialogsim.prompts import PromptRow
+from dialogsim.rewards.base import RewardModel
+from dialogsim.rewards.embedding import SentenceEmbedder
+from dialogsim.rewards.factory import build_reward_model
+from dialogsim.rewards.math_reward import MathAnswerReward, reference_solution
+from dialogsim.rewards.math_verifier import answers_match, extract_final_answer
+from dialogsim.rewards.sequence_classification import SequenceClassificationReward
+
+ROWS_PER_DATASET = 30
+
+
+def _rows(path: Path, dataset: str, count: int = ROWS_PER_DATASET) -> list[PromptRow]:
+    rows: list[PromptRow] = []
+    with path.open() as handle:
+        for line in handle:
+            record = json.loads(line)
+            if record["dataset"] == dataset:
+                fields = {key: record[key] for key in ("id", "task", "dataset", "instruction", "reference", "split")}
+                rows.append(PromptRow(**fields, meta=record["meta"]))
+            if len(rows) == count:
+                break
+    return rows
+
+
+def _dialogue(*replies: str, question: str = "What is 6 times 3?") -> list[Message]:
+    dialogue: list[Message] = []
+    for index, reply in enumerate(replies):
+        dialogue.append({"role": "user", "content": question if index == 0 else "Are you sure?"})
+        dialogue.append({"role": "assistant", "content": reply})
+    return dialogue
+
+
+MATH_ROW = PromptRow(
+    id="hand-1",
+    task="Math_CoT",
+    dataset="gsm8k",
+    instruction="What is 6 times 3?",
+    reference="18",
+    meta={"source_solution": "6 times 3 is 6 + 6 + 6 = 18.\n#### 18"},
+)
+
+
+@pytest.fixture(scope="module")
+def embedder() -> SentenceEmbedder:
+    return SentenceEmbedder()
+
+
+@pytest.fixture(scope="module")
+def math_reward(embedder: SentenceEmbedder) -> MathAnswerReward:
+    return MathAnswerReward(embedder=embedder)
+
+
+# --- extraction -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("First \\boxed{3}, then \\boxed{\\frac{1}{\\sqrt{2}}}.", "\\frac{1}{\\sqrt{2}}"),
+        ("$\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}$", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+        ("so the total is \\boxed 42.", "42"),
+        ("\\fbox{7} is it", "7"),
+        ("The final answer is: $\\frac12$.", "\\frac12"),
+        ("The answer is 1,000 apples.", "1,000"),
+        ("Answer: x + 1. Done.", "x + 1"),
+        ("48/2 = <<48/2=24>>24\n#### 72", "72"),
+        ("I found 3 apples and then 5.5 pears", "5.5"),
+        ("an empty \\boxed{} does not count, 12 does", "12"),
+        ("no numbers here", None),
+        ("", None),
+    ],
+)
+def test_extract_final_answer(text: str, expected: str | None) -> None:
+    assert extract_final_answer(text) == expected
+
+
+def test_extract_without_number_fallback_needs_an_explicit_answer() -> None:
+    assert extract_final_answer("I computed 17 and 18", number_fallback=False) is None
+    assert extract_final_answer("hence \\boxed{18}", number_fallback=False) == "18"
+
+
+# --- matching ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("predicted", "reference"),
+    [
+        ("1,000", "1000"),
+        ("$18", "18"),
+        ("\\$18", "18"),
+        ("18.00", "18"),
+        ("18 \\text{ dollars}", "18"),
+        ("\\frac{1}{2}", "0.5"),
+        ("\\dfrac12", "\\frac{1}{2}"),
+        ("\\frac{\\sqrt2}{2}", "\\frac{\\sqrt{2}}{2}"),
+        ("(3, \\pi/2)", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+        ("1 + x", "x+1"),
+        ("p-q", "p - q"),
+    ],
+)
+def test_answers_match_equivalent(predicted: str, reference: str) -> None:
+    assert answers_match(predicted, reference)
+
+
+@pytest.mark.parametrize(
+    ("predicted", "reference"),
+    [("17", "18"), ("-18", "18"), ("1,001", "1000"), ("\\frac{1}{3}", "0.5"), ("x - 1", "x+1"), ("", "18")],
+)
+def test_answers_match_different(predicted: str, reference: str) -> None:
+    assert not answers_match(predicted, reference)
+
+
+def test_answers_match_outside_the_main_thread() -> None:
+    """math_verify's signal-based timeout cannot run in worker threads; matching must still work."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        assert pool.submit(answers_match, "\\frac{1}{2}", "0.5").result()
+        assert not pool.submit(answers_match, "\\frac{1}{3}", "0.5").result()
+
+
+@pytest.mark.parametrize("dataset", ["gsm8k", "MATH"])
+def test_reference_solutions_verify_against_reference(shared_prompts: Path, dataset: str) -> None:
+    rows = _rows(shared_prompts, dataset)
+    assert len(rows) == ROWS_PER_DATASET
+    for index, row in enumerate(rows):
+        extracted = extract_final_answer(reference_solution(row))
+        assert extracted is not None, row.id
+        assert answers_match(extracted, row.reference), (row.id, extracted, row.reference)
+        assert extract_final_answer(f"Step by step ... so \\boxed{{{extracted}}}.") == extracted
+        wrong = rows[index - 1].reference  # another row's answer
+        if not answers_match(wrong, row.reference):  # rare true duplicates are not a wrong answer
+            assert not answers_match(extract_final_answer(f"so \\boxed{{{wrong}}}"), row.reference), (row.id, wrong)
+
+
+def test_gsm8k_off_by_one_is_wrong(shared_prompts: Path) -> None:
+    for row in _rows(shared_prompts, "gsm8k"):
+        assert not answers_match(str(int(row.reference) + 1), row.reference)
+
+
+# --- embeddings -------------------------------------------------------------------------------
+
+
+def test_embeddings_are_unit_rows(embedder: SentenceEmbedder) -> None:
+    vectors = embedder.encode(["The cat sat on the mat.", "word " * 600])  # second is truncated at 256 tokens
+    assert vectors.shape == (2, 384)
+    torch.testing.assert_close(vectors.norm(dim=-1), torch.ones(2))
+    assert embedder.encode([]).shape == (0, 384)
+
+
+def test_similarity_orders_paraphrase_above_unrelated(embedder: SentenceEmbedder) -> None:
+    sentence = "The cat sat on the mat."
+    identical, paraphrase, unrelated = embedder.similarity(
+        [sentence] * 3, [sentence, "A cat was sitting on a mat.", "Stock markets fell sharply on Tuesday."]
+    )
+    assert identical == pytest.approx(1.0, abs=1e-5)
+    assert paraphrase > unrelated + 0.3
+    with pytest.raises(ValueError, match="pass pairs"):
+        embedder.similarity(["a"], [])
+
+
+# --- math reward ------------------------------------------------------------------------------
+
+
+def test_math_reward_prefers_the_correct_answer(math_reward: MathAnswerReward) -> None:
+    correct = _dialogue("6 + 6 + 6 = 18, so the answer is \\boxed{18}.")
+    wrong = _dialogue("6 + 6 + 6 = 19, so the answer is \\boxed{19}.")
+    assert isinstance(math_reward, RewardModel)
+    r_correct, r_wrong = math_reward.score([correct, wrong], [MATH_ROW, MATH_ROW])
+    assert r_correct - r_wrong == pytest.approx(1.0, abs=0.1)  # same working, only the indicator differs
+    assert -0.5 <= r_wrong < 0.5 < r_correct <= 1.5
+    assert not math_reward.failures
+
+
+def test_math_reward_reads_the_latest_stated_answer(math_reward: MathAnswerReward) -> None:
+    corrected = _dialogue("The answer is \\boxed{19}.", "Sorry, I slipped: the answer is 18.")
+    follow_up = _dialogue("The answer is \\boxed{18}.", "Because 3 groups of 6 make 6 + 6 + 6, step 2 gives 12.")
+    assert math_reward.correct(corrected, MATH_ROW) is True
+    assert math_reward.correct(follow_up, MATH_ROW) is True  # a later stray number does not replace the box
+    assert math_reward.correct(_dialogue("I am not sure."), MATH_ROW) is False
+
+
+def test_math_reward_failures_are_nan_and_counted(embedder: SentenceEmbedder) -> None:
+    reward = MathAnswerReward(embedder=embedder)
+    no_reference = PromptRow(id="x", task="Math_CoT", dataset="gsm8k", instruction="?", reference=None)
+    coding = PromptRow(id="y", task="Coding", dataset="mbpp", instruction="?", reference="assert f() == 1")
+    only_user: list[Message] = [{"role": "user", "content": "What is 6 times 3?"}]
+    good = _dialogue("\\boxed{18}")
+    scores = reward.score([good, good, only_user, good], [no_reference, coding, MATH_ROW, MATH_ROW])
+    assert all(math.isnan(value) for value in scores[:3])
+    assert scores[3] > 1.0
+    assert reward.failures == {"no_reference": 1, "unsupported_task:Coding": 1, "no_assistant_reply": 1}
+    assert reward.correct(only_user, MATH_ROW) is None
+    with pytest.raises(ValueError, match="one row each"):
+        reward.score([good], [])
+
+
+def test_reference_solution_prefers_worked_solution() -> None:
+    assert reference_solution(MATH_ROW) == MATH_ROW.meta["source_solution"]
+    with_solution = PromptRow(
+        id="z", task="Math_CoT", dataset="MATH", instruction="?", reference="2", meta={"solution": "1+1=2"}
+    )
+    assert reference_solution(with_solution) == "1+1=2"
+    assert reference_solution(PromptRow(id="w", task="Math_CoT", dataset="MATH", instruction="?", reference="2")) == "2"
+
+
+def test_factory() -> None:
+    with pytest.raises(ValueError, match="empty reward spec"):
+        build_reward_model("  ")
+    assert isinstance(build_reward_model("math"), MathAnswerReward)
+
+
+# --- sequence-classification reward model -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_reward_model_path(smollm2_path: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A random-init 2-layer LlamaForSequenceClassification (1 label) with SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-reward-model")
+    LlamaForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_sequence_classification_reward_is_batch_invariant(tiny_reward_model_path: str) -> None:
+    reward = SequenceClassificationReward(tiny_reward_model_path, batch_size=3)
+    short = _dialogue("18.")
+    long = _dialogue("Six times three: 6 + 6 + 6 = 18, so the answer is 18.", "Yes, I am sure it is 18.")
+    medium = _dialogue("It is eighteen.")
+    alone = reward.score([short], [MATH_ROW])
+    mixed = reward.score([long, short, medium, short], [MATH_ROW] * 4)  # batches of 3 and 1, different padding
+    assert all(math.isfinite(value) for value in mixed)
+    assert mixed[1] == pytest.approx(alone[0], abs=1e-4)
+    assert mixed[3] == pytest.approx(alone[0], abs=1e-4)
+    assert mixed[0] != pytest.approx(mixed[1], abs=1e-6)  # the score depends on the dialogue
+    assert not reward.failures
+
+
+def test_sequence_classification_reward_marks_too_long(tiny_reward_model_path: str) -> None:
+    reward = SequenceClassificationReward(tiny_reward_model_path)
+    short = _dialogue("18.")
+    ids = reward.tokenize(short)
+    assert (
+        ids == reward.tokenizer.apply_chat_template(short, tokenize=True)["input_ids"]
+    )  # no special tokens added twice
+    reward.max_length = len(ids)
+    scores = reward.score([short, _dialogue("18. " * 50)], [MATH_ROW, MATH_ROW])
+    assert math.isfinite(scores[0])
+    assert math.isnan(scores[1])
+    assert reward.failures == {"too_long": 1}
