@@ -100,6 +100,9 @@ def _convert_gguf(embedded: EmbeddedModel, target: Path) -> None:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        staging.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
+        for file in staging.iterdir():
+            file.chmod(0o644)
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from dialogsim.dialogue import DialogueState, fingerprint
+from dialogsim.dialogue import DialogueState, SnapshotError, fingerprint
 from dialogsim.prompts import PromptRow
 from dialogsim.rewards.base import RewardModel
 from dialogsim.user import UserSimulator
@@ -124,7 +124,7 @@ class DialogueSimulator:
         """A state from a snapshot (see :meth:`DialogueState.from_snapshot`), checked against this config."""
         state = DialogueState.from_snapshot(snapshot, self.fingerprint, self.config.max_horizon)
         if state.prompt_id not in self.prompts:
-            raise KeyError(f"snapshot prompt_id {state.prompt_id!r} is not among this env's prompts")
+            raise SnapshotError(f"snapshot['prompt_id'] {state.prompt_id!r} is not among this env's prompts")
         return state
 
     def count_tokens(self, state: DialogueState) -> int:
@@ -180,6 +180,9 @@ class DialogueSimulator:
             states[i].done = i not in going_on
             if states[i].done:
                 states[i].final_reward = outcome.reward
+        # One backend call serves the batch, so its seed combines every dialogue's own draw: the next
+        # user message is reproducible for the same batch (a single env restored from a snapshot
+        # included), not across different batch compositions.
         seeds = [int(states[i].rng.integers(2**63)) for i in going_on]
         batch_seed = int(np.random.SeedSequence(seeds).generate_state(1)[0]) if seeds else None
         turns = self.user.next_questions([states[i].messages for i in going_on], batch_seed)

@@ -99,7 +99,7 @@ def render_user_prompt(template: UserTemplate, dialogue: list[Message]) -> list[
     return prompt
 
 
-_LABEL = re.compile(r"^\s*(?:\*\*)?(?:student|user|question|q)\s*(?:\*\*)?\s*:\s*", re.IGNORECASE)
+_LABEL = re.compile(r"^\s*(?:\*\*)?(?:student|user|question|q)\s*(?:\*\*)?\s*:\s*(?:\*\*)?\s*", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 MAX_QUESTION_WORDS = 60
 
@@ -116,7 +116,7 @@ def parse_question(reply: str, answer_marker: str | None) -> str | None:
         if answer_marker not in text:
             return None
         text = text.rsplit(answer_marker, 1)[1]
-    lines = [_LABEL.sub("", line).strip().strip('"').strip() for line in text.splitlines()]
+    lines = [_LABEL.sub("", line.strip().lstrip("*")).strip().strip('"*').strip() for line in text.splitlines()]
     sentences = _SENTENCE_END.split(" ".join(line for line in lines if line))
     question = next((sentence.strip() for sentence in sentences if sentence.strip().endswith("?")), "")
     return question if 2 <= len(question.split()) <= MAX_QUESTION_WORDS else None

@@ -67,8 +67,9 @@ class VectorDialogueEnv(VectorEnv):
             if snapshots[i] is not None:
                 self.states[i] = self.simulator.restore(snapshots[i])
             else:
+                start = {"prompt_id": prompt_ids[i], "horizon": horizons[i]}
                 self.states[i] = self.simulator.new_state(
-                    self.np_random, {"prompt_id": prompt_ids[i], "horizon": horizons[i]}
+                    self.np_random, {key: value for key, value in start.items() if value is not None}
                 )
         return self._observations(), self._infos()
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import numpy as np
 
 from dialogsim.backends.base import ChatBackend, Completion
 from dialogsim.dialogue import DialogueState
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
+
+logger = logging.getLogger(__name__)
 
 
 def draw_seed(rng: np.random.Generator) -> int:
@@ -44,5 +49,12 @@ def run_policy(
         active = [states[i] for i, state in enumerate(states) if not state.done and state.turn < targets[i]]
         if not active:
             return
+        started = time.perf_counter()
         replies = generate_replies(policy, active, sampling, rng)
         simulator.step(active, [reply.text for reply in replies])
+        logger.info(
+            "%d dialogues advanced one turn (%d policy tokens) in %.1f s",
+            len(active),
+            sum(len(reply.token_ids) for reply in replies),
+            time.perf_counter() - started,
+        )

@@ -104,14 +104,16 @@ def train_iteration(
     train_rows, val_rows = split_validation(rows, config.validation_fraction, config.seed)
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
     trainer = RefuelTrainer(config, model, tokenizer, train_rows, val_rows)
-    before = trainer.validate()
+    before = {split: asdict(trainer.validate(split)) for split in ("train", "validation")}
     log = trainer.train()
-    after = trainer.validate()
+    after = {split: asdict(trainer.validate(split)) for split in ("train", "validation")}
     metrics = {
         "train_pairs": len(train_rows),
         "validation_pairs": len(val_rows),
-        "validation_before": asdict(before),
-        "validation_after": asdict(after),
+        "validation_before": before["validation"],
+        "validation_after": after["validation"],
+        "train_fit_before": before["train"],
+        "train_fit_after": after["train"],
         "steps": log,
     }
     return trainer, metrics
@@ -143,11 +145,15 @@ def run(config: RefuelConfig) -> str:
 
 
 def _report(iteration_dir: Path, metrics: dict[str, Any]) -> None:
-    before, after = metrics["validation_before"], metrics["validation_after"]
+    lines = [f"iteration {metrics['iteration']}: {metrics['pairs']} pairs kept, dropped {metrics.get('dropped', {})}"]
+    for label, key in (("validation", "validation"), ("training-pair fit", "train_fit")):
+        before, after = metrics[f"{key}_before"], metrics[f"{key}_after"]
+        lines.append(
+            f"  {label}: REFUEL loss {before['loss']:.4f} -> {after['loss']:.4f}, "
+            f"sign agreement {before['sign_agreement']:.3f} -> {after['sign_agreement']:.3f}"
+        )
     print(
-        f"iteration {metrics['iteration']}: {metrics['pairs']} pairs kept, dropped {metrics.get('dropped', {})}; "
-        f"validation loss {before['loss']:.4f} -> {after['loss']:.4f}, "
-        f"sign agreement {before['sign_agreement']:.3f} -> {after['sign_agreement']:.3f}\n"
+        "\n".join(lines) + "\n"
         f"  pairs:      {iteration_dir / 'pairs.jsonl'}\n"
         f"  checkpoint: {iteration_dir / 'policy'}\n"
         f"  metrics:    {iteration_dir / 'metrics.json'}"

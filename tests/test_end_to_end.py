@@ -1,0 +1,131 @@
+"""One small REFUEL iteration and its evaluation with the real SmolLM2-135M-Instruct and the real prompts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dialogsim.backends.transformers_backend import load_tokenizer
+from dialogsim.data import load_prompts
+from envs.build import select_partition
+from refuel.config import RefuelConfig
+from refuel.evaluate import EvaluateConfig, evaluate
+from refuel.storage import read_rows
+from refuel.train import run
+
+HOLDOUT = 8
+PAIRS = 4
+
+
+def _config(output_dir: Path, shared_prompts: Path) -> RefuelConfig:
+    return RefuelConfig(
+        output_dir=str(output_dir),
+        prompts=str(shared_prompts),
+        pairs_per_iteration=PAIRS,
+        max_horizon=2,
+        max_new_tokens=24,
+        holdout=HOLDOUT,
+        per_device_batch_size=2,
+        gradient_accumulation_steps=1,
+        validation_fraction=0.25,
+        learning_rate=1e-4,
+        generation_batch_size=4,
+    )
+
+
+@pytest.mark.slow
+def test_refuel_iteration_then_evaluation(tmp_path: Path, shared_prompts: Path, smollm2_path: str) -> None:
+    """run() collects, trains and saves π_1 (resumable); evaluate() judges it per turn on held-out prompts."""
+    config = _config(tmp_path / "run", shared_prompts)
+    checkpoint = Path(run(config))
+    iteration_dir = tmp_path / "run" / "iteration_0"
+    assert checkpoint == iteration_dir / "policy"
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["pairs_per_iteration"] == PAIRS
+
+    # pairs.jsonl: token ids, reply masks and π_t log-probs for every kept pair
+    rows = read_rows(iteration_dir / "pairs.jsonl")
+    assert rows
+    for row in rows:
+        assert 1 <= row["turn"] <= row["horizon"] <= 2
+        for suffix in ("", "_prime"):
+            ids, mask = row["input_ids" + suffix], row["loss_mask" + suffix]
+            assert len(ids) == len(mask)
+            assert ids[: len(row["prompt_token_ids"])] == row["prompt_token_ids"]
+            assert sum(mask) == len(row["token_ids" + suffix]) >= 1
+            assert ids[len(ids) - sum(mask) :] == row["token_ids" + suffix]
+            assert math.isfinite(row["ref_logp" + suffix]) and row["ref_logp" + suffix] < 0
+            assert math.isfinite(row["reward" + suffix])
+
+    # metrics.json: drops by reason, validation before/after, the step log
+    metrics = json.loads((iteration_dir / "metrics.json").read_text())
+    assert metrics["pairs"] == len(rows)
+    assert metrics["pairs"] + sum(metrics["dropped"].values()) == PAIRS
+    assert metrics["train_pairs"] + metrics["validation_pairs"] == len(rows)
+    for key in ("validation_before", "validation_after"):
+        assert set(metrics[key]) == {"loss", "sign_agreement"}
+    if metrics["validation_pairs"]:
+        assert math.isfinite(metrics["validation_before"]["loss"]) and math.isfinite(
+            metrics["validation_after"]["loss"]
+        )
+    assert len(metrics["steps"]) == math.ceil(metrics["train_pairs"] / 2)
+
+    # π_1 differs from π_0
+    trained = load_file(checkpoint / "model.safetensors")
+    initial = load_file(Path(smollm2_path) / "model.safetensors")
+    shared_names = trained.keys() & initial.keys()
+    assert "model.embed_tokens.weight" in shared_names
+    assert any(not torch.equal(trained[name].float(), initial[name].float()) for name in shared_names)
+    assert all(trained[name].shape == initial[name].shape for name in shared_names)
+    del trained, initial
+
+    # a re-run resumes: same checkpoint, nothing retrained or rewritten
+    stamps = {
+        path: path.stat().st_mtime_ns for path in (checkpoint / "model.safetensors", iteration_dir / "metrics.json")
+    }
+    assert Path(run(config)) == checkpoint
+    assert {path: path.stat().st_mtime_ns for path in stamps} == stamps
+
+    # evaluation on held-out prompts
+    evaluation = EvaluateConfig(
+        candidates=[str(checkpoint)],
+        output_dir=str(tmp_path / "eval"),
+        prompts=str(shared_prompts),
+        n_prompts=2,
+        horizon=2,
+        holdout=HOLDOUT,
+        max_new_tokens=24,
+    )
+    paths = evaluate(evaluation)
+    rates = pd.read_csv(paths["csv"], dtype={"turn": str})
+    assert paths["csv"] == tmp_path / "eval" / "win_rates.csv"
+    assert list(rates["method"].unique()) == ["iteration_0"]
+    assert list(rates["turn"]) == ["1", "2", "avg"]
+    assert rates["win_rate"].between(0, 100).all()
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    judgements = pd.read_csv(paths["judgements"], dtype={"prompt_id": str})
+    assert len(judgements) == 2 * 2  # prompts × turns
+    assert judgements["outcome"].dropna().isin([0.0, 0.5, 1.0]).all()
+
+    # held-out prompts are never trained on
+    evaluated_ids = set(judgements["prompt_id"])
+    trained_ids = {row["prompt_id"] for row in rows}
+    assert len(evaluated_ids) == 2
+    assert evaluated_ids.isdisjoint(trained_ids)
+    prompts, _ = load_prompts(
+        shared_prompts,
+        tasks=config.tasks,
+        datasets=config.datasets,
+        splits=config.splits,
+        tokenizer=load_tokenizer(config.policy_model),
+        max_prompt_tokens=config.max_prompt_tokens,
+    )
+    heldout_ids = {row.id for row in select_partition(prompts, HOLDOUT, "heldout")}
+    assert len(heldout_ids) == HOLDOUT
+    assert evaluated_ids <= heldout_ids
+    assert trained_ids.isdisjoint(heldout_ids)

@@ -1,0 +1,429 @@
+"""Gymnasium environments: API conformance, snapshots, horizon and reward, truncation, the vector env."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+from transformers import PreTrainedTokenizerBase
+
+import envs
+from dialogsim.backends.base import Completion
+from dialogsim.backends.transformers_backend import TransformersBackend, load_tokenizer
+from dialogsim.data import load_prompts
+from dialogsim.dialogue import SnapshotError
+from dialogsim.messages import Message
+from dialogsim.prompts import PromptRow
+from dialogsim.rewards.math_reward import MathAnswerReward
+from dialogsim.sampling import SamplingParams
+from dialogsim.simulator import DialogueSimulator, EpisodeConfig
+from dialogsim.user import UserSimulator, render_user_prompt
+from envs import ENV_ID, DialogueEnv, VectorDialogueEnv
+from envs.spaces import UnicodeText
+
+# Temperature 1.0 (not the paper's 0.01) so that the user model's raw reply depends on the sampling
+# seed: restoring a snapshot must then restore the RNG for the replies to match.
+USER_SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=4)
+REPLY_A = "First, 48 / 2 = 24 clips in May."
+
+
+@dataclass
+class ChatCall:
+    """One recorded user-model call."""
+
+    conversations: list[list[Message]]
+    sampling: SamplingParams
+    completions: list[Completion]
+
+
+class RecordingBackend:
+    """Delegates to the real tiny-model backend and records every ``chat`` call."""
+
+    def __init__(self, inner: TransformersBackend) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.calls: list[ChatCall] = []
+
+    def chat(self, conversations: list[list[Message]], sampling: SamplingParams) -> list[Completion]:
+        completions = self.inner.chat(conversations, sampling)
+        self.calls.append(ChatCall(copy.deepcopy(conversations), sampling, completions))
+        return completions
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: on the 2 shared cores, two threads oversubscribe and run several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def rows(shared_prompts: Path) -> list[PromptRow]:
+    return load_prompts(shared_prompts, tasks=["Math_CoT"], datasets=["gsm8k"], limit=5)[0]
+
+
+@pytest.fixture(scope="module")
+def user_backend(tiny_model_path: str) -> RecordingBackend:
+    return RecordingBackend(TransformersBackend(tiny_model_path, dtype=torch.float32))
+
+
+@pytest.fixture(scope="module")
+def make_simulator(
+    rows: list[PromptRow], user_backend: RecordingBackend, tiny_model_path: str
+) -> Callable[..., DialogueSimulator]:
+    """Simulators that share the prompts, the tiny user model, MiniLM and the tokenizer; kwargs go to EpisodeConfig."""
+    user = UserSimulator(user_backend, "student", USER_SAMPLING)
+    reward = MathAnswerReward()
+    tokenizer: PreTrainedTokenizerBase = load_tokenizer(tiny_model_path)
+
+    def make(**config: Any) -> DialogueSimulator:
+        return DialogueSimulator(rows, user, reward, EpisodeConfig(**config), tokenizer)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def sim(make_simulator: Callable[..., DialogueSimulator]) -> DialogueSimulator:
+    """Horizon fixed at 3."""
+    return make_simulator(max_horizon=3, horizon=3)
+
+
+def _roundtrip(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+# ---- single environment ---------------------------------------------------------------------
+
+
+def test_check_env_passes(make_simulator: Callable[..., DialogueSimulator]) -> None:
+    """gymnasium's check_env accepts DialogueEnv, with no warning other than the spec-less render-mode note."""
+    env = DialogueEnv(simulator=make_simulator(max_horizon=2, horizon=2), max_reply_chars=200)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_env(env)
+    unexpected = [str(w.message) for w in caught if "alternative render modes" not in str(w.message)]
+    assert unexpected == []
+
+
+def test_gym_make_and_make_vec(sim: DialogueSimulator) -> None:
+    """The registered id builds DialogueEnv with gym.make and VectorDialogueEnv with gym.make_vec."""
+    assert envs.ENV_ID == ENV_ID == "dialogsim/UltraInteract-v0" and ENV_ID in gym.registry
+    env = gym.make(ENV_ID, simulator=sim)
+    assert isinstance(env.unwrapped, DialogueEnv) and env.unwrapped.simulator is sim
+    obs, info = env.reset(seed=0)
+    assert env.observation_space.contains(obs) and obs[-1]["role"] == "user"
+    assert info["turn"] == 1 and info["horizon"] == 3 and info["prompt_id"] in sim.prompts
+    venv = gym.make_vec(ENV_ID, num_envs=3, vectorization_mode="vector_entry_point", simulator=sim)
+    assert isinstance(venv, VectorDialogueEnv) and venv.simulator is sim
+    assert venv.num_envs == 3 and isinstance(venv.single_action_space, UnicodeText)
+    obs, infos = venv.reset(seed=0)
+    assert len(obs) == 3 and venv.observation_space.contains(obs)
+    assert len(infos["snapshot"]) == 3 and infos["turn"].tolist() == [1, 1, 1]
+    assert venv.action_space.contains(("a", "b", "c"))
+
+
+def test_snapshot_round_trip(sim: DialogueSimulator, user_backend: RecordingBackend) -> None:
+    """A JSON round-tripped snapshot restores s_h exactly: same observation, same user RNG, same next question."""
+    env = DialogueEnv(simulator=sim)
+    env.reset(seed=3)
+    obs_at_snapshot, _, _, _, info = env.step("Let me think about April first.")
+    snapshot = env.snapshot()
+    assert info["snapshot"] == snapshot and snapshot["turn"] == 2
+    assert _roundtrip(snapshot) == snapshot
+
+    obs_a, *_ = env.step(REPLY_A)
+    original_call = user_backend.calls[-1]
+    next_user_message = obs_a[-1]
+    assert next_user_message["role"] == "user" and obs_a[-2] == {"role": "assistant", "content": REPLY_A}
+
+    restored_obs, restored_info = env.reset(options={"snapshot": _roundtrip(snapshot)})
+    assert restored_obs == obs_at_snapshot
+    assert restored_info["turn"] == 2 and restored_info["snapshot"] == snapshot
+    obs_b, *_ = env.step(REPLY_A)
+    assert obs_b == obs_a
+    assert user_backend.calls[-1].sampling.seed == original_call.sampling.seed
+    assert user_backend.calls[-1].completions == original_call.completions
+
+    other = DialogueEnv(simulator=sim)
+    assert other.reset(options={"snapshot": snapshot})[0] == obs_at_snapshot
+    obs_c, *_ = other.step(REPLY_A)
+    assert obs_c == obs_a and user_backend.calls[-1].completions == original_call.completions
+
+    # The equality above is not vacuous: another seed gives another raw user-model reply.
+    reseeded = user_backend.inner.chat(
+        original_call.conversations, original_call.sampling.with_seed(original_call.sampling.seed + 1)
+    )
+    assert [c.token_ids for c in reseeded] != [c.token_ids for c in original_call.completions]
+
+
+def test_restored_state_does_not_alias_the_snapshot(sim: DialogueSimulator) -> None:
+    """Mutating a snapshot (or an observation) after restoring it does not change the environment."""
+    env = DialogueEnv(simulator=sim)
+    env.reset(seed=1)
+    snapshot = env.snapshot()
+    obs, _ = env.reset(options={"snapshot": snapshot})
+    snapshot["messages"][0]["content"] = "changed"
+    obs[0]["content"] = "changed too"
+    assert env.snapshot()["messages"][0]["content"] == sim.prompts[snapshot["prompt_id"]].instruction
+
+
+def test_reward_at_the_horizon(make_simulator: Callable[..., DialogueSimulator], rows: list[PromptRow]) -> None:
+    """H=2: turn 1 gives reward 0 and a user question; turn 2 terminates with the reward model's score."""
+    sim = make_simulator(max_horizon=2, horizon=2)
+    row = rows[0]
+    env = DialogueEnv(simulator=sim)
+    obs, info = env.reset(seed=0, options={"prompt_id": row.id})
+    assert obs == ({"role": "user", "content": row.instruction},) and (info["turn"], info["horizon"]) == (1, 2)
+
+    obs, reward, terminated, truncated, info = env.step("Let me work it out.")
+    assert (reward, terminated, truncated) == (0.0, False, False)
+    assert len(obs) == 3 and obs[-1]["role"] == "user" and obs[-1]["content"].strip()
+    assert (info["turn"], info["replied_turn"]) == (2, 1) and "snapshot" in info
+    snapshot = env.snapshot()
+
+    correct = f"So she sold 48 + 24 clips. The answer is \\boxed{{{row.reference}}}."
+    obs, reward_correct, terminated, truncated, info = env.step(correct)
+    assert terminated and not truncated
+    assert isinstance(reward_correct, float) and math.isfinite(reward_correct)
+    assert obs[-1] == {"role": "assistant", "content": correct} and len(obs) == 4
+    assert "snapshot" not in info
+    assert reward_correct == pytest.approx(sim.reward.score([list(obs)], [row])[0], abs=1e-5)
+    with pytest.raises(RuntimeError, match="ended"):
+        env.step("One more thing.")
+    with pytest.raises(SnapshotError, match="finished"):
+        env.snapshot()
+
+    env.reset(options={"snapshot": snapshot})
+    wrong = f"So she sold 48 + 24 clips. The answer is \\boxed{{{int(row.reference) + 1}}}."
+    _, reward_wrong, terminated, _, _ = env.step(wrong)
+    assert terminated and math.isfinite(reward_wrong)
+    assert reward_correct - reward_wrong > 0.5
+
+
+@pytest.mark.parametrize("action", [42, None, b"x", ["a reply"]])
+def test_non_string_action_is_a_type_error(sim: DialogueSimulator, action: Any) -> None:
+    """A reply that is not a str raises TypeError naming its type, and leaves the dialogue unchanged."""
+    env = DialogueEnv(simulator=sim)
+    obs, _ = env.reset(seed=0)
+    with pytest.raises(TypeError, match=type(action).__name__):
+        env.step(action)
+    assert env.state is not None and len(env.state.messages) == len(obs)
+
+
+def test_too_long_action_is_a_value_error(sim: DialogueSimulator) -> None:
+    """A reply longer than max_reply_chars raises ValueError giving its length."""
+    env = DialogueEnv(simulator=sim, max_reply_chars=10)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="11 characters"):
+        env.step("x" * 11)
+
+
+def test_step_before_reset_is_a_runtime_error(sim: DialogueSimulator) -> None:
+    """step() before reset() raises RuntimeError asking for reset()."""
+    with pytest.raises(RuntimeError, match="reset"):
+        DialogueEnv(simulator=sim).step("hello")
+
+
+def test_unknown_prompt_id_is_a_key_error(sim: DialogueSimulator) -> None:
+    """reset(options={"prompt_id": unknown}) raises KeyError naming the id."""
+    with pytest.raises(KeyError, match="no-such-prompt"):
+        DialogueEnv(simulator=sim).reset(options={"prompt_id": "no-such-prompt"})
+
+
+def test_snapshot_from_another_configuration_is_rejected(
+    sim: DialogueSimulator, make_simulator: Callable[..., DialogueSimulator]
+) -> None:
+    """A snapshot taken under another EpisodeConfig (another fingerprint) raises SnapshotError about the fingerprint."""
+    env = DialogueEnv(simulator=sim)
+    env.reset(seed=0)
+    snapshot = env.snapshot()
+    other = make_simulator(max_horizon=3, horizon=2)
+    assert other.fingerprint != sim.fingerprint
+    with pytest.raises(SnapshotError, match="fingerprint"):
+        DialogueEnv(simulator=other).reset(options={"snapshot": snapshot})
+
+
+def _pop(field: str) -> Callable[[dict[str, Any]], None]:
+    return lambda snapshot: snapshot.pop(field)
+
+
+def _set(field: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda snapshot: snapshot.__setitem__(field, value)
+
+
+CORRUPTIONS: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
+    "missing turn": (_pop("turn"), "turn"),
+    "missing rng_state": (_pop("rng_state"), "rng_state"),
+    "missing messages": (_pop("messages"), "messages"),
+    "ends with assistant": (
+        lambda snapshot: snapshot["messages"].append({"role": "assistant", "content": "hi"}),
+        r"snapshot\['messages'\]",
+    ),
+    "messages not a list": (_set("messages", "hello"), r"snapshot\['messages'\]"),
+    "bad role": (_set("messages", [{"role": "robot", "content": "hi"}]), r"snapshot\['messages'\]"),
+    "empty messages": (_set("messages", []), r"snapshot\['messages'\]"),
+    "horizon zero": (_set("horizon", 0), r"snapshot\['horizon'\]"),
+    "horizon too large": (_set("horizon", 9), r"snapshot\['horizon'\]"),
+    "horizon not int": (_set("horizon", "3"), r"snapshot\['horizon'\]"),
+    "rng_state garbage": (_set("rng_state", "garbage"), r"snapshot\['rng_state'\]"),
+    "rng_state other generator": (_set("rng_state", {"bit_generator": "MT19937"}), r"snapshot\['rng_state'\]"),
+    "rng_state incomplete": (_set("rng_state", {"bit_generator": "PCG64"}), r"snapshot\['rng_state'\]"),
+    "wrong turn": (_set("turn", 2), r"snapshot\['turn'\]"),
+    "version": (_set("version", 99), "version"),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_corrupted_snapshot_is_rejected(sim: DialogueSimulator, corruption: str) -> None:
+    """A corrupted snapshot raises SnapshotError naming the offending field."""
+    mutate, field = CORRUPTIONS[corruption]
+    env = DialogueEnv(simulator=sim)
+    env.reset(seed=0)
+    snapshot = env.snapshot()
+    mutate(snapshot)
+    with pytest.raises(SnapshotError, match=field):
+        env.reset(options={"snapshot": snapshot})
+
+
+def test_non_dict_snapshot_is_rejected(sim: DialogueSimulator) -> None:
+    """A snapshot that is not a dict raises SnapshotError saying what it should be."""
+    with pytest.raises(SnapshotError, match="must be a dict"):
+        DialogueEnv(simulator=sim).reset(options={"snapshot": "s_h"})
+
+
+def test_snapshot_with_unknown_prompt_id_is_a_snapshot_error(sim: DialogueSimulator) -> None:
+    """A corrupted prompt_id is reported like the other corrupted fields."""
+    env = DialogueEnv(simulator=sim)
+    env.reset(seed=0)
+    snapshot = env.snapshot() | {"prompt_id": "no-such-prompt"}
+    with pytest.raises(SnapshotError, match="prompt_id"):
+        env.reset(options={"snapshot": snapshot})
+
+
+def test_truncation_on_the_token_budget(
+    make_simulator: Callable[..., DialogueSimulator], rows: list[PromptRow]
+) -> None:
+    """Past max_dialogue_tokens the episode is truncated (not terminated) before the horizon, and scored."""
+    row = rows[0]
+    probe = make_simulator(max_horizon=3, horizon=3)
+    first_turn: list[Message] = [{"role": "user", "content": row.instruction}, {"role": "assistant", "content": "OK."}]
+    budget = len(probe.tokenizer.apply_chat_template(first_turn, tokenize=True, return_dict=False)) + 10
+    env = DialogueEnv(simulator=make_simulator(max_horizon=3, horizon=3, max_dialogue_tokens=budget))
+    env.reset(seed=0, options={"prompt_id": row.id})
+
+    _, reward, terminated, truncated, info = env.step("OK.")
+    assert (reward, terminated, truncated) == (0.0, False, False)
+    assert info["dialogue_tokens"] == budget - 10
+
+    _, reward, terminated, truncated, info = env.step("Let me explain every single step again. " * 10)
+    assert truncated and not terminated
+    assert info["replied_turn"] == 2 < info["horizon"] == 3
+    assert info["dialogue_tokens"] > budget
+    assert isinstance(reward, float) and math.isfinite(reward)
+    assert "snapshot" not in info
+    with pytest.raises(RuntimeError):
+        env.step("more")
+
+
+# ---- vector environment ---------------------------------------------------------------------
+
+
+def test_vector_step_makes_one_user_call(sim: DialogueSimulator, user_backend: RecordingBackend) -> None:
+    """Each step makes one user-model call for all unfinished dialogues; ended ones autoreset on the next step."""
+    venv = VectorDialogueEnv(3, simulator=sim)
+    prompt_ids = sim.prompt_ids[:3]
+    obs, infos = venv.reset(seed=0, options={"horizons": [1, 2, 3], "prompt_ids": prompt_ids})
+    assert infos["horizon"].tolist() == [1, 2, 3] and infos["turn"].tolist() == [1, 1, 1]
+    assert infos["prompt_id"].tolist() == prompt_ids
+
+    user_backend.calls.clear()
+    obs, rewards, terminated, truncated, infos = venv.step(["a", "b", "c"])
+    assert len(user_backend.calls) == 1
+    template = sim.user.template
+    assert user_backend.calls[0].conversations == [render_user_prompt(template, list(obs[i][:-1])) for i in (1, 2)]
+    assert rewards.shape == terminated.shape == truncated.shape == (3,)
+    assert rewards.dtype == np.float64 and terminated.dtype == truncated.dtype == np.bool_
+    assert terminated.tolist() == [True, False, False] and not truncated.any()
+    assert math.isfinite(rewards[0]) and rewards[1:].tolist() == [0.0, 0.0]
+    assert infos["snapshot"][0] is None and all(isinstance(s, dict) for s in infos["snapshot"][1:])
+    assert [len(o) for o in obs] == [2, 3, 3]
+
+    user_backend.calls.clear()
+    obs, rewards, terminated, truncated, infos = venv.step(["ignored", "b2", "c2"])
+    assert len(user_backend.calls) == 1 and len(user_backend.calls[0].conversations) == 1
+    assert len(obs[0]) == 1 and obs[0][0]["role"] == "user", "env 0 autoreset to a new s_1"
+    assert (rewards[0], terminated[0], truncated[0]) == (0.0, False, False)
+    assert infos["turn"].tolist() == [1, 2, 3] and infos["horizon"][0] == sim.config.horizon
+    assert terminated.tolist() == [False, True, False] and math.isfinite(rewards[1]) and rewards[2] == 0.0
+
+    user_backend.calls.clear()
+    obs, rewards, terminated, truncated, infos = venv.step(["a3", "ignored", "c3"])
+    assert len(user_backend.calls) == 1 and len(user_backend.calls[0].conversations) == 1
+    assert terminated.tolist() == [False, False, True] and len(obs[1]) == 1
+
+
+def test_vector_snapshots_restore_each_env(sim: DialogueSimulator, user_backend: RecordingBackend) -> None:
+    """reset(options={"snapshots": [...]}) restores every sub-env; the same replies then give the same dialogues."""
+    venv = VectorDialogueEnv(3, simulator=sim)
+    venv.reset(seed=2, options={"horizons": [3, 3, 3]})
+    user_backend.calls.clear()
+    obs_at_snapshot, _, _, _, infos = venv.step(["r0", "r1", "r2"])
+    assert len(user_backend.calls) == 1 and len(user_backend.calls[0].conversations) == 3
+    snapshots = _roundtrip(infos["snapshot"])
+    replies = ["A0", "A1", "A2"]
+    obs_next, *_ = venv.step(replies)
+
+    other = VectorDialogueEnv(3, simulator=sim)
+    restored, restored_infos = other.reset(options={"snapshots": snapshots})
+    assert restored == obs_at_snapshot
+    assert restored_infos["snapshot"] == snapshots
+    assert other.step(replies)[0] == obs_next
+
+    obs, _ = venv.reset(options={"snapshots": [None, snapshots[1], None], "prompt_ids": [sim.prompt_ids[4]] * 3})
+    assert obs[1] == obs_at_snapshot[1] and obs[0] == obs[2] == (
+        {"role": "user", "content": sim.prompts[sim.prompt_ids[4]].instruction},
+    )
+
+
+@pytest.mark.parametrize(
+    ("actions", "message"),
+    [
+        (["a", "b"], "sequence of 3"),
+        ("abc", "sequence of 3"),
+        ([1, "b", "c"], r"actions\[0\].*int"),
+        (["a", None, "c"], r"actions\[1\].*NoneType"),
+    ],
+)
+def test_vector_bad_actions_are_type_errors(
+    sim: DialogueSimulator, user_backend: RecordingBackend, actions: Any, message: str
+) -> None:
+    """A wrong number of actions or a non-str action raises TypeError before anything is generated."""
+    venv = VectorDialogueEnv(3, simulator=sim)
+    obs, _ = venv.reset(seed=0)
+    user_backend.calls.clear()
+    with pytest.raises(TypeError, match=message):
+        venv.step(actions)
+    assert user_backend.calls == []
+    assert [len(state.messages) for state in venv.states if state is not None] == [len(o) for o in obs] == [1, 1, 1]
+
+
+def test_vector_reset_uses_the_configured_horizon(sim: DialogueSimulator) -> None:
+    """Without options['horizons'] every sub-env starts with the fixed EpisodeConfig.horizon, as DialogueEnv does."""
+    assert sim.config.horizon == 3
+    assert DialogueEnv(simulator=sim).reset(seed=0)[1]["horizon"] == 3
+    venv = VectorDialogueEnv(3, simulator=sim)
+    _, infos = venv.reset(seed=0)
+    assert infos["horizon"].tolist() == [3, 3, 3]

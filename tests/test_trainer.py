@@ -1,0 +1,240 @@
+"""RefuelTrainer on hand-made tokenised pairs with a tiny model: validation, fitting, schedule, saving."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from dialogsim.backends.transformers_backend import chat_prompt_ids, load_tokenizer
+from refuel.config import RefuelConfig
+from refuel.pairs import reference_logprobs
+from refuel.trainer import RefuelTrainer, ValidationMetrics, save_pretrained_atomic
+
+ETA = 1.0
+TEMPERATURE = 0.8
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_path: str) -> PreTrainedTokenizerBase:
+    return load_tokenizer(tiny_model_path)
+
+
+@pytest.fixture(scope="module")
+def load_model(tiny_model_path: str) -> Callable[[], PreTrainedModel]:
+    """A fresh fp32 copy of the tiny model (π_0) on every call; trainers train their model in place."""
+    return lambda: AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+
+
+def _pairs(tokenizer: PreTrainedTokenizerBase, count: int) -> list[dict[str, Any]]:
+    """``count`` tokenised pairs: s_1 + reply ids + eos, masks on the replies, r − r' alternating 1 and −1.5."""
+    rows = []
+    for index in range(count):
+        # a one-word system prompt replaces the template's long default one: short sequences train fast
+        state = [{"role": "system", "content": "Math."}, {"role": "user", "content": f"{index} + 7?"}]
+        prompt = chat_prompt_ids(tokenizer, state)
+        replies = [f"{index + 7}", f"Maybe {index + 8}."]
+        ids = [[*tokenizer(reply, add_special_tokens=False).input_ids, tokenizer.eos_token_id] for reply in replies]
+        rewards = (1.0, 0.0) if index % 2 == 0 else (0.0, 1.5)
+        rows.append(
+            {
+                "input_ids": prompt + ids[0],
+                "loss_mask": [0] * len(prompt) + [1] * len(ids[0]),
+                "input_ids_prime": prompt + ids[1],
+                "loss_mask_prime": [0] * len(prompt) + [1] * len(ids[1]),
+                "reward": rewards[0],
+                "reward_prime": rewards[1],
+            }
+        )
+    return rows
+
+
+def _with_reference(
+    rows: list[dict[str, Any]], model: PreTrainedModel, pad_id: int, batch_size: int
+) -> list[dict[str, Any]]:
+    """Rows with ln π_t(y), ln π_t(y') attached, as refuel.train.prepare_pairs does."""
+    values = reference_logprobs(model, rows, pad_id, TEMPERATURE, batch_size)
+    return [row | {"ref_logp": a, "ref_logp_prime": b} for row, (a, b) in zip(rows, values, strict=True)]
+
+
+def _config(tmp_path: Path, **overrides: Any) -> RefuelConfig:
+    values: dict[str, Any] = {
+        "output_dir": str(tmp_path),
+        "eta": ETA,
+        "temperature": TEMPERATURE,
+        "learning_rate": 1e-2,
+        "epochs": 10,
+        "per_device_batch_size": 8,
+        "gradient_accumulation_steps": 1,
+        "warmup_ratio": 0.3,
+        "seed": 0,
+    }
+    return RefuelConfig(**(values | overrides))
+
+
+def _snapshot(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+@dataclass
+class Fitted:
+    """A trainer after 10 epochs (one step each) on 8 pairs, with what was measured around training."""
+
+    trainer: RefuelTrainer
+    model: PreTrainedModel
+    rows: list[dict[str, Any]]
+    initial: dict[str, torch.Tensor]
+    before: ValidationMetrics
+    log: list[dict[str, float]]
+    after: ValidationMetrics
+
+
+@pytest.fixture(scope="module")
+def fitted(
+    tokenizer: PreTrainedTokenizerBase,
+    load_model: Callable[[], PreTrainedModel],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Fitted:
+    config = _config(tmp_path_factory.mktemp("fit"))
+    model = load_model()
+    rows = _with_reference(_pairs(tokenizer, 8), model, tokenizer.pad_token_id, config.per_device_batch_size)
+    initial = _snapshot(model)
+    trainer = RefuelTrainer(config, model, tokenizer, rows, rows)  # validate on the training pairs
+    before = trainer.validate()
+    log = trainer.train()
+    return Fitted(trainer, model, rows, initial, before, log, trainer.validate())
+
+
+def test_validation_before_training_is_the_reward_term_alone(fitted: Fitted) -> None:
+    """With π = π_t the log-ratios vanish: loss = mean(η²(r − r')²) and sign agreement is 0 (all ties)."""
+    expected = sum(ETA**2 * (row["reward"] - row["reward_prime"]) ** 2 for row in fitted.rows) / len(fitted.rows)
+    assert expected == pytest.approx((4 * 1.0 + 4 * 2.25) / 8)  # r − r' = 1 for 4 pairs, −1.5 for 4
+    assert fitted.before.loss == pytest.approx(expected, rel=1e-6)
+    assert fitted.before.sign_agreement == 0.0
+
+
+def test_training_fits_the_pairs(fitted: Fitted) -> None:
+    """10 epochs at lr 1e-2 cut the training-pair REFUEL loss below half and change the weights."""
+    assert fitted.after.loss < 0.5 * fitted.before.loss, (fitted.before, fitted.after)
+    assert fitted.after.sign_agreement > 0.5
+    changed = [
+        name for name, tensor in fitted.model.state_dict().items() if not torch.equal(tensor, fitted.initial[name])
+    ]
+    assert changed, "no weight changed"
+    assert any("layers.0" in name for name in changed) and any("embed_tokens" in name for name in changed)
+
+
+def test_schedule_is_linear_warmup_then_cosine(fitted: Fitted) -> None:
+    """The logged lr follows linear warm-up over ceil(30 % of steps), then cosine decay to 0."""
+    steps = 10 * math.ceil(1 / 1)  # epochs × (8 pairs / 8 per micro-batch) / accumulation 1
+    assert fitted.trainer.total_steps == steps == len(fitted.log)
+    warmup = math.ceil(0.3 * steps)
+    assert warmup == 3
+    lrs = [entry["lr"] for entry in fitted.log]
+    for step, lr in enumerate(lrs, start=1):  # logged after the scheduler step: the lr of the next step
+        factor = step / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+        assert lr == pytest.approx(1e-2 * factor, abs=1e-9), step
+    assert lrs[:warmup] == sorted(lrs[:warmup]) and max(lrs) == pytest.approx(1e-2)
+    assert lrs[warmup - 1 :] == sorted(lrs[warmup - 1 :], reverse=True) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(math.isfinite(entry["loss"]) for entry in fitted.log)
+
+
+def test_save_pretrained_atomic_writes_a_loadable_folder(
+    fitted: Fitted, tokenizer: PreTrainedTokenizerBase, tmp_path: Path
+) -> None:
+    """The saved folder reloads to the trained model's logits, replaces an old folder, leaves no staging dirs."""
+    folder = tmp_path / "iteration_0" / "policy"
+    folder.mkdir(parents=True)
+    (folder / "stale.txt").write_text("from an older run")
+    fitted.trainer.save(folder, tokenizer)
+    assert sorted(path.name for path in folder.parent.iterdir()) == ["policy"]  # no staging folder left
+    assert not (folder / "stale.txt").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    fitted.model.eval()
+    input_ids = torch.tensor([fitted.rows[0]["input_ids_prime"]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=input_ids).logits, fitted.model(input_ids=input_ids).logits)
+        assert not torch.equal(reloaded.model.embed_tokens.weight, fitted.initial["model.embed_tokens.weight"])
+    assert load_tokenizer(str(folder)).chat_template == tokenizer.chat_template
+    # a second atomic save over the existing folder works and still leaves only the folder
+    save_pretrained_atomic(reloaded, tokenizer, folder)
+    assert sorted(path.name for path in folder.parent.iterdir()) == ["policy"]
+    assert (folder / "config.json").exists()
+
+
+def _one_step(
+    config: RefuelConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[dict[str, float]]]:
+    """Train one epoch; return the gradients and lr the optimizer stepped with, the weights after, and the log."""
+    trainer = RefuelTrainer(config, model, tokenizer, rows, [])
+    stepped: list[dict[str, torch.Tensor]] = []
+    inner = trainer.optimizer.optimizer  # the torch AdamW under accelerate's wrapper
+    original_step = inner.step
+
+    def recording_step(*args: Any, **kwargs: Any) -> Any:
+        gradients = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        stepped.append(gradients | {"lr": torch.tensor(inner.param_groups[0]["lr"])})
+        return original_step(*args, **kwargs)
+
+    inner.step = recording_step
+    log = trainer.train()
+    assert len(stepped) == 1, f"expected one optimizer step, got {len(stepped)}"
+    return stepped[0], _snapshot(model), log
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden:UserWarning")
+def test_gradient_accumulation_matches_one_large_batch(
+    tokenizer: PreTrainedTokenizerBase, load_model: Callable[[], PreTrainedModel], tmp_path: Path
+) -> None:
+    """2 micro-batches of 2 pairs with accumulation 2 step with the gradient and weights of 1 batch of 4."""
+    reference_model = load_model()
+    rows = _with_reference(_pairs(tokenizer, 4), reference_model, tokenizer.pad_token_id, 4)
+    initial = _snapshot(reference_model)
+    common = {"epochs": 1, "learning_rate": 1e-3, "warmup_ratio": 0.0}
+    accumulated = _one_step(
+        _config(tmp_path, per_device_batch_size=2, gradient_accumulation_steps=2, **common),
+        load_model(),
+        tokenizer,
+        rows,
+    )
+    single = _one_step(
+        _config(tmp_path, per_device_batch_size=4, gradient_accumulation_steps=1, **common),
+        load_model(),
+        tokenizer,
+        rows,
+    )
+    assert accumulated[0].pop("lr").item() == single[0].pop("lr").item() == pytest.approx(1e-3)  # no warm-up
+    assert accumulated[0].keys() == single[0].keys() and single[0]
+    for name, gradient in single[0].items():
+        torch.testing.assert_close(accumulated[0][name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+    assert any(gradient.abs().max() > 0 for gradient in single[0].values())
+    for name, weight in single[1].items():
+        torch.testing.assert_close(accumulated[1][name], weight, rtol=0, atol=1e-5, msg=name)
+    assert any(not torch.equal(weight, initial[name]) for name, weight in single[1].items())  # a real step
+    assert len(accumulated[2]) == len(single[2]) == 1
+
+
+@pytest.mark.xfail(
+    reason="BUG: get_cosine_schedule_with_warmup gives lr 0 at the first optimizer step whenever warmup_ratio > 0 "
+    "(warm-up steps = ceil(ratio · steps) ≥ 1), so an iteration with a single optimizer step leaves π_{t+1} = π_t "
+    "while reporting a completed step (and in general the first step of every iteration is wasted)",
+    strict=True,
+)
+def test_single_step_iteration_updates_the_policy(
+    tokenizer: PreTrainedTokenizerBase, load_model: Callable[[], PreTrainedModel], tmp_path: Path
+) -> None:
+    """An iteration of one optimizer step (4 pairs, batch 4, default warm-up 10 %) changes the weights."""
+    model = load_model()
+    rows = _with_reference(_pairs(tokenizer, 4), model, tokenizer.pad_token_id, 4)
+    initial = _snapshot(model)
+    config = _config(tmp_path, epochs=1, learning_rate=1e-3, per_device_batch_size=4, warmup_ratio=0.1)
+    trainer = RefuelTrainer(config, model, tokenizer, rows, [])
+    log = trainer.train()
+    assert len(log) == 1
+    assert any(not torch.equal(tensor, initial[name]) for name, tensor in model.state_dict().items())
