@@ -27,7 +27,10 @@ def parse_config(config_class: type[ConfigT], argv: Sequence[str] | None, descri
     parser.add_argument("--config", type=Path, help="YAML or JSON file of defaults; flags override it")
     if known.config is not None:
         parser.set_defaults(**_read_config_file(known.config, parser))
-    return parser.parse_args_into_dataclasses(args=rest)[0]
+    config, *_, remaining = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
+    if remaining:
+        parser.error(f"unrecognized arguments: {' '.join(remaining)} (see --help for the flags)")
+    return config
 
 
 def _read_config_file(path: Path, parser: HfArgumentParser) -> dict[str, Any]:

@@ -60,10 +60,36 @@ class EvaluateConfig:
     seed: int = field(default=0, metadata={"help": "seed of prompt choice, user and policy sampling"})
 
 
-def method_name(policy: str) -> str:
-    """Readable method label: ``runs/x/iteration_0/policy`` → ``iteration_0``; other paths → last part."""
+def method_name(policy: str, parts: int = 1) -> str:
+    """Readable label: ``runs/x/iteration_0/policy`` → ``iteration_0`` (``parts=2``: ``x/iteration_0``)."""
     path = Path(policy)
-    return path.parent.name if path.name == "policy" else path.name
+    path = path.parent if path.name == "policy" else path
+    return "/".join(path.parts[-parts:])
+
+
+def method_names(policies: list[str]) -> dict[str, str]:
+    """A distinct label per policy, using more path parts until the labels differ.
+
+    Raises:
+        ValueError: the same policy is listed twice.
+    """
+    if len(set(policies)) != len(policies):
+        raise ValueError(f"each policy may be evaluated once; got duplicates in {policies}")
+    longest = max(len(Path(policy).parts) for policy in policies)
+    for parts in range(1, longest + 1):
+        names = {policy: method_name(policy, parts) for policy in policies}
+        if len(set(names.values())) == len(policies):
+            return names
+    return {policy: policy for policy in policies}
+
+
+def policy_identity(policy: str) -> dict[str, Any]:
+    """What identifies a policy's weights for the dialogue cache: resolved path, weight files' sizes and times."""
+    folder = Path(resolve_model(policy))
+    if not folder.is_dir():
+        return {"name": policy}
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    return {"path": str(folder.resolve()), "weights": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
 
 
 def generate_dialogues(
@@ -146,24 +172,20 @@ def evaluate(config: EvaluateConfig) -> dict[str, Path]:
     )
     out = Path(config.output_dir)
     generation_key = fingerprint({k: v for k, v in asdict(config).items() if k not in ("candidates", "output_dir")})
-    scores = {
-        policy: score_per_turn(
-            simulator,
-            generate_dialogues(
-                config, simulator, policy, out / "dialogues" / f"{method_name(policy)}-{generation_key}.jsonl"
-            ),
-            config.horizon,
-        )
-        for policy in [config.baseline, *config.candidates]
-    }
+    names = method_names([config.baseline, *config.candidates])
+    scores = {}
+    for policy, name in names.items():
+        key = fingerprint({"generation": generation_key, "policy": policy_identity(policy)})
+        dialogues = generate_dialogues(config, simulator, policy, out / "dialogues" / f"{name}-{key}.jsonl")
+        scores[policy] = score_per_turn(simulator, dialogues, config.horizon)
     judgements = pd.concat(
-        [judge(scores[policy], scores[config.baseline], method_name(policy)) for policy in config.candidates]
+        [judge(scores[policy], scores[config.baseline], names[policy]) for policy in config.candidates]
     )
     judgements.to_csv(out / "judgements.csv", index=False)
     rates = per_turn_win_rates(judgements[["method", "prompt_id", "turn", "outcome"]], seed=config.seed)
-    print(f"win rate (%) vs {method_name(config.baseline)}, judge: reward '{config.reward}', ties = 1/2")
+    print(f"win rate (%) vs {names[config.baseline]}, judge: reward '{config.reward}', ties = 1/2")
     print(paper_table(rates).to_string())
-    paths = save_report(rates, out, title=f"per-turn win rate vs {method_name(config.baseline)}")
+    paths = save_report(rates, out, title=f"per-turn win rate vs {names[config.baseline]}")
     paths["judgements"] = out / "judgements.csv"
     for name, path in paths.items():
         print(f"  {name}: {path}")

@@ -75,7 +75,9 @@ class RefuelTrainer:
             weight_decay=config.weight_decay,
         )
         steps = config.epochs * math.ceil(len(train_loader) / config.gradient_accumulation_steps)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * steps), steps)
+        # Floor, so that short iterations do not spend their first step at learning rate 0 (the warm-up
+        # of transformers' schedules starts from 0).
+        scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps), steps)
         self.model, self.optimizer, self.train_loader, self.scheduler = self.accelerator.prepare(
             model, optimizer, train_loader, scheduler
         )

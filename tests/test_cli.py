@@ -109,13 +109,6 @@ def test_unknown_flag_is_rejected_naming_it(capsys: pytest.CaptureFixture[str]) 
     assert "--etta" in str(raised.value) + capsys.readouterr().err
 
 
-@pytest.mark.xfail(
-    reason="BUG: parse_config documents SystemExit (argparse usage error) for bad flags, but an unknown flag "
-    "raises ValueError from HfArgumentParser.parse_args_into_dataclasses, so `refuel-train --etta 2` ends in a "
-    "traceback instead of a usage message",
-    raises=ValueError,
-    strict=True,
-)
 def test_unknown_flag_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     """An unknown flag exits like argparse (SystemExit 2) with the flag named on stderr."""
     with pytest.raises(SystemExit) as raised:

@@ -24,6 +24,7 @@ from refuel.pairs import tokenize_pair
 N_PAIRS = 4
 MAX_HORIZON = 2
 SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=8)
+Parts = tuple[list[PromptRow], UserSimulator, MathAnswerReward]
 
 
 def _gsm8k_rows(path: Path, count: int) -> list[PromptRow]:
@@ -42,18 +43,18 @@ def _gsm8k_rows(path: Path, count: int) -> list[PromptRow]:
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_path: str) -> PreTrainedTokenizerBase:
+    """The policy's tokenizer (SmolLM2's, from the tiny model's folder)."""
     return load_tokenizer(tiny_model_path)
 
 
 @pytest.fixture(scope="module")
 def policy(tiny_model_path: str) -> TransformersBackend:
+    """π_t: the tiny random Llama on the transformers backend."""
     return TransformersBackend(tiny_model_path)
 
 
 @pytest.fixture(scope="module")
-def parts(
-    tiny_model_path: str, shared_prompts: Path, policy: TransformersBackend
-) -> tuple[list[PromptRow], UserSimulator, MathAnswerReward]:
+def parts(tiny_model_path: str, shared_prompts: Path) -> Parts:
     """Six real GSM8K rows, a tiny-model student user (8-token questions) and the math reward."""
     user = UserSimulator(
         TransformersBackend(tiny_model_path),
@@ -63,18 +64,21 @@ def parts(
     return _gsm8k_rows(shared_prompts, 6), user, MathAnswerReward()
 
 
-def _simulator(parts: tuple, tokenizer: PreTrainedTokenizerBase, max_horizon: int) -> DialogueSimulator:
+def _simulator(parts: Parts, tokenizer: PreTrainedTokenizerBase, max_horizon: int) -> DialogueSimulator:
+    """A simulator over the parts with H drawn uniformly from 1..max_horizon."""
     rows, user, reward = parts
     return DialogueSimulator(rows, user, reward, EpisodeConfig(max_horizon=max_horizon), tokenizer)
 
 
 @pytest.fixture(scope="module")
-def simulator(parts: tuple, tokenizer: PreTrainedTokenizerBase) -> DialogueSimulator:
+def simulator(parts: Parts, tokenizer: PreTrainedTokenizerBase) -> DialogueSimulator:
+    """The simulator of the collection tests (max_horizon 2)."""
     return _simulator(parts, tokenizer, MAX_HORIZON)
 
 
 @pytest.fixture(scope="module")
 def collected(simulator: DialogueSimulator, policy: TransformersBackend) -> CollectionResult:
+    """Four reset points tried with seed 0."""
     return collect_pairs(simulator, policy, N_PAIRS, SAMPLING, seed=0)
 
 
@@ -132,7 +136,7 @@ def test_greedy_replies_are_dropped_as_identical(simulator: DialogueSimulator, p
     assert result.dropped == Counter({"identical_replies": N_PAIRS})
 
 
-def test_horizon_and_reset_turn_are_uniform(parts: tuple, tokenizer: PreTrainedTokenizerBase) -> None:
+def test_horizon_and_reset_turn_are_uniform(parts: Parts, tokenizer: PreTrainedTokenizerBase) -> None:
     """Over 300 start states H is uniform on {1, 2, 3} and h uniform on 1..H (chi-square, p > 0.001)."""
     simulator = _simulator(parts, tokenizer, max_horizon=3)
     states, turns = _start_states(simulator, 300, np.random.default_rng(0))
@@ -140,10 +144,9 @@ def test_horizon_and_reset_turn_are_uniform(parts: tuple, tokenizer: PreTrainedT
     assert all(1 <= h <= state.horizon <= 3 for h, state in zip(turns, states, strict=True))
     horizon_counts = [horizons.count(value) for value in (1, 2, 3)]
     assert stats.chisquare(horizon_counts).pvalue > 1e-3, horizon_counts
+    pairs = Counter(zip(horizons, turns, strict=True))  # (H, h) → count
     for horizon in (2, 3):
-        turn_counts = [
-            sum(1 for h, H in zip(turns, horizons, strict=True) if H == horizon and h == t) for t in (1, 2, 3)
-        ]
+        turn_counts = [pairs[horizon, turn] for turn in (1, 2, 3)]
         assert stats.chisquare(turn_counts[:horizon]).pvalue > 1e-3, (horizon, turn_counts)
         assert turn_counts[horizon:] == [0] * (3 - horizon)
     # prompts are drawn without replacement, cycling: each block of 6 states covers all 6 prompts

@@ -1,29 +1,37 @@
-"""One small REFUEL iteration and its evaluation with the real SmolLM2-135M-Instruct and the real prompts."""
+"""A small REFUEL iteration and its evaluation with the real SmolLM2-135M-Instruct and real prompts; evaluate pieces."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from dialogsim.backends.transformers_backend import load_tokenizer
 from dialogsim.data import load_prompts
 from envs.build import select_partition
 from refuel.config import RefuelConfig
-from refuel.evaluate import EvaluateConfig, evaluate
+from refuel.evaluate import EvaluateConfig, evaluate, judge, score_per_turn
 from refuel.storage import read_rows
 from refuel.train import run
 
 HOLDOUT = 8
 PAIRS = 4
+# Budget: GSM8K prompts of at most 100 chat-template tokens (143 of the 2000 rows) keep every sequence short; with
+# the default 384 this test takes minutes. Training stays fp32 (mixed_precision "no"): accelerate's process-wide
+# AcceleratorState cannot switch to bf16 after the trainer tests created an fp32 Accelerator in the same session.
+MAX_PROMPT_TOKENS = 100
 
 
 def _config(output_dir: Path, shared_prompts: Path) -> RefuelConfig:
+    """The brief's small run: 4 reset points, H ≤ 2, 24-token replies, 8 held-out prompts."""
     return RefuelConfig(
         output_dir=str(output_dir),
         prompts=str(shared_prompts),
@@ -36,6 +44,7 @@ def _config(output_dir: Path, shared_prompts: Path) -> RefuelConfig:
         validation_fraction=0.25,
         learning_rate=1e-4,
         generation_batch_size=4,
+        max_prompt_tokens=MAX_PROMPT_TOKENS,
     )
 
 
@@ -100,6 +109,7 @@ def test_refuel_iteration_then_evaluation(tmp_path: Path, shared_prompts: Path, 
         horizon=2,
         holdout=HOLDOUT,
         max_new_tokens=24,
+        max_prompt_tokens=MAX_PROMPT_TOKENS,
     )
     paths = evaluate(evaluation)
     rates = pd.read_csv(paths["csv"], dtype={"turn": str})
@@ -129,3 +139,86 @@ def test_refuel_iteration_then_evaluation(tmp_path: Path, shared_prompts: Path, 
     assert len(heldout_ids) == HOLDOUT
     assert evaluated_ids <= heldout_ids
     assert trained_ids.isdisjoint(heldout_ids)
+
+
+# --- evaluation pieces on small inputs (fast) -----------------------------------------------------
+
+
+class _LengthReward:
+    """Stub reward: the length of the last assistant message; records what it was asked to score."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[list[dict[str, str]]]] = []
+
+    def score(self, dialogues: list[list[dict[str, str]]], rows: list[object]) -> list[float]:
+        self.calls.append(dialogues)
+        return [float(len(dialogue[-1]["content"])) for dialogue in dialogues]
+
+
+def _messages(*replies: str) -> list[dict[str, str]]:
+    """A dialogue with one user question before each of ``replies``."""
+    messages = []
+    for index, reply in enumerate(replies):
+        messages += [{"role": "user", "content": f"q{index + 1}"}, {"role": "assistant", "content": reply}]
+    return messages
+
+
+def test_score_per_turn_scores_each_truncation_once() -> None:
+    """Each dialogue is scored truncated at every turn h ≤ its replies, in one call; later turns are NaN."""
+    reward = _LengthReward()
+    simulator = SimpleNamespace(reward=reward, prompts={"a": "row a", "b": "row b"})
+    dialogues = [
+        {"prompt_id": "a", "messages": _messages("x", "yyy")},
+        {"prompt_id": "b", "messages": [*_messages("zz"), {"role": "user", "content": "q2"}]},  # ended early
+    ]
+    scores = score_per_turn(simulator, dialogues, horizon=2)
+    assert len(reward.calls) == 1
+    assert reward.calls[0] == [_messages("x"), _messages("x", "yyy"), _messages("zz")]
+    assert list(scores["prompt_id"]) == ["a", "a", "b", "b"] and list(scores["turn"]) == [1, 2, 1, 2]
+    assert scores["score"].tolist()[:3] == [1.0, 3.0, 2.0] and math.isnan(scores["score"].iloc[3])
+
+
+def test_judge_gives_win_loss_tie_and_invalid() -> None:
+    """judge pairs candidate and baseline scores by (prompt, turn): 1 win, 0 loss, ½ tie, NaN if unscored."""
+    candidate = pd.DataFrame({"prompt_id": ["a", "a", "b", "b"], "turn": [1, 2, 1, 2], "score": [3.0, 1.0, 2.0, 5.0]})
+    baseline = pd.DataFrame(
+        {"prompt_id": ["b", "b", "a", "a"], "turn": [1, 2, 1, 2], "score": [2.0, math.nan, 1.0, 4.0]}
+    )
+    judged = judge(candidate, baseline, "m").set_index(["prompt_id", "turn"])
+    assert judged.loc[("a", 1), "outcome"] == 1.0
+    assert judged.loc[("a", 2), "outcome"] == 0.0
+    assert judged.loc[("b", 1), "outcome"] == 0.5
+    assert math.isnan(judged.loc[("b", 2), "outcome"])
+    assert set(judged["method"]) == {"m"}
+
+
+def test_evaluate_keeps_candidates_with_the_same_folder_name_apart(
+    tmp_path: Path, tiny_model_path: str, shared_prompts: Path
+) -> None:
+    """Two different checkpoints both named iteration_0 (from two runs) get their own dialogues and win rates."""
+    first = tmp_path / "run_a" / "iteration_0" / "policy"
+    second = tmp_path / "run_b" / "iteration_0" / "policy"
+    shutil.copytree(tiny_model_path, first)
+    shutil.copytree(tiny_model_path, second)
+    model = AutoModelForCausalLM.from_pretrained(second)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    model.save_pretrained(second)
+    paths = evaluate(
+        EvaluateConfig(
+            candidates=[str(first), str(second)],
+            baseline=tiny_model_path,
+            user_model=tiny_model_path,
+            output_dir=str(tmp_path / "eval"),
+            prompts=str(shared_prompts),
+            n_prompts=2,
+            horizon=1,
+            holdout=HOLDOUT,
+            max_new_tokens=4,
+            max_prompt_tokens=MAX_PROMPT_TOKENS,
+        )
+    )
+    judgements = pd.read_csv(paths["judgements"])
+    assert len(judgements) == 2 * 2  # candidates × prompts at h = 1
+    assert len(list((tmp_path / "eval" / "dialogues").iterdir())) == 3  # baseline and both candidates

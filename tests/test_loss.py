@@ -124,6 +124,7 @@ def test_sign_agreement_all_ties_is_nan() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_model_path: str) -> PreTrainedModel:
+    """The tiny random Llama in fp32, eval mode."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
     return model.eval()
 

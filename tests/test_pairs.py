@@ -21,11 +21,13 @@ REPLY_PRIME = "No, I made a mistake. It is 43."
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_path: str) -> PreTrainedTokenizerBase:
+    """SmolLM2's tokenizer and chat template (from the tiny model's folder)."""
     return load_tokenizer(tiny_model_path)
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_model_path: str) -> PreTrainedModel:
+    """The tiny random Llama in fp32, eval mode."""
     return AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
 
 
