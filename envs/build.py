@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from dialogsim.backends.transformers_backend import TransformersBackend, load_tokenizer
 from dialogsim.data import default_prompt_file, load_prompts, split_train_eval
@@ -66,6 +67,25 @@ def build_simulator(
         reward_per_turn=reward_per_turn,
     )
     return DialogueSimulator(rows, user, build_reward_model(reward), config, tokenizer)
+
+
+SHARED_FIELDS = (
+    "prompts",
+    "tasks",
+    "datasets",
+    "splits",
+    "holdout",
+    "user_model",
+    "user_template",
+    "reward",
+    "max_dialogue_tokens",
+    "max_prompt_tokens",
+)
+
+
+def build_simulator_from(config: object, **settings: Any) -> DialogueSimulator:
+    """:func:`build_simulator` with the :data:`SHARED_FIELDS` read from a run config, plus ``settings``."""
+    return build_simulator(**{name: getattr(config, name) for name in SHARED_FIELDS}, **settings)
 
 
 def select_partition(rows: list[PromptRow], holdout: int, partition: str) -> list[PromptRow]:

@@ -19,7 +19,7 @@ from dialogsim.backends.base import ChatBackend, Completion
 from dialogsim.dialogue import DialogueState
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
-from refuel.rollout import generate_replies, run_policy
+from refuel.rollout import advance, run_policy
 
 
 @dataclass
@@ -92,8 +92,7 @@ def _collect_batch(
     result.dropped["truncated"] += len(states) - len(reached)
     snapshots = [states[i].to_snapshot(simulator.fingerprint) for i in reached]
     branches = [simulator.restore(snapshot) for snapshot in snapshots for _ in range(2)]  # reset, [2P]
-    replies = generate_replies(policy, branches, sampling, rng)  # y, y' per pair, [2P]
-    simulator.step(branches, [reply.text for reply in replies])
+    replies = advance(simulator, policy, branches, sampling, rng)  # y, y' per pair, [2P]
     run_policy(simulator, policy, branches, sampling, rng)  # roll-outs to the horizon
     for k, snapshot in enumerate(snapshots):
         dialogues, completions = (branches[2 * k], branches[2 * k + 1]), (replies[2 * k], replies[2 * k + 1])

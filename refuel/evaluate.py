@@ -24,7 +24,7 @@ from dialogsim.messages import truncate_to_turn
 from dialogsim.models import resolve_model
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
-from envs.build import build_simulator
+from envs.build import build_simulator_from
 from refuel.cli import parse_config
 from refuel.rollout import run_policy
 from refuel.storage import read_rows, write_rows
@@ -153,22 +153,13 @@ def judge(candidate: pd.DataFrame, baseline: pd.DataFrame, method: str) -> pd.Da
 
 def evaluate(config: EvaluateConfig) -> dict[str, Path]:
     """Generate (or reuse) dialogues, judge every turn, print the table; returns the report paths."""
-    simulator = build_simulator(
-        prompts=config.prompts,
-        tasks=config.tasks,
-        datasets=config.datasets,
-        splits=config.splits,
-        holdout=config.holdout,
+    simulator = build_simulator_from(
+        config,
         partition="heldout",
         limit=config.n_prompts,
         policy_model=config.baseline,
-        user_model=config.user_model,
-        user_template=config.user_template,
-        reward=config.reward,
         max_horizon=config.horizon,
         horizon=config.horizon,
-        max_dialogue_tokens=config.max_dialogue_tokens,
-        max_prompt_tokens=config.max_prompt_tokens,
     )
     out = Path(config.output_dir)
     generation_key = fingerprint({k: v for k, v in asdict(config).items() if k not in ("candidates", "output_dir")})

@@ -20,11 +20,28 @@ def draw_seed(rng: np.random.Generator) -> int:
     return int(rng.integers(2**31 - 1))
 
 
-def generate_replies(
-    policy: ChatBackend, states: list[DialogueState], sampling: SamplingParams, rng: np.random.Generator
+def advance(
+    simulator: DialogueSimulator,
+    policy: ChatBackend,
+    states: list[DialogueState],
+    sampling: SamplingParams,
+    rng: np.random.Generator,
 ) -> list[Completion]:
-    """One policy reply per state from one batched, seeded backend call."""
-    return policy.chat([state.messages for state in states], sampling.with_seed(draw_seed(rng)))
+    """One turn for every state: policy replies from one seeded batched call, then one simulator step.
+
+    Returns:
+        The policy's completions, one per state (states are updated in place).
+    """
+    started = time.perf_counter()
+    replies = policy.chat([state.messages for state in states], sampling.with_seed(draw_seed(rng)))
+    simulator.step(states, [reply.text for reply in replies])
+    logger.info(
+        "%d dialogues advanced one turn (%d policy tokens) in %.1f s",
+        len(states),
+        sum(len(reply.token_ids) for reply in replies),
+        time.perf_counter() - started,
+    )
+    return replies
 
 
 def run_policy(
@@ -49,12 +66,4 @@ def run_policy(
         active = [states[i] for i, state in enumerate(states) if not state.done and state.turn < targets[i]]
         if not active:
             return
-        started = time.perf_counter()
-        replies = generate_replies(policy, active, sampling, rng)
-        simulator.step(active, [reply.text for reply in replies])
-        logger.info(
-            "%d dialogues advanced one turn (%d policy tokens) in %.1f s",
-            len(active),
-            sum(len(reply.token_ids) for reply in replies),
-            time.perf_counter() - started,
-        )
+        advance(simulator, policy, active, sampling, rng)

@@ -3,13 +3,15 @@
 Run directory layout (every file written atomically; a re-run resumes after the last finished stage)::
 
     <output_dir>/config.json
-    <output_dir>/iteration_<t>/pairs.jsonl      collected pairs with token ids, masks and π_t log-probs
+    <output_dir>/iteration_<t>/pairs.jsonl      collected pairs with token ids, masks (and π_t log-probs)
+    <output_dir>/iteration_<t>/collection.json  drops by reason, user parse rate, tokenisation checks
     <output_dir>/iteration_<t>/metrics.json     drops by reason, validation before/after, step log
     <output_dir>/iteration_<t>/policy/          π_{t+1} (save_pretrained folder)
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -25,11 +27,11 @@ from dialogsim.backends.transformers_backend import TransformersBackend, load_to
 from dialogsim.models import resolve_model
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
-from envs.build import build_simulator
+from envs.build import build_simulator_from
 from refuel.cli import parse_config
 from refuel.collect import collect_pairs
 from refuel.config import RefuelConfig
-from refuel.pairs import reference_logprobs, tokenize_pair
+from refuel.pairs import tokenize_pair
 from refuel.storage import read_rows, write_json, write_rows
 from refuel.trainer import RefuelTrainer
 
@@ -43,30 +45,22 @@ def policy_sampling(config: RefuelConfig) -> SamplingParams:
 
 def build_training_simulator(config: RefuelConfig) -> DialogueSimulator:
     """The simulator on the training split of the prompts."""
-    return build_simulator(
-        prompts=config.prompts,
-        tasks=config.tasks,
-        datasets=config.datasets,
-        splits=config.splits,
-        holdout=config.holdout,
+    return build_simulator_from(
+        config,
         partition="train" if config.holdout else "all",
         policy_model=config.policy_model,
-        user_model=config.user_model,
-        user_template=config.user_template,
-        reward=config.reward,
         max_horizon=config.max_horizon,
-        max_dialogue_tokens=config.max_dialogue_tokens,
-        max_prompt_tokens=config.max_prompt_tokens,
     )
 
 
 def prepare_pairs(
     config: RefuelConfig, simulator: DialogueSimulator, policy_path: str, iteration: int, stats: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """Collect, tokenise and attach π_t log-probs; reuse ``pairs.jsonl`` if a previous run wrote it."""
+    """Collect and tokenise pairs with π_t; reuse ``pairs.jsonl`` if a previous run wrote it."""
     path = Path(config.output_dir) / f"iteration_{iteration}" / "pairs.jsonl"
     if path.exists():
         logger.info("resuming: reusing %s", path)
+        stats.update(json.loads(path.with_name("collection.json").read_text()))
         return read_rows(path)
     result = collect_pairs(
         simulator,
@@ -82,10 +76,7 @@ def prepare_pairs(
     token_stats: Counter[str] = Counter()
     rows = [record | tokenize_pair(record, tokenizer, token_stats) for record in result.pairs]
     stats["tokenization"] = dict(token_stats)
-    model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
-    ref = reference_logprobs(model, rows, tokenizer.pad_token_id, config.temperature, config.per_device_batch_size)
-    for row, (ref_logp, ref_logp_prime) in zip(rows, ref, strict=True):
-        row["ref_logp"], row["ref_logp_prime"] = ref_logp, ref_logp_prime
+    write_json(stats, path.with_name("collection.json"))
     write_rows(rows, path)
     return rows
 
@@ -137,6 +128,7 @@ def run(config: RefuelConfig) -> str:
         rows = prepare_pairs(config, simulator, policy_path, iteration, stats)
         stats["pairs"] = len(rows)
         trainer, metrics = train_iteration(config, rows, policy_path, tokenizer)
+        write_rows(rows, iteration_dir / "pairs.jsonl")  # now with the π_t log-probs
         trainer.save(iteration_dir / "policy", tokenizer)
         write_json(stats | metrics, iteration_dir / "metrics.json")
         policy_path = str(iteration_dir / "policy")

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_sc
 from refuel.config import RefuelConfig
 from refuel.logprobs import masked_sequence_logprobs
 from refuel.loss import refuel_loss, sign_agreement
-from refuel.pairs import pad_pairs
+from refuel.pairs import pad_pairs, reference_logprobs
 
 
 @dataclass
@@ -37,8 +37,10 @@ class RefuelTrainer:
         config: run configuration (optimizer, schedule, batch sizes, η, temperature).
         model: π_t, trained in place into π_{t+1}.
         tokenizer: the policy's tokenizer (pad id).
-        train_rows / val_rows: tokenised pairs carrying ``ref_logp`` / ``ref_logp_prime`` (π_t
-            log-probs computed once, before any gradient step).
+        train_rows / val_rows: tokenised pairs (see :func:`refuel.pairs.tokenize_pair`). Their π_t
+            log-probs ``ref_logp`` / ``ref_logp_prime`` are computed here once, before any gradient
+            step, with the same precision (``accelerate`` autocast) as the training forward passes,
+            so that the REFUEL loss at π = π_t is exactly η²(r − r')².
     """
 
     def __init__(
@@ -82,6 +84,16 @@ class RefuelTrainer:
             model, optimizer, train_loader, scheduler
         )
         self.total_steps = steps
+        self._attach_reference_logprobs(train_rows + val_rows)
+
+    def _attach_reference_logprobs(self, rows: list[dict[str, Any]]) -> None:
+        """Store ln π_t(y|s_h), ln π_t(y'|s_h) in each row (in place), before any gradient step."""
+        with self.accelerator.autocast():
+            values = reference_logprobs(
+                self.model, rows, self.pad_id, self.config.temperature, self.config.per_device_batch_size
+            )
+        for row, (ref_logp, ref_logp_prime) in zip(rows, values, strict=True):
+            row["ref_logp"], row["ref_logp_prime"] = ref_logp, ref_logp_prime
 
     def _collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return pad_pairs(rows, self.pad_id)

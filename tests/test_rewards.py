@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama_config
 
 from dialogsim.messages import Message
 from dialogsim.prompts import PromptRow
@@ -227,19 +228,10 @@ def test_factory() -> None:
 @pytest.fixture(scope="module")
 def tiny_reward_model_path(smollm2_path: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A random-init 2-layer LlamaForSequenceClassification (1 label) with SmolLM2's tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = tiny_llama_config(tokenizer, num_labels=1)
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-reward-model")
     LlamaForSequenceClassification(config).save_pretrained(folder)

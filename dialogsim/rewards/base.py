@@ -26,3 +26,9 @@ class RewardModel(Protocol):
         :attr:`failures`; the call never silently returns 0 for a failure.
         """
         ...
+
+
+def check_batch(dialogues: list[list[Message]], rows: list[PromptRow], scorer: str) -> None:
+    """Raise ``ValueError`` unless there is exactly one prompt row per dialogue."""
+    if len(dialogues) != len(rows):
+        raise ValueError(f"{scorer}.score: {len(dialogues)} dialogues but {len(rows)} rows; pass one row per dialogue")

@@ -6,6 +6,7 @@ from collections import Counter
 
 from dialogsim.messages import Message
 from dialogsim.prompts import PromptRow
+from dialogsim.rewards.base import check_batch
 from dialogsim.rewards.embedding import SentenceEmbedder
 from dialogsim.rewards.math_verifier import answers_match, extract_final_answer
 
@@ -63,10 +64,7 @@ class MathAnswerReward:
         Raises:
             ValueError: ``dialogues`` and ``rows`` differ in length.
         """
-        if len(dialogues) != len(rows):
-            raise ValueError(
-                f"MathAnswerReward.score: {len(dialogues)} dialogues but {len(rows)} rows; pass one row each"
-            )
+        check_batch(dialogues, rows, "MathAnswerReward")
         rewards = [float("nan")] * len(dialogues)
         scorable: list[int] = []
         for index, (dialogue, row) in enumerate(zip(dialogues, rows, strict=True)):

@@ -9,6 +9,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from dialogsim.messages import Message
 from dialogsim.prompts import PromptRow
+from dialogsim.rewards.base import check_batch
 
 
 class SequenceClassificationReward:
@@ -78,11 +79,7 @@ class SequenceClassificationReward:
         Raises:
             ValueError: ``dialogues`` and ``rows`` differ in length.
         """
-        if len(dialogues) != len(rows):
-            raise ValueError(
-                f"SequenceClassificationReward.score: {len(dialogues)} dialogues but {len(rows)} rows; "
-                "pass one row per dialogue"
-            )
+        check_batch(dialogues, rows, "SequenceClassificationReward")
         token_ids = [self.tokenize(dialogue) for dialogue in dialogues]
         rewards = [float("nan")] * len(dialogues)
         fitting = [index for index, ids in enumerate(token_ids) if len(ids) <= self.max_length]
