@@ -203,7 +203,7 @@ def test_math_reward_failures_are_nan_and_counted(embedder: SentenceEmbedder) ->
     assert scores[3] > 1.0
     assert reward.failures == {"no_reference": 1, "unsupported_task:Coding": 1, "no_assistant_reply": 1}
     assert reward.correct(only_user, MATH_ROW) is None
-    with pytest.raises(ValueError, match="one row each"):
+    with pytest.raises(ValueError, match="one row per dialogue"):
         reward.score([good], [])
 
 
