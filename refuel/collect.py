@@ -22,6 +22,9 @@ from dialogsim.simulator import DialogueSimulator
 from refuel.rollout import advance, run_policy
 
 
+DROP_REASONS = ("identical_replies", "truncated", "invalid_reward")
+
+
 @dataclass
 class CollectionResult:
     """Collected pairs and the count of dropped pairs by reason.
@@ -31,7 +34,7 @@ class CollectionResult:
     """
 
     pairs: list[dict[str, Any]] = field(default_factory=list)
-    dropped: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(DROP_REASONS, 0)))
 
 
 def _start_states(
