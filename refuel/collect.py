@@ -21,7 +21,6 @@ from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
 from refuel.rollout import advance, run_policy
 
-
 DROP_REASONS = ("identical_replies", "truncated", "invalid_reward")
 
 
