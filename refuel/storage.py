@@ -5,10 +5,26 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, load_dataset
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success rename it onto ``target``, on failure remove it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(descriptor)
+    staging = Path(name)
+    try:
+        yield staging
+        os.replace(staging, target)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def write_rows(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -19,15 +35,8 @@ def write_rows(rows: list[dict[str, Any]], path: Path) -> Path:
     """
     if not rows:
         raise ValueError(f"refusing to write an empty file {path}; the stage produced no rows")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_path(path) as staging:
         Dataset.from_list(rows).to_json(staging, lines=True, force_ascii=False)
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
     return path
 
 
@@ -38,9 +47,6 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 def write_json(value: Any, path: Path) -> Path:
     """Write one JSON document atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(handle, "w") as file:
-        json.dump(value, file, indent=2, default=str)
-    os.replace(staging, path)
+    with atomic_path(path) as staging:
+        staging.write_text(json.dumps(value, indent=2, default=str))
     return path

@@ -12,11 +12,7 @@ The pipeline is ``pairwise_outcome`` per judged pair → a long frame of outcome
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +20,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import stats
+
+from refuel.storage import atomic_path
 
 JUDGEMENT_COLUMNS = ("method", "prompt_id", "turn", "outcome")
 RATE_COLUMNS = ("method", "turn", "win_rate", "ci_low", "ci_high", "n", "ties", "invalid")
@@ -145,9 +143,9 @@ def save_report(rates: pd.DataFrame, out_dir: Path, title: str) -> dict[str, Pat
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out_dir / "win_rates.csv", "png": out_dir / "win_rates.png"}
-    with _atomic_path(paths["csv"]) as tmp:
+    with atomic_path(paths["csv"]) as tmp:
         rates.to_csv(tmp, index=False)
-    with _atomic_path(paths["png"]) as tmp:
+    with atomic_path(paths["png"]) as tmp:
         _plot(rates, title).savefig(tmp, format="png", dpi=120)
     return paths
 
@@ -261,16 +259,3 @@ def _plot(rates: pd.DataFrame, title: str) -> Figure:
     axes.xaxis.get_major_locator().set_params(integer=True)
     axes.legend()
     return figure
-
-
-@contextmanager
-def _atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temp path beside ``target``; on success ``os.replace`` it onto ``target``, on failure remove it."""
-    descriptor, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(descriptor)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
