@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,7 +43,6 @@ class DialogueState:
     rng: np.random.Generator
     done: bool = False
     final_reward: float = float("nan")
-    user_parse_failures: int = field(default=0)
 
     @property
     def turn(self) -> int:

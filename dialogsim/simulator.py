@@ -188,5 +188,4 @@ class DialogueSimulator:
         turns = self.user.next_questions([states[i].messages for i in going_on], batch_seed)
         for i, user_turn in zip(going_on, turns, strict=True):
             states[i].messages.append({"role": "user", "content": user_turn.text})
-            states[i].user_parse_failures += not user_turn.parsed
             outcomes[i].info["user_parsed"] = user_turn.parsed

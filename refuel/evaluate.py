@@ -127,17 +127,17 @@ def score_per_turn(simulator: DialogueSimulator, dialogues: list[dict[str, Any]]
     Returns:
         Columns ``prompt_id``, ``turn``, ``score``; one batched reward call.
     """
-    keys, texts, rows = [], [], []
+    keys, scored, texts, rows = [], [], [], []
     for dialogue in dialogues:
         replies = sum(message["role"] == "assistant" for message in dialogue["messages"])
         for turn in range(1, horizon + 1):
             keys.append((dialogue["prompt_id"], turn))
-            if turn <= replies:
+            scored.append(turn <= replies)
+            if scored[-1]:
                 texts.append(truncate_to_turn(dialogue["messages"], turn))
                 rows.append(simulator.prompts[dialogue["prompt_id"]])
     scores = iter(simulator.reward.score(texts, rows))
-    replies_of = {d["prompt_id"]: sum(m["role"] == "assistant" for m in d["messages"]) for d in dialogues}
-    values = [next(scores) if turn <= replies_of[pid] else float("nan") for pid, turn in keys]
+    values = [next(scores) if was_scored else float("nan") for was_scored in scored]
     return pd.DataFrame({"prompt_id": [k[0] for k in keys], "turn": [k[1] for k in keys], "score": values})
 
 
