@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dialogsim.backends.factory import BACKENDS
+
 
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
@@ -36,6 +38,15 @@ class RefuelConfig:
     max_prompt_tokens: int = field(default=384, metadata=_help("drop prompts longer than this (tokens)"))
     max_dialogue_tokens: int = field(default=2048, metadata=_help("token budget per dialogue; pairs past it drop"))
     generation_batch_size: int = field(default=32, metadata=_help("pairs advanced together in collection"))
+    backend: str = field(default="transformers", metadata=_help("policy roll-out engine: transformers | vllm"))
+    user_backend: str = field(
+        default="transformers", metadata=_help("simulated-user engine: transformers | vllm | openai (a server)")
+    )
+    user_base_url: str | None = field(
+        default=None, metadata=_help("OpenAI-compatible server of the user model (user_backend=openai)")
+    )
+    vllm_kv_cache_gib: float = field(default=4.0, metadata=_help("vLLM KV-cache space per engine on CPU (GiB)"))
+    vllm_tensor_parallel_size: int = field(default=1, metadata=_help("vLLM tensor-parallel GPUs per engine"))
     eta: float = field(default=10.0, metadata=_help("η in the REFUEL loss (paper: 1e3 with raw ArmoRM scores)"))
     learning_rate: float = field(default=1e-6, metadata=_help("AdamW learning rate (paper: 3e-7 for 8B)"))
     adam_beta1: float = field(default=0.9, metadata=_help("AdamW β1"))
@@ -59,6 +70,9 @@ class RefuelConfig:
             "validation_fraction": 0 <= self.validation_fraction < 1,
             "per_device_batch_size": self.per_device_batch_size >= 1,
             "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
+            "backend": self.backend in ("transformers", "vllm"),
+            "user_backend": self.user_backend in BACKENDS,
+            "user_base_url": self.user_backend != "openai" or bool(self.user_base_url),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
