@@ -19,19 +19,34 @@ class VectorDialogueEnv(VectorEnv):
 
     Every ``step`` appends the N replies and then makes **one** user-model call for all dialogues
     that go on and **one** reward-model call for all that end. Observations, rewards and flags are
-    batched as tuples / arrays of length ``num_envs``. Sub-environments that ended are reset on the
-    next ``step`` (``AutoresetMode.NEXT_STEP``; that step's action for them is ignored).
+    batched as tuples / arrays of length ``num_envs``.
+
+    Autoreset modes (Gymnasium's ``AutoresetMode``):
+
+    - ``NEXT_STEP`` (default): sub-environments that ended are reset on the next ``step``, whose
+      action for them is ignored.
+    - ``DISABLED``: ended sub-environments stay ended until ``reset(options={"reset_mask": mask})``
+      restarts them; ``step`` leaves ended and never-started sub-environments untouched (their action
+      is ignored, reward 0, both flags False). A masked reset may start only some sub-environments,
+      so a caller can run a changing subset of conversations, as REFUEL collection does to branch
+      two roll-outs from one roll-in.
 
     ``reset(options=...)`` accepts ``{"snapshots": [s_0, ..., s_{N-1}]}`` (restore each
-    sub-environment), ``{"prompt_ids": [...]}`` and/or ``{"horizons": [...]}``. ``infos`` holds per-env
-    arrays of ``turn``, ``horizon`` and ``prompt_id`` and a list of ``snapshot`` values (``None``
-    for ended dialogues).
+    sub-environment), ``{"prompt_ids": [...]}``, ``{"horizons": [...]}`` (entries may be ``None``) and
+    ``{"reset_mask": bool array [N]}`` (reset only those; the default resets all). ``infos`` holds
+    per-env arrays of ``turn``, ``horizon``, ``prompt_id`` and ``active`` (a dialogue is in progress)
+    and a list of ``snapshot`` values (``None`` where no dialogue is in progress). A sub-environment
+    that was never started observes an empty dialogue ``()``.
 
     Args:
         num_envs: number of parallel conversations.
         simulator: a ready simulator, or else the keyword arguments of
             :func:`envs.build.build_simulator`.
         max_reply_chars / max_message_chars: as in :class:`DialogueEnv`.
+        autoreset_mode: ``AutoresetMode.NEXT_STEP`` or ``AutoresetMode.DISABLED``.
+
+    Raises:
+        ValueError: ``num_envs`` < 1, or an unsupported ``autoreset_mode``.
     """
 
     metadata: ClassVar[dict[str, Any]] = {"autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -42,10 +57,14 @@ class VectorDialogueEnv(VectorEnv):
         simulator: DialogueSimulator | None = None,
         max_reply_chars: int = 16_384,
         max_message_chars: int = 65_536,
+        autoreset_mode: AutoresetMode = AutoresetMode.NEXT_STEP,
         **build_kwargs: Any,
     ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        if autoreset_mode not in (AutoresetMode.NEXT_STEP, AutoresetMode.DISABLED):
+            raise ValueError(f"autoreset_mode must be NEXT_STEP or DISABLED, got {autoreset_mode!r}")
+        self.metadata = {"autoreset_mode": autoreset_mode}
         self.simulator = simulator if simulator is not None else build_simulator(**build_kwargs)
         self.num_envs = num_envs
         self.single_action_space = UnicodeText(max_length=max_reply_chars, min_length=0)
@@ -57,13 +76,18 @@ class VectorDialogueEnv(VectorEnv):
     def reset(
         self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None
     ) -> tuple[tuple[tuple[dict[str, str], ...], ...], dict[str, Any]]:
-        """Start (or restore) all N dialogues; see the class docstring for ``options``."""
+        """Start (or restore) the N dialogues, or the masked ones; see the class docstring for ``options``.
+
+        Raises:
+            ValueError: an ``options`` list or mask whose length is not ``num_envs``.
+        """
         super().reset(seed=seed if isinstance(seed, int) or seed is None else int(seed[0]))
         options = options or {}
         snapshots = self._per_env(options, "snapshots")
         prompt_ids = self._per_env(options, "prompt_ids")
         horizons = self._per_env(options, "horizons")
-        for i in range(self.num_envs):
+        mask = self._per_env(options, "reset_mask") if "reset_mask" in options else [True] * self.num_envs
+        for i in (i for i in range(self.num_envs) if mask[i]):
             if snapshots[i] is not None:
                 self.states[i] = self.simulator.restore(snapshots[i])
             else:
@@ -84,8 +108,9 @@ class VectorDialogueEnv(VectorEnv):
         terminated = np.zeros(self.num_envs, dtype=bool)
         truncated = np.zeros(self.num_envs, dtype=bool)
         live = [i for i, state in enumerate(self.states) if state is not None and not state.done]
-        for i in set(range(self.num_envs)) - set(live):
-            self.states[i] = self.simulator.new_state(self.np_random)
+        if self.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP:
+            for i in set(range(self.num_envs)) - set(live):
+                self.states[i] = self.simulator.new_state(self.np_random)
         outcomes = self.simulator.step([self.states[i] for i in live], [actions[i] for i in live])
         for i, outcome in zip(live, outcomes, strict=True):
             rewards[i], terminated[i], truncated[i] = outcome.reward, outcome.terminated, outcome.truncated
@@ -110,13 +135,19 @@ class VectorDialogueEnv(VectorEnv):
         return list(actions)
 
     def _observations(self) -> tuple[tuple[dict[str, str], ...], ...]:
-        return tuple(as_observation(state.messages) for state in self.states if state is not None)
+        return tuple(as_observation(state.messages) if state is not None else () for state in self.states)
 
     def _infos(self) -> dict[str, Any]:
-        states = [state for state in self.states if state is not None]
+        active = [state is not None and not state.done for state in self.states]
         return {
-            "turn": np.array([state.turn for state in states]),
-            "horizon": np.array([state.horizon for state in states]),
-            "prompt_id": np.array([state.prompt_id for state in states], dtype=object),
-            "snapshot": [None if state.done else state.to_snapshot(self.simulator.fingerprint) for state in states],
+            "turn": np.array([state.turn if state is not None else 0 for state in self.states]),
+            "horizon": np.array([state.horizon if state is not None else 0 for state in self.states]),
+            "prompt_id": np.array(
+                [state.prompt_id if state is not None else None for state in self.states], dtype=object
+            ),
+            "active": np.array(active),
+            "snapshot": [
+                state.to_snapshot(self.simulator.fingerprint) if live else None
+                for state, live in zip(self.states, active, strict=True)
+            ],
         }

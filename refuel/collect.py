@@ -1,8 +1,14 @@
-"""REFUEL pair collection: roll-in with π_t to turn h, reset, two replies, roll-outs, rewards.
+"""REFUEL pair collection on the vector env: roll-in with π_t to turn h, reset, two replies, roll-outs.
 
 Follows the REFUEL public code (DESIGN.md §4): the horizon H is drawn uniformly from
-1..max_horizon (by the simulator), the reset turn h uniformly from 1..H; both dialogues share the
-state s_h and differ from the turn-h reply on; both are scored at the horizon.
+1..max_horizon, the reset turn h uniformly from 1..H; both dialogues share the state s_h and differ
+from the turn-h reply on; both are scored at the horizon.
+
+A batch of P pairs runs on a :class:`~envs.vector_env.VectorDialogueEnv` of 2P conversations with
+autoreset disabled: slots 0..P−1 roll in; when pair k reaches s_h, slots k and P+k are both reset to
+its snapshot and from then on carry y and y'. Every round makes one policy call for all active
+conversations (two when the roll-in policy differs from π_t), one user call and one reward call, so
+roll-ins, both branches and all roll-outs of a batch share calls, and a batch needs max(H) rounds.
 """
 
 from __future__ import annotations
@@ -13,15 +19,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from gymnasium.vector import AutoresetMode
 from tqdm.auto import tqdm
 
 from dialogsim.backends.base import ChatBackend, Completion
-from dialogsim.dialogue import DialogueState
+from dialogsim.messages import Message
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
-from refuel.rollout import advance, run_policy
+from envs.vector_env import VectorDialogueEnv
+from refuel.rollout import draw_seed
 
 DROP_REASONS = ("identical_replies", "truncated", "invalid_reward")
+RESET_TURNS = ("uniform", "last")
 
 
 @dataclass
@@ -36,18 +45,47 @@ class CollectionResult:
     dropped: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(DROP_REASONS, 0)))
 
 
-def _start_states(
-    simulator: DialogueSimulator, n_pairs: int, rng: np.random.Generator
-) -> tuple[list[DialogueState], list[int]]:
-    """One start state per pair (prompts without replacement, cycling) and its reset turn h."""
+@dataclass(frozen=True)
+class ResetPoint:
+    """Where one pair starts: the prompt, the horizon H and the reset turn h (1 ≤ h ≤ H)."""
+
+    prompt_id: str
+    horizon: int
+    turn: int
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One finished dialogue of a pair: its messages, horizon reward, truncation and turn-h reply."""
+
+    messages: list[Message]
+    reward: float
+    truncated: bool
+    reply: Completion
+
+
+def plan_reset_points(
+    simulator: DialogueSimulator, n_pairs: int, rng: np.random.Generator, reset_turn: str = "uniform"
+) -> list[ResetPoint]:
+    """One reset point per pair: prompts without replacement (cycling), H ~ U{1..max_horizon}, h.
+
+    Args:
+        reset_turn: ``"uniform"`` draws h ~ U{1..H} (REFUEL); ``"last"`` sets h = H (the last-turn
+            "LT" baselines of the paper).
+
+    Raises:
+        ValueError: unknown ``reset_turn``.
+    """
+    if reset_turn not in RESET_TURNS:
+        raise ValueError(f"reset_turn must be one of {RESET_TURNS}, got {reset_turn!r}")
     order = rng.permutation(len(simulator.prompt_ids))
-    states, turns = [], []
+    points = []
     for index in range(n_pairs):
         prompt_id = simulator.prompt_ids[int(order[index % len(order)])]
-        state = simulator.new_state(rng, {"prompt_id": prompt_id})
-        states.append(state)
-        turns.append(int(rng.integers(1, state.horizon + 1)))
-    return states, turns
+        horizon = simulator.config.horizon or int(rng.integers(1, simulator.config.max_horizon + 1))
+        turn = horizon if reset_turn == "last" else int(rng.integers(1, horizon + 1))
+        points.append(ResetPoint(prompt_id, horizon, turn))
+    return points
 
 
 def collect_pairs(
@@ -57,85 +95,152 @@ def collect_pairs(
     sampling: SamplingParams,
     seed: int,
     batch_size: int = 32,
+    rollin_policy: ChatBackend | None = None,
+    reset_turn: str = "uniform",
 ) -> CollectionResult:
     """Collect up to ``n_pairs`` REFUEL pairs with the current policy π_t.
 
     Args:
         simulator: the conversation simulator (prompts, simulated user, reward, episode rules).
-        policy: backend of π_t.
+        policy: backend of π_t (the turn-h replies y, y' and the roll-outs).
         n_pairs: number of reset points to try; dropped pairs are counted, not replaced.
         sampling: π_t's sampling settings (temperature is also used for the log-probabilities).
         seed: seeds prompt order, H, h and every backend call.
-        batch_size: pairs advanced together (2 × batch_size dialogues in the roll-outs).
+        batch_size: pairs advanced together (2 × batch_size conversations in the vector env).
+        rollin_policy: backend that generates turns 1..h−1; ``None`` rolls in with π_t (REFUEL).
+            π_ref here gives the histories of the last-turn baselines.
+        reset_turn: see :func:`plan_reset_points`.
 
     Returns:
         The kept pairs as dicts (see :func:`pair_record`) and the drop counts.
     """
     rng = np.random.default_rng(seed)
-    states, turns = _start_states(simulator, n_pairs, rng)
+    points = plan_reset_points(simulator, n_pairs, rng, reset_turn)
+    env = VectorDialogueEnv(2 * batch_size, simulator=simulator, autoreset_mode=AutoresetMode.DISABLED)
     result = CollectionResult()
     for start in tqdm(range(0, n_pairs, batch_size), desc="collect pairs", unit="batch"):
-        batch = slice(start, start + batch_size)
-        _collect_batch(simulator, policy, states[batch], turns[batch], sampling, rng, result)
+        batch = _run_batch(env, policy, rollin_policy or policy, points[start : start + batch_size], sampling, rng)
+        for snapshot, branches in batch:
+            reason = _drop_reason(branches)
+            if reason:
+                result.dropped[reason] += 1
+            else:
+                result.pairs.append(pair_record(snapshot, branches))
     return result
 
 
-def _collect_batch(
-    simulator: DialogueSimulator,
+def _run_batch(
+    env: VectorDialogueEnv,
     policy: ChatBackend,
-    states: list[DialogueState],
-    turns: list[int],
+    rollin_policy: ChatBackend,
+    points: list[ResetPoint],
     sampling: SamplingParams,
     rng: np.random.Generator,
-    result: CollectionResult,
-) -> None:
-    run_policy(simulator, policy, states, sampling, rng, until_turn=turns)  # roll-in to s_h
-    reached = [i for i, state in enumerate(states) if not state.done]
-    result.dropped["truncated"] += len(states) - len(reached)
-    snapshots = [states[i].to_snapshot(simulator.fingerprint) for i in reached]
-    branches = [simulator.restore(snapshot) for snapshot in snapshots for _ in range(2)]  # reset, [2P]
-    replies = advance(simulator, policy, branches, sampling, rng)  # y, y' per pair, [2P]
-    run_policy(simulator, policy, branches, sampling, rng)  # roll-outs to the horizon
-    for k, snapshot in enumerate(snapshots):
-        dialogues, completions = (branches[2 * k], branches[2 * k + 1]), (replies[2 * k], replies[2 * k + 1])
-        reason = _drop_reason(dialogues, completions)
-        if reason:
-            result.dropped[reason] += 1
-        else:
-            result.pairs.append(pair_record(snapshot, dialogues, completions))
+) -> list[tuple[dict[str, Any], tuple[Branch, Branch] | None]]:
+    """Run P ≤ num_envs / 2 pairs to the end; per pair its s_h snapshot and branches (None: roll-in ended)."""
+    half, n_pairs = env.num_envs // 2, len(points)
+    padding = [None] * (env.num_envs - n_pairs)
+    observations, infos = env.reset(
+        seed=draw_seed(rng),
+        options={
+            "reset_mask": np.arange(env.num_envs) < n_pairs,
+            "prompt_ids": [point.prompt_id for point in points] + padding,
+            "horizons": [point.horizon for point in points] + padding,
+        },
+    )
+    snapshots: dict[int, dict[str, Any]] = {}  # pair k -> snapshot of s_h
+    replies: dict[int, Completion] = {}  # slot -> its turn-h reply
+    finished: dict[int, tuple[list[Message], float, bool]] = {}  # slot -> (messages, reward, truncated)
+    while True:
+        observations, infos = _reset_reached(env, observations, infos, points, snapshots)
+        active = [int(i) for i in np.flatnonzero(infos["active"])]
+        if not active:
+            break
+        rolling_in = [i for i in active if i < half and i not in snapshots]
+        rolling_out = [i for i in active if i not in rolling_in]
+        actions = [""] * env.num_envs
+        for backend, slots in _calls(rollin_policy, rolling_in, policy, rolling_out):
+            completions = backend.chat([list(observations[i]) for i in slots], sampling.with_seed(draw_seed(rng)))
+            for slot, completion in zip(slots, completions, strict=True):
+                actions[slot] = completion.text
+                if slot in rolling_out and slot not in replies:
+                    replies[slot] = completion  # the first reply after the reset is the turn-h reply
+        observations, rewards, terminated, truncated, infos = env.step(actions)
+        for i in np.flatnonzero(terminated | truncated):
+            finished[int(i)] = (list(observations[i]), float(rewards[i]), bool(truncated[i]))
+    return [(snapshots.get(k, {}), _branches(k, half, finished, replies)) for k in range(n_pairs)]
 
 
-def _drop_reason(dialogues: tuple[DialogueState, DialogueState], replies: tuple[Completion, Completion]) -> str | None:
-    if replies[0].text == replies[1].text:
-        return "identical_replies"
-    if any(dialogue.truncated for dialogue in dialogues):
+def _reset_reached(
+    env: VectorDialogueEnv,
+    observations: Any,
+    infos: dict[str, Any],
+    points: list[ResetPoint],
+    snapshots: dict[int, dict[str, Any]],
+) -> tuple[Any, dict[str, Any]]:
+    """Reset slots k and P+k to s_h for every pair k whose roll-in has just reached its turn h."""
+    half = env.num_envs // 2
+    reached = [
+        k
+        for k, point in enumerate(points)
+        if k not in snapshots and infos["active"][k] and infos["turn"][k] == point.turn
+    ]
+    if not reached:
+        return observations, infos
+    mask, restore = np.zeros(env.num_envs, dtype=bool), [None] * env.num_envs
+    for k in reached:
+        snapshots[k] = infos["snapshot"][k]
+        mask[[k, half + k]] = True
+        restore[k] = restore[half + k] = snapshots[k]
+    return env.reset(options={"reset_mask": mask, "snapshots": restore})
+
+
+def _calls(
+    rollin_policy: ChatBackend, rolling_in: list[int], policy: ChatBackend, rolling_out: list[int]
+) -> list[tuple[ChatBackend, list[int]]]:
+    """The backend calls of one round: one when roll-in and roll-out use the same policy, else two."""
+    if rollin_policy is policy:
+        return [(policy, sorted(rolling_in + rolling_out))] if rolling_in or rolling_out else []
+    return [(backend, slots) for backend, slots in ((rollin_policy, rolling_in), (policy, rolling_out)) if slots]
+
+
+def _branches(
+    k: int, half: int, finished: dict[int, tuple[list[Message], float, bool]], replies: dict[int, Completion]
+) -> tuple[Branch, Branch] | None:
+    """Pair k's two branches, or ``None`` when its roll-in ended (token budget) before s_h."""
+    if k + half not in finished:
+        return None
+    return Branch(*finished[k], replies[k]), Branch(*finished[half + k], replies[half + k])
+
+
+def _drop_reason(branches: tuple[Branch, Branch] | None) -> str | None:
+    if branches is None or any(branch.truncated for branch in branches):
         return "truncated"
-    if any(np.isnan(dialogue.final_reward) for dialogue in dialogues):
+    if branches[0].reply.text == branches[1].reply.text:
+        return "identical_replies"
+    if any(np.isnan(branch.reward) for branch in branches):
         return "invalid_reward"
     return None
 
 
-def pair_record(
-    snapshot: dict[str, Any],
-    dialogues: tuple[DialogueState, DialogueState],
-    replies: tuple[Completion, Completion],
-) -> dict[str, Any]:
+def pair_record(snapshot: dict[str, Any], branches: tuple[Branch, Branch]) -> dict[str, Any]:
     """One REFUEL pair as a flat, JSON/Arrow-friendly dict.
 
     Keys: ``prompt_id``, ``turn`` (h), ``horizon`` (H), ``snapshot_json`` (s_h), ``dialogue`` /
     ``dialogue_prime`` (complete messages), ``reward`` / ``reward_prime`` (r, r'), and for each turn-h
     reply the generated ``token_ids`` and the ``prompt_token_ids`` of s_h it was sampled from.
     """
+    first, second = branches
     return {
         "prompt_id": snapshot["prompt_id"],
         "turn": snapshot["turn"],
         "horizon": snapshot["horizon"],
         "snapshot_json": json.dumps(snapshot),
-        "dialogue": dialogues[0].messages,
-        "dialogue_prime": dialogues[1].messages,
-        "reward": dialogues[0].final_reward,
-        "reward_prime": dialogues[1].final_reward,
-        "prompt_token_ids": list(replies[0].prompt_token_ids),
-        "token_ids": list(replies[0].token_ids),
-        "token_ids_prime": list(replies[1].token_ids),
+        "dialogue": first.messages,
+        "dialogue_prime": second.messages,
+        "reward": first.reward,
+        "reward_prime": second.reward,
+        "prompt_token_ids": list(first.reply.prompt_token_ids),
+        "token_ids": list(first.reply.token_ids),
+        "token_ids_prime": list(second.reply.token_ids),
     }

@@ -18,7 +18,7 @@ from dialogsim.rewards.math_reward import MathAnswerReward
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator, EpisodeConfig
 from dialogsim.user import UserSimulator
-from refuel.collect import CollectionResult, _start_states, collect_pairs
+from refuel.collect import CollectionResult, collect_pairs, plan_reset_points
 from refuel.pairs import tokenize_pair
 
 N_PAIRS = 4
@@ -139,9 +139,9 @@ def test_greedy_replies_are_dropped_as_identical(simulator: DialogueSimulator, p
 def test_horizon_and_reset_turn_are_uniform(parts: Parts, tokenizer: PreTrainedTokenizerBase) -> None:
     """Over 300 start states H is uniform on {1, 2, 3} and h uniform on 1..H (chi-square, p > 0.001)."""
     simulator = _simulator(parts, tokenizer, max_horizon=3)
-    states, turns = _start_states(simulator, 300, np.random.default_rng(0))
-    horizons = [state.horizon for state in states]
-    assert all(1 <= h <= state.horizon <= 3 for h, state in zip(turns, states, strict=True))
+    points = plan_reset_points(simulator, 300, np.random.default_rng(0))
+    horizons, turns = [p.horizon for p in points], [p.turn for p in points]
+    assert all(1 <= p.turn <= p.horizon <= 3 for p in points)
     horizon_counts = [horizons.count(value) for value in (1, 2, 3)]
     assert stats.chisquare(horizon_counts).pvalue > 1e-3, horizon_counts
     pairs = Counter(zip(horizons, turns, strict=True))  # (H, h) → count
@@ -149,9 +149,46 @@ def test_horizon_and_reset_turn_are_uniform(parts: Parts, tokenizer: PreTrainedT
         turn_counts = [pairs[horizon, turn] for turn in (1, 2, 3)]
         assert stats.chisquare(turn_counts[:horizon]).pvalue > 1e-3, (horizon, turn_counts)
         assert turn_counts[horizon:] == [0] * (3 - horizon)
-    # prompts are drawn without replacement, cycling: each block of 6 states covers all 6 prompts
+    # prompts are drawn without replacement, cycling: each block of 6 points covers all 6 prompts
     n_prompts = len(simulator.prompt_ids)
     for start in range(0, 300 - n_prompts + 1, n_prompts):
-        assert {s.prompt_id for s in states[start : start + n_prompts]} == set(simulator.prompt_ids)
-    # every state starts at s_1 with the prompt's instruction
-    assert all(s.messages == [{"role": "user", "content": simulator.prompts[s.prompt_id].instruction}] for s in states)
+        assert {p.prompt_id for p in points[start : start + n_prompts]} == set(simulator.prompt_ids)
+    # the last-turn baselines reset at h = H
+    assert all(p.turn == p.horizon for p in plan_reset_points(simulator, 50, np.random.default_rng(1), "last"))
+
+
+class CountingBackend:
+    """Delegates to a real backend and records, per call, the turn index h of every conversation."""
+
+    def __init__(self, inner: TransformersBackend) -> None:
+        self.inner, self.name = inner, inner.name
+        self.calls: list[list[int]] = []
+
+    def chat(self, conversations: list[list[dict[str, str]]], sampling: SamplingParams) -> list:
+        self.calls.append([sum(m["role"] == "user" for m in c) for c in conversations])
+        return self.inner.chat(conversations, sampling)
+
+
+def test_one_policy_call_per_round_for_rollins_branches_and_rollouts(
+    simulator: DialogueSimulator, policy: TransformersBackend
+) -> None:
+    """A batch needs max(H) rounds, each one policy call over every active conversation of every pair."""
+    counting = CountingBackend(policy)
+    collect_pairs(simulator, counting, N_PAIRS, SAMPLING, seed=0)
+    points = plan_reset_points(simulator, N_PAIRS, np.random.default_rng(0))
+    assert len(counting.calls) == max(point.horizon for point in points)
+    conversations = sum(len(call) for call in counting.calls)
+    # each pair: h − 1 roll-in replies, then 2 × (H − h + 1) branch replies (unless its roll-in was truncated)
+    assert conversations <= sum(point.turn - 1 + 2 * (point.horizon - point.turn + 1) for point in points)
+
+
+def test_rollin_policy_generates_turns_before_h_only(simulator: DialogueSimulator, policy: TransformersBackend) -> None:
+    """With a separate roll-in policy (π_ref), it answers turns < h; π_t answers turn h and after."""
+    rollin, learner = CountingBackend(policy), CountingBackend(policy)
+    result = collect_pairs(simulator, learner, 6, SAMPLING, seed=3, rollin_policy=rollin, reset_turn="last")
+    turns = [turn for call in rollin.calls for turn in call]
+    assert turns, "some pair should have h > 1"
+    for pair in result.pairs:
+        assert pair["turn"] == pair["horizon"]  # reset at the last turn
+    assert len(learner.calls) >= 1 and all(len(call) % 2 == 0 for call in learner.calls), "y and y' together"
+    assert max(turns) < max(turn for call in learner.calls for turn in call)

@@ -421,3 +421,30 @@ def test_vector_reset_uses_the_configured_horizon(sim: DialogueSimulator) -> Non
     venv = VectorDialogueEnv(3, simulator=sim)
     _, infos = venv.reset(seed=0)
     assert infos["horizon"].tolist() == [3, 3, 3]
+
+
+def test_vector_disabled_autoreset_runs_a_masked_subset(sim: DialogueSimulator, user_backend: RecordingBackend) -> None:
+    """With autoreset DISABLED, a masked reset starts some envs; ended and idle envs are not stepped."""
+    venv = VectorDialogueEnv(3, simulator=sim, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+    obs, infos = venv.reset(seed=0, options={"reset_mask": [True, True, False], "horizons": [1, 2, None]})
+    assert obs[2] == () and infos["active"].tolist() == [True, True, False] and infos["snapshot"][2] is None
+    user_backend.calls.clear()
+    obs, rewards, terminated, _, infos = venv.step(["a", "b", "ignored"])
+    assert len(user_backend.calls) == 1 and len(user_backend.calls[0].conversations) == 1  # env 1 only
+    assert terminated.tolist() == [True, False, False] and infos["active"].tolist() == [False, True, False]
+    ended = obs[0]
+    snapshot = infos["snapshot"][1]
+    obs, _ = venv.reset(options={"reset_mask": [False, False, True], "snapshots": [None, None, snapshot]})
+    assert obs[0] == ended and obs[2] == obs[1], "env 0 stays ended; env 2 is a copy of env 1 at s_2"
+    user_backend.calls.clear()
+    obs, rewards, terminated, truncated, infos = venv.step(["ignored", "y", "y'"])
+    assert obs[0] == ended and (rewards[0], terminated[0], truncated[0]) == (0.0, False, False)
+    assert terminated.tolist() == [False, True, True] and not infos["active"].any()
+    assert user_backend.calls == [], "every stepped dialogue reached its horizon: scored, no user turn"
+    assert [m["content"] for m in obs[1][:3]] == [m["content"] for m in obs[2][:3]]
+
+
+def test_vector_env_rejects_same_step_autoreset(sim: DialogueSimulator) -> None:
+    """Only NEXT_STEP and DISABLED autoreset are implemented; others are refused at construction."""
+    with pytest.raises(ValueError, match="autoreset_mode"):
+        VectorDialogueEnv(2, simulator=sim, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)

