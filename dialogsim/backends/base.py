@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from dialogsim.messages import Message
@@ -14,7 +15,8 @@ class Completion:
     """One generated reply.
 
     Attributes:
-        text: decoded reply without special tokens and without a matched stop string.
+        text: decoded reply without special tokens; a matched stop string is kept at its end and
+            nothing after it.
         token_ids: generated token ids ``[n_generated]``, including the end-of-turn token when the
             model emitted it; no padding.
         prompt_token_ids: the chat-templated prompt ids ``[n_prompt]`` the reply was conditioned on.
@@ -40,4 +42,13 @@ class ChatBackend(Protocol):
 
     def chat(self, conversations: list[list[Message]], sampling: SamplingParams) -> list[Completion]:
         """Return one :class:`Completion` per conversation, in order."""
+        ...
+
+
+@runtime_checkable
+class WeightSyncBackend(ChatBackend, Protocol):
+    """A backend whose engine takes new weights of the same architecture without restarting."""
+
+    def load_weights(self, folder: str | Path) -> float:
+        """Load a ``save_pretrained`` folder into the running engine; returns the sync time (seconds)."""
         ...

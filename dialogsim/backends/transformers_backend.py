@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -59,6 +62,22 @@ class TransformersBackend:
         self.model.eval()
         self.device = device
         self.batch_size = batch_size
+
+    def load_weights(self, folder: str | Path) -> float:
+        """Replace the model's weights with those of a ``save_pretrained`` folder (same architecture).
+
+        Returns:
+            Wall time of the load (seconds).
+
+        Raises:
+            OSError: ``folder`` holds no loadable model.
+            RuntimeError: the folder's parameters do not match this model's (another architecture).
+        """
+        started = time.perf_counter()
+        trained = AutoModelForCausalLM.from_pretrained(folder, dtype=self.model.dtype)
+        self.model.load_state_dict(trained.state_dict())
+        self.name = str(folder)
+        return time.perf_counter() - started
 
     def chat(self, conversations: list[list[Message]], sampling: SamplingParams) -> list[Completion]:
         """Generate one reply per conversation (see :class:`~dialogsim.backends.base.ChatBackend`)."""

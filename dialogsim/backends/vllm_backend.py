@@ -92,6 +92,7 @@ class VLLMBackend:
             tensor_parallel_size=tensor_parallel_size,
             enable_prefix_caching=True,
             enforce_eager=engine_kwargs.pop("enforce_eager", on_cpu),
+            worker_extension_cls="dialogsim.backends.vllm_worker.WeightSyncExtension",
             **engine_kwargs,
         )
         self.start_seconds = time.perf_counter() - started
@@ -101,7 +102,7 @@ class VLLMBackend:
         """Generate one reply per conversation (see :class:`~dialogsim.backends.base.ChatBackend`).
 
         Identical conversations are grouped into one ``n``-sample request. Request k of the call is
-        seeded ``sampling.seed + k`` (and its j-th sample ``+ j``, vLLM's rule for ``n > 1``), so a
+        seeded ``sampling.seed + 1000 k`` (and its j-th sample ``+ j``, vLLM's rule for ``n > 1``), so a
         call is reproducible for the same batch.
         """
         from vllm import SamplingParams as EngineSamplingParams
@@ -112,7 +113,6 @@ class VLLMBackend:
         for index, prompt in enumerate(prompts):
             groups[tuple(prompt)].append(index)
         requests = list(groups.items())
-        seed_base = sampling.seed if sampling.seed is not None else None
         outputs = self.engine.generate(
             [TokensPrompt(prompt_token_ids=list(prompt)) for prompt, _ in requests],
             [
@@ -124,18 +124,19 @@ class VLLMBackend:
                     repetition_penalty=sampling.repetition_penalty,
                     stop=list(sampling.stop) or None,
                     include_stop_str_in_output=True,
-                    seed=None if seed_base is None else seed_base + 1_000 * k,
+                    seed=None if sampling.seed is None else sampling.seed + 1_000 * k,
                     logprobs=0,
                 )
                 for k, (_, indices) in enumerate(requests)
             ],
             use_tqdm=False,
         )
-        completions: list[Completion | None] = [None] * len(conversations)
-        for (prompt, indices), output in zip(requests, outputs, strict=True):
-            for index, sample in zip(indices, output.outputs, strict=True):
-                completions[index] = self._completion(prompt, sample, sampling)
-        return [completion for completion in completions if completion is not None]
+        by_index = {
+            index: self._completion(prompt, sample, sampling)
+            for (prompt, indices), output in zip(requests, outputs, strict=True)
+            for index, sample in zip(indices, output.outputs, strict=True)
+        }
+        return [by_index[index] for index in range(len(conversations))]
 
     def _completion(self, prompt: tuple[int, ...], sample: Any, sampling: SamplingParams) -> Completion:
         ids = tuple(sample.token_ids)
@@ -153,9 +154,11 @@ class VLLMBackend:
     def load_weights(self, folder: str | Path) -> float:
         """Live weight sync: load a ``save_pretrained`` folder (safetensors) into the running engine.
 
-        Calls each worker's ``reload_weights(weights_path=...)`` through ``LLM.collective_rpc`` and
-        then resets the prefix cache, whose KV blocks were computed with the old weights. The
-        architecture must match the engine's model (the same model fine-tuned).
+        Calls each worker's in-place ``reload_weights(weights_path=...)`` through
+        ``LLM.collective_rpc`` (see :class:`~dialogsim.backends.vllm_worker.WeightSyncExtension`, which
+        also refreshes a tied output layer) and then resets the prefix cache, whose KV blocks were
+        computed with the old weights. The architecture must match the engine's model (the same
+        model fine-tuned).
 
         Returns:
             Wall time of the sync (seconds).
@@ -167,7 +170,7 @@ class VLLMBackend:
         if not any(folder.glob("*.safetensors")):
             raise FileNotFoundError(f"{folder} holds no *.safetensors weights; save the policy with save_pretrained")
         started = time.perf_counter()
-        self.engine.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
+        self.engine.collective_rpc("load_policy_weights", args=(str(folder),))
         self.engine.reset_prefix_cache()
         self.name = str(folder)
         return time.perf_counter() - started
