@@ -10,6 +10,7 @@ from envs.dialogue_env import DialogueEnv
 from envs.vector_env import VectorDialogueEnv
 
 ENV_ID = "dialogsim/UltraInteract-v0"
+TABULAR_ENV_ID = "dialogsim/TabularDialogue-v0"
 
 if ENV_ID not in gym.registry:
     gym.register(
@@ -19,4 +20,12 @@ if ENV_ID not in gym.registry:
         disable_env_checker=False,
     )
 
-__all__ = ["ENV_ID", "DialogueEnv", "VectorDialogueEnv"]
+if TABULAR_ENV_ID not in gym.registry:
+    gym.register(
+        id=TABULAR_ENV_ID,
+        entry_point="envs.tabular:TabularDialogueEnv",
+        vector_entry_point="envs.tabular:TabularVectorDialogueEnv",
+        disable_env_checker=False,
+    )
+
+__all__ = ["ENV_ID", "TABULAR_ENV_ID", "DialogueEnv", "VectorDialogueEnv"]

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dialogsim.backends.transformers_backend import TransformersBackend, load_tokenizer
+from dialogsim.backends.factory import build_backend
+from dialogsim.backends.transformers_backend import load_tokenizer
 from dialogsim.data import default_prompt_file, load_prompts, split_train_eval
 from dialogsim.models import DEFAULT_MODEL
 from dialogsim.prompts import PromptRow
@@ -26,6 +27,8 @@ def build_simulator(
     policy_model: str = DEFAULT_MODEL,
     user_model: str = DEFAULT_MODEL,
     user_template: str = "student",
+    user_backend: str = "transformers",
+    user_base_url: str | None = None,
     reward: str = "math",
     max_horizon: int = 3,
     horizon: int | None = None,
@@ -45,6 +48,8 @@ def build_simulator(
         policy_model: model whose tokenizer counts dialogue tokens (the policy's).
         user_model: model of the simulated user (loaded on its own, independent of the policy).
         user_template: ``"student"`` (small models) or ``"paper"`` (the REFUEL paper's prompt).
+        user_backend / user_base_url: engine of the user model (see
+            :func:`dialogsim.backends.factory.build_backend`); ``openai`` runs it on a server.
         reward: ``"math"`` (verifier + MiniLM similarity) or a sequence-classification RM id/path.
         max_horizon / horizon / max_dialogue_tokens / reward_per_turn: see :class:`EpisodeConfig`.
         max_prompt_tokens: prompts longer than this (policy chat template, tokens) are dropped.
@@ -59,7 +64,7 @@ def build_simulator(
         max_prompt_tokens=max_prompt_tokens,
     )
     rows = select_partition(rows, holdout, partition)[:limit]
-    user = UserSimulator(TransformersBackend(user_model), user_template)
+    user = UserSimulator(build_backend(user_backend, user_model, base_url=user_base_url), user_template)
     config = EpisodeConfig(
         max_horizon=max_horizon,
         horizon=horizon,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import numpy as np
+from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
-from gymnasium.vector.utils import batch_space
 
 from dialogsim.dialogue import DialogueState
 from dialogsim.simulator import DialogueSimulator
@@ -69,8 +69,9 @@ class VectorDialogueEnv(VectorEnv):
         self.num_envs = num_envs
         self.single_action_space = UnicodeText(max_length=max_reply_chars, min_length=0)
         self.single_observation_space = dialogue_space(max_message_chars)
-        self.action_space = batch_space(self.single_action_space, num_envs)
-        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        # One shared sub-space instance per batch (batch_space deep-copies it N times: slow for large N).
+        self.action_space = spaces.Tuple((self.single_action_space,) * num_envs)
+        self.observation_space = spaces.Tuple((self.single_observation_space,) * num_envs)
         self.states: list[DialogueState | None] = [None] * num_envs
 
     def reset(

@@ -59,6 +59,20 @@ class RefuelConfig:
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm"))
     validation_fraction: float = field(default=0.2, metadata=_help("share of pairs held out for validation"))
     mixed_precision: str = field(default="no", metadata=_help("accelerate mixed precision: no | bf16 | fp16"))
+    # memory and scale-out
+    gradient_checkpointing: bool = field(
+        default=False, metadata=_help("recompute activations in the backward pass: less memory, ~30 % more time")
+    )
+    lora_r: int = field(default=0, metadata=_help("LoRA rank (needs peft); 0 = full fine-tuning. Merged on save"))
+    lora_alpha: int = field(default=32, metadata=_help("LoRA α; the adapter update is scaled by α / lora_r"))
+    lora_dropout: float = field(default=0.0, metadata=_help("LoRA dropout; 0 keeps the loss at π = π_t exact"))
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"], metadata=_help("LoRA modules: all-linear, or names like q_proj v_proj")
+    )
+    effective_batch_size: int | None = field(
+        default=None,
+        metadata=_help("pairs per optimizer step, checked = per_device × accumulation × processes; unset: no check"),
+    )
     seed: int = field(default=0, metadata=_help("seed of collection, data order and initialisation"))
 
     def __post_init__(self) -> None:

@@ -1,17 +1,26 @@
 """``refuel-evaluate``: per-turn win rates of candidate policies against a baseline policy.
 
-For each held-out prompt, every policy talks to the same simulated user (same seeds) for H turns.
-The judge (on CPU: the reward model; ties count ½) compares the candidate's and the baseline's
-dialogues truncated at each turn h; the win rate per turn h with a bootstrap 95 % interval is
-printed in the paper's layout (rows = methods, columns = h=1..H, avg), saved to CSV and plotted.
-Dialogues are cached under ``<output_dir>/dialogues`` so re-judging does not regenerate them.
+Two separate steps:
+
+1. **Generate** (cached). For each held-out prompt, every policy talks to the same simulated user with
+   the same seeds for H turns. Each policy's dialogues are written once to
+   ``<output_dir>/dialogues/<method>-<key>.jsonl``, the key covering the policy's weights and every
+   setting that shapes the dialogues (not the judge), so re-judging with another judge regenerates nothing.
+2. **Judge** the cached dialogues: for every candidate, prompt and turn h, a pairwise judge
+   (``--judge reward``: the ``--reward`` model scores both dialogues truncated at h, ties ½; ``--judge
+   llm``: a chat model on any backend compares them in both orders) gives P(candidate is better).
+
+Outputs in ``<output_dir>/<judge name>/``: the win rate per turn h with bootstrap 95 % intervals, printed in
+the paper's layout (rows = methods, columns = h=1..H, avg) with the judged pairs per turn and the judge's
+tie / position-bias / invalid rates; ``win_rates.csv``, ``win_rates.png``, ``judgements.csv``,
+``judge_stats.csv`` and ``report.html`` (every dialogue pair side by side with its judgements).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +29,36 @@ import pandas as pd
 
 from dialogsim.backends.transformers_backend import TransformersBackend
 from dialogsim.dialogue import fingerprint
-from dialogsim.messages import truncate_to_turn
+from dialogsim.judges.base import JudgePair, PairwiseJudge
+from dialogsim.judges.factory import build_judge
+from dialogsim.messages import Message
 from dialogsim.models import resolve_model
+from dialogsim.prompts import PromptRow
+from dialogsim.rewards.factory import NO_REWARD_SPEC
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
 from envs.build import build_simulator_from
 from refuel.cli import parse_config
+from refuel.report import write_html_report
 from refuel.rollout import run_policy
 from refuel.storage import read_rows, write_rows
-from refuel.winrate import pairwise_outcome, paper_table, per_turn_win_rates, save_report
+from refuel.winrate import count_table, judge_statistics, paper_table, per_turn_win_rates, save_report
 
 logger = logging.getLogger(__name__)
+
+# Settings that only concern judging or output: they are left out of the dialogue cache key.
+JUDGING_FIELDS = (
+    "candidates",
+    "output_dir",
+    "reward",
+    "trust_remote_code",
+    "judge",
+    "judge_backend",
+    "judge_model",
+    "judge_base_url",
+    "judge_max_new_tokens",
+    "judge_template",
+)
 
 
 @dataclass
@@ -41,7 +69,7 @@ class EvaluateConfig:
         default_factory=lambda: ["runs/refuel/iteration_0/policy"], metadata={"help": "candidate policies"}
     )
     baseline: str = field(default="smollm2-135m-instruct", metadata={"help": "baseline policy (π_0)"})
-    output_dir: str = field(default="runs/refuel/eval", metadata={"help": "where dialogues, CSV, PNG go"})
+    output_dir: str = field(default="runs/refuel/eval", metadata={"help": "where dialogues and reports go"})
     prompts: str | None = field(default=None, metadata={"help": "prompt file or hub id; default: shared file"})
     tasks: list[str] = field(default_factory=lambda: ["Math_CoT"], metadata={"help": "tasks to keep"})
     datasets: list[str] = field(default_factory=lambda: ["gsm8k"], metadata={"help": "source datasets to keep"})
@@ -54,10 +82,34 @@ class EvaluateConfig:
     top_p: float = field(default=1.0, metadata={"help": "policy nucleus sampling mass"})
     user_model: str = field(default="smollm2-135m-instruct", metadata={"help": "simulated-user model"})
     user_template: str = field(default="student", metadata={"help": "'student' or 'paper'"})
-    reward: str = field(default="math", metadata={"help": "judge: reward model spec ('math' or RM id/path)"})
     max_dialogue_tokens: int = field(default=2048, metadata={"help": "token budget per dialogue"})
     max_prompt_tokens: int = field(default=384, metadata={"help": "drop prompts longer than this (tokens)"})
     seed: int = field(default=0, metadata={"help": "seed of prompt choice, user and policy sampling"})
+    judge: str = field(
+        default="reward",
+        metadata={"help": "'reward' (--reward scores each truncated dialogue; ties ½) or 'llm' (pairwise chat judge)"},
+    )
+    reward: str = field(
+        default="math",
+        metadata={"help": "reward judge's model: 'math', 'code', 'verifier' or a sequence-classification RM id/path"},
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "let a hub reward model run its own code (ArmoRM needs it)"}
+    )
+    judge_backend: str = field(
+        default="transformers", metadata={"help": "LLM judge engine: 'transformers', 'vllm' or 'openai'"}
+    )
+    judge_model: str = field(
+        default="smollm2-135m-instruct", metadata={"help": "LLM judge model (for 'openai': the server's model name)"}
+    )
+    judge_base_url: str | None = field(
+        default=None, metadata={"help": "OpenAI-compatible server URL, e.g. http://127.0.0.1:8000/v1"}
+    )
+    judge_max_new_tokens: int = field(default=192, metadata={"help": "cap on LLM judge reply tokens"})
+    judge_template: str = field(
+        default="compare",
+        metadata={"help": "LLM judge prompt: 'compare' (comparison, then A/B) or 'letter' (A/B only; small models)"},
+    )
 
 
 def method_name(policy: str, parts: int = 1) -> str:
@@ -92,6 +144,13 @@ def policy_identity(policy: str) -> dict[str, Any]:
     return {"path": str(folder.resolve()), "weights": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
 
 
+def dialogue_cache(config: EvaluateConfig, policy: str, name: str) -> Path:
+    """``<output_dir>/dialogues/<name>-<key>.jsonl``; the key covers the policy's weights and generation settings."""
+    settings = {k: v for k, v in asdict(config).items() if k not in JUDGING_FIELDS}
+    key = fingerprint({"generation": fingerprint(settings), "policy": policy_identity(policy)})
+    return Path(config.output_dir) / "dialogues" / f"{name.replace('/', '_')}-{key}.jsonl"
+
+
 def generate_dialogues(
     config: EvaluateConfig, simulator: DialogueSimulator, policy: str, cache: Path
 ) -> list[dict[str, Any]]:
@@ -99,6 +158,9 @@ def generate_dialogues(
 
     Every policy starts from identical states (same prompt, horizon and user RNG per prompt) and the
     same policy-sampling seed sequence, so the only difference between methods is the policy.
+
+    Returns:
+        One row per prompt: ``prompt_id``, ``horizon``, ``truncated`` and ``messages``.
     """
     if cache.exists():
         logger.info("reusing cached dialogues %s", cache)
@@ -121,66 +183,139 @@ def generate_dialogues(
     return rows
 
 
-def score_per_turn(simulator: DialogueSimulator, dialogues: list[dict[str, Any]], horizon: int) -> pd.DataFrame:
-    """Reward of each dialogue truncated at each turn h = 1..H (NaN where the dialogue ended before h).
+def judge_dialogues(
+    judge: PairwiseJudge,
+    dialogues: Mapping[str, Mapping[str, list[Message]]],
+    baseline: str,
+    prompts: Mapping[str, PromptRow],
+    horizon: int,
+) -> pd.DataFrame:
+    """Every candidate's dialogue against the baseline's, at every turn h = 1..H, in one judge call.
+
+    Args:
+        judge: any pairwise judge; the candidate's dialogue is its ``first``, the baseline's its ``second``.
+        dialogues: method name → prompt id → messages; ``baseline`` is one of the methods, the others are
+            the candidates.
+        baseline: the baseline's method name.
+        prompts: prompt id → prompt row.
+        horizon: H.
 
     Returns:
-        Columns ``prompt_id``, ``turn``, ``score``; one batched reward call.
+        One row per (candidate method, prompt id, turn): ``method``, ``prompt_id``, ``turn``, ``outcome``
+        (P(candidate is better): 1 win, ½ tie, 0 loss, NaN invalid), ``reason`` (why NaN) and the judge's
+        detail columns (``score_first`` / ``score_second``, or ``verdict_ab`` / ``verdict_ba`` /
+        ``comparison_ab`` / ``comparison_ba``; first and A-in-``ab`` = the candidate).
+
+    Raises:
+        KeyError: a candidate lacks a dialogue for one of the baseline's prompts.
     """
-    keys, scored, texts, rows = [], [], [], []
-    for dialogue in dialogues:
-        replies = sum(message["role"] == "assistant" for message in dialogue["messages"])
-        for turn in range(1, horizon + 1):
-            keys.append((dialogue["prompt_id"], turn))
-            scored.append(turn <= replies)
-            if scored[-1]:
-                texts.append(truncate_to_turn(dialogue["messages"], turn))
-                rows.append(simulator.prompts[dialogue["prompt_id"]])
-    scores = iter(simulator.reward.score(texts, rows))
-    values = [next(scores) if was_scored else float("nan") for was_scored in scored]
-    return pd.DataFrame({"prompt_id": [k[0] for k in keys], "turn": [k[1] for k in keys], "score": values})
-
-
-def judge(candidate: pd.DataFrame, baseline: pd.DataFrame, method: str) -> pd.DataFrame:
-    """Per (prompt, turn) outcome of candidate vs baseline: 1 win, 0 loss, ½ tie, NaN invalid."""
-    merged = candidate.merge(baseline, on=["prompt_id", "turn"], suffixes=("_candidate", "_baseline"))
-    merged["outcome"] = [
-        pairwise_outcome(c, b) for c, b in zip(merged["score_candidate"], merged["score_baseline"], strict=True)
-    ]
-    merged["method"] = method
-    return merged[["method", "prompt_id", "turn", "outcome", "score_candidate", "score_baseline"]]
+    keys, pairs = [], []
+    for method, by_prompt in dialogues.items():
+        if method == baseline:
+            continue
+        for prompt_id, reference in dialogues[baseline].items():
+            for turn in range(1, horizon + 1):
+                keys.append({"method": method, "prompt_id": prompt_id, "turn": turn})
+                pairs.append(JudgePair(by_prompt[prompt_id], reference, turn, prompts[prompt_id]))
+    judgements = judge.judge(pairs)
+    return pd.DataFrame(
+        [
+            {**key, "outcome": judgement.probability, "reason": judgement.reason, **judgement.details}
+            for key, judgement in zip(keys, judgements, strict=True)
+        ]
+    )
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Path]:
-    """Generate (or reuse) dialogues, judge every turn, print the table; returns the report paths."""
+    """Generate (or reuse) dialogues, judge every turn, print the tables and write the reports.
+
+    Returns:
+        Paths of ``csv`` (win rates), ``png``, ``judgements``, ``judge_stats`` and ``html``, all in
+        ``<output_dir>/<judge name>/``.
+    """
     simulator = build_simulator_from(
-        config,
+        replace(config, reward=NO_REWARD_SPEC),  # generation needs no reward; the judge brings its own
         partition="heldout",
         limit=config.n_prompts,
         policy_model=config.baseline,
         max_horizon=config.horizon,
         horizon=config.horizon,
     )
-    out = Path(config.output_dir)
-    generation_key = fingerprint({k: v for k, v in asdict(config).items() if k not in ("candidates", "output_dir")})
     names = method_names([config.baseline, *config.candidates])
-    scores = {}
-    for policy, name in names.items():
-        key = fingerprint({"generation": generation_key, "policy": policy_identity(policy)})
-        dialogues = generate_dialogues(config, simulator, policy, out / "dialogues" / f"{name}-{key}.jsonl")
-        scores[policy] = score_per_turn(simulator, dialogues, config.horizon)
-    judgements = pd.concat(
-        [judge(scores[policy], scores[config.baseline], names[policy]) for policy in config.candidates]
+    dialogues = {
+        name: {
+            row["prompt_id"]: row["messages"]
+            for row in generate_dialogues(config, simulator, policy, dialogue_cache(config, policy, name))
+        }
+        for policy, name in names.items()
+    }
+    judge = build_judge(
+        config.judge,
+        reward=config.reward,
+        trust_remote_code=config.trust_remote_code,
+        backend=config.judge_backend,
+        model=config.judge_model,
+        base_url=config.judge_base_url,
+        sampling=SamplingParams(temperature=0.0, max_new_tokens=config.judge_max_new_tokens, seed=config.seed),
+        template=config.judge_template,
     )
-    judgements.to_csv(out / "judgements.csv", index=False)
-    rates = per_turn_win_rates(judgements[["method", "prompt_id", "turn", "outcome"]], seed=config.seed)
-    print(f"win rate (%) vs {names[config.baseline]}, judge: reward '{config.reward}', ties = 1/2")
-    print(paper_table(rates).to_string())
-    paths = save_report(rates, out, title=f"per-turn win rate vs {names[config.baseline]}")
+    judgements = judge_dialogues(judge, dialogues, names[config.baseline], simulator.prompts, config.horizon)
+    return write_reports(config, judge.name, names[config.baseline], judgements, dialogues)
+
+
+def write_reports(
+    config: EvaluateConfig,
+    judge_name: str,
+    baseline: str,
+    judgements: pd.DataFrame,
+    dialogues: Mapping[str, Mapping[str, list[Message]]],
+) -> dict[str, Path]:
+    """Print the win-rate, count and judge tables; write CSVs, PNG and HTML into ``<output_dir>/<judge_name>``."""
+    out = Path(config.output_dir) / judge_name
+    rates = per_turn_win_rates(judgements, seed=config.seed)
+    table, counts, stats = paper_table(rates), count_table(rates), judge_statistics(judgements)
+    print(f"win rate (%) vs {baseline}, judge {judge_name}, ties = 1/2, bootstrap 95 % intervals")
+    print(table.to_string())
+    print("judged pairs per turn (dialogues whose pair was judged; invalid ones excluded from the rate)")
+    print(counts.to_string())
+    print("judge behaviour (rates in %)")
+    print(stats.to_string(index=False, float_format="{:.1f}".format))
+    title = f"per-turn win rate vs {baseline} (judge {judge_name})"
+    paths = save_report(rates, out, title=f"per-turn win rate vs {baseline}\njudge {judge_name}")
     paths["judgements"] = out / "judgements.csv"
+    judgements.to_csv(paths["judgements"], index=False)
+    paths["judge_stats"] = out / "judge_stats.csv"
+    stats.to_csv(paths["judge_stats"], index=False)
+    paths["html"] = write_html_report(
+        out / "report.html",
+        title=title,
+        settings=_report_settings(config, judge_name, len(dialogues[baseline])),
+        baseline=baseline,
+        rates=table,
+        counts=counts,
+        judge_stats=stats,
+        judgements=judgements,
+        dialogues=dialogues,
+        plot=paths["png"],
+    )
     for name, path in paths.items():
         print(f"  {name}: {path}")
     return paths
+
+
+def _report_settings(config: EvaluateConfig, judge_name: str, prompts: int) -> dict[str, Any]:
+    return {
+        "judge": judge_name,
+        "baseline": config.baseline,
+        "candidates": ", ".join(config.candidates),
+        "prompts": f"{prompts} held-out of {config.prompts or 'the shared prompt file'} "
+        f"(tasks {config.tasks}, datasets {config.datasets}, holdout {config.holdout})",
+        "horizon": config.horizon,
+        "policy sampling": f"temperature {config.temperature}, top_p {config.top_p}, "
+        f"{config.max_new_tokens} new tokens",
+        "simulated user": f"{config.user_model}, template '{config.user_template}'",
+        "seed": config.seed,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> None:

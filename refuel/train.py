@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -23,7 +24,9 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, set_seed
 
-from dialogsim.backends.transformers_backend import TransformersBackend, load_tokenizer
+from dialogsim.backends.base import WeightSyncBackend
+from dialogsim.backends.factory import build_backend
+from dialogsim.backends.transformers_backend import load_tokenizer
 from dialogsim.models import resolve_model
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
@@ -50,11 +53,40 @@ def build_training_simulator(config: RefuelConfig) -> DialogueSimulator:
         partition="train" if config.holdout else "all",
         policy_model=config.policy_model,
         max_horizon=config.max_horizon,
+        user_backend=config.user_backend,
+        user_base_url=config.user_base_url,
     )
 
 
+class PolicyEngine:
+    """π_t's roll-out engine for a whole run: started at the first collection, then weight-synced.
+
+    With ``backend="vllm"`` the engine (and its prefix cache) stays up across iterations; after each
+    iteration π_{t+1}'s saved weights are loaded into it live instead of restarting it.
+    """
+
+    def __init__(self, config: RefuelConfig) -> None:
+        self.config = config
+        self.backend: WeightSyncBackend | None = None
+
+    def serving(self, policy_path: str, stats: dict[str, Any]) -> WeightSyncBackend:
+        """The engine with π_t = the weights in ``policy_path``; records start or sync time (seconds) in ``stats``."""
+        started = time.perf_counter()
+        if self.backend is None:
+            self.backend = build_backend(
+                self.config.backend,
+                policy_path,
+                kv_cache_gib=self.config.vllm_kv_cache_gib,
+                tensor_parallel_size=self.config.vllm_tensor_parallel_size,
+            )
+            stats["engine_start_seconds"] = time.perf_counter() - started
+        elif self.backend.name != policy_path:
+            stats["weight_sync_seconds"] = self.backend.load_weights(policy_path)
+        return self.backend
+
+
 def prepare_pairs(
-    config: RefuelConfig, simulator: DialogueSimulator, policy_path: str, iteration: int, stats: dict[str, Any]
+    config: RefuelConfig, simulator: DialogueSimulator, engine: PolicyEngine, iteration: int, stats: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """Collect and tokenise pairs with π_t; reuse ``pairs.jsonl`` if a previous run wrote it."""
     path = Path(config.output_dir) / f"iteration_{iteration}" / "pairs.jsonl"
@@ -62,14 +94,17 @@ def prepare_pairs(
         logger.info("resuming: reusing %s", path)
         stats.update(json.loads(path.with_name("collection.json").read_text()))
         return read_rows(path)
+    policy_path = stats["policy_in"]
+    started = time.perf_counter()
     result = collect_pairs(
         simulator,
-        TransformersBackend(policy_path),
+        engine.serving(policy_path, stats),
         config.pairs_per_iteration,
         policy_sampling(config),
         seed=config.seed + 1000 * iteration,
         batch_size=config.generation_batch_size,
     )
+    stats["collection_seconds"] = time.perf_counter() - started
     stats["dropped"] = dict(result.dropped)
     stats["user_parse_rate"] = simulator.user.parse_rate
     tokenizer = load_tokenizer(policy_path)
@@ -118,6 +153,7 @@ def run(config: RefuelConfig) -> str:
     simulator = build_training_simulator(config)
     tokenizer = load_tokenizer(config.policy_model)
     policy_path = resolve_model(config.policy_model)
+    engine = PolicyEngine(config)
     for iteration in range(config.iterations):
         iteration_dir = run_dir / f"iteration_{iteration}"
         if (iteration_dir / "policy" / "config.json").exists():
@@ -125,7 +161,7 @@ def run(config: RefuelConfig) -> str:
             policy_path = str(iteration_dir / "policy")
             continue
         stats: dict[str, Any] = {"iteration": iteration, "policy_in": policy_path}
-        rows = prepare_pairs(config, simulator, policy_path, iteration, stats)
+        rows = prepare_pairs(config, simulator, engine, iteration, stats)
         stats["pairs"] = len(rows)
         trainer, metrics = train_iteration(config, rows, policy_path, tokenizer)
         write_rows(rows, iteration_dir / "pairs.jsonl")  # now with the π_t log-probs

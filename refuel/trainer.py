@@ -1,4 +1,23 @@
-"""One REFUEL iteration of gradient steps on ``accelerate``: π_t → π_{t+1}."""
+"""One REFUEL iteration of gradient steps on ``accelerate``: π_t → π_{t+1}.
+
+The same code runs in one process or under ``accelerate launch`` (DDP, DeepSpeed ZeRO-2/3, FSDP; the
+configs are in ``configs/accelerate/``). What makes P processes × b pairs equal 1 process × P·b pairs:
+
+- **Data**: every process shuffles the pairs with the same seeded generator; ``accelerate`` gives
+  process p the micro-batches p, p + P, p + 2P, … of that order, so one optimizer step sees the same
+  P·b·accumulation pairs as a single process with P times the batch (``even_batches``: a short last
+  round is filled with pairs from the start of the epoch).
+- **Loss normalisation**: the REFUEL loss is the mean over the local micro-batch; ``accelerate``
+  divides it by the accumulation steps and DDP (or the sharded engine) averages gradients over the
+  processes, so the gradient is that of the mean over the global batch. Equal local batch sizes are
+  what makes the mean of means the global mean.
+- **Schedule**: warm-up and cosine are counted in optimizer steps. ``accelerate`` steps a prepared
+  scheduler P times per optimizer step, so it is built with P × the step counts.
+- **π_t log-probs**: computed once, before any gradient step, in :class:`RefuelTrainer`'s constructor;
+  each process computes an equal share (padded, so that sharded engines run their forward passes
+  in lock-step) and the shares are all-gathered, so no reference model stays resident.
+- **Saving**: only the main process writes; DeepSpeed ZeRO-3 and FSDP first gather the full weights.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +31,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType, gather_object
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
@@ -20,6 +40,9 @@ from refuel.config import RefuelConfig
 from refuel.logprobs import masked_sequence_logprobs
 from refuel.loss import refuel_loss, sign_agreement
 from refuel.pairs import pad_pairs, reference_logprobs
+from refuel.plan import check_memory_options
+
+SHARDED_ENGINES = (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
 
 @dataclass
@@ -30,17 +53,67 @@ class ValidationMetrics:
     sign_agreement: float
 
 
+def apply_memory_options(model: PreTrainedModel, config: RefuelConfig) -> torch.nn.Module:
+    """Gradient checkpointing and LoRA adapters on π_t, as the run config asks.
+
+    Args:
+        model: π_t, a plain causal LM (never one with adapters: each iteration starts from merged weights).
+        config: ``gradient_checkpointing``, ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``lora_target_modules``.
+
+    Returns:
+        ``model`` itself, or a ``peft.PeftModel`` around it whose only trainable parameters are the
+        adapters. The adapters start at zero (LoRA's B = 0), so the returned model computes π_t exactly;
+        LoRA's A is drawn from ``config.seed`` (the same in every process and every launch).
+
+    Raises:
+        ImportError: ``lora_r > 0`` without ``peft`` installed (the message says what to install).
+    """
+    if config.gradient_checkpointing:
+        # Non-reentrant checkpointing works with DDP, FSDP and frozen (LoRA) base weights.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if config.lora_r == 0:
+        return model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:
+        raise ImportError(
+            "lora_r > 0 needs peft: pip install 'dialogsim[lora]' (or pip install peft), or set lora_r 0"
+        ) from error
+    targets = list(config.lora_target_modules)
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):  # lora_A's random init from config.seed, global RNG untouched
+        torch.manual_seed(config.seed)
+        return get_peft_model(model, lora)
+
+
 class RefuelTrainer:
     """Fits π_{t+1} to the REFUEL least-squares objective on one iteration's pairs.
 
     Args:
-        config: run configuration (optimizer, schedule, batch sizes, η, temperature).
-        model: π_t, trained in place into π_{t+1}.
+        config: run configuration (optimizer, schedule, batch sizes, η, temperature, memory options).
+        model: π_t, trained in place into π_{t+1}. With LoRA the adapters are merged into it by
+            :meth:`save`.
         tokenizer: the policy's tokenizer (pad id).
-        train_rows / val_rows: tokenised pairs (see :func:`refuel.pairs.tokenize_pair`). Their π_t
-            log-probs ``ref_logp`` / ``ref_logp_prime`` are computed here once, before any gradient
-            step, with the same precision (``accelerate`` autocast) as the training forward passes,
-            so that the REFUEL loss at π = π_t is exactly η²(r − r')².
+        train_rows / val_rows: tokenised pairs (see :func:`refuel.pairs.tokenize_pair`), the same
+            lists in every process. Their π_t log-probs ``ref_logp`` / ``ref_logp_prime`` are computed
+            here once, before any gradient step, with the same precision (``accelerate`` autocast) as
+            the training forward passes, so that the REFUEL loss at π = π_t is exactly η²(r − r')².
+
+    Attributes:
+        total_steps: optimizer steps of :meth:`train` (``epochs`` × steps per epoch).
+        effective_batch_size: pairs per optimizer step, per device × accumulation × processes.
+
+    Raises:
+        ValueError: no training pairs; invalid memory options; the launch gives another accumulation
+            or effective batch than the config; LoRA with a sharded engine (DeepSpeed, FSDP).
+        ImportError: LoRA without ``peft``.
     """
 
     def __init__(
@@ -53,11 +126,18 @@ class RefuelTrainer:
     ) -> None:
         if not train_rows:
             raise ValueError("no training pairs: collect more pairs or lower validation_fraction")
+        check_memory_options(config)
         self.config = config
         self.accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision
         )
+        self._check_launch()
+        processes = self.accelerator.num_processes
+        accumulation = config.gradient_accumulation_steps
+        self.effective_batch_size = config.per_device_batch_size * accumulation * processes
         self.pad_id = tokenizer.pad_token_id
+        self._merged = False
+        model = apply_memory_options(model, config)
         generator = torch.Generator().manual_seed(config.seed)
         train_loader = DataLoader(
             train_rows,
@@ -66,33 +146,85 @@ class RefuelTrainer:
             generator=generator,
             collate_fn=self._collate,
         )
-        self.eval_loaders = {
-            name: DataLoader(rows, batch_size=config.per_device_batch_size, collate_fn=self._collate)
-            for name, rows in (("train", train_rows), ("validation", val_rows))
-        }
         optimizer = torch.optim.AdamW(
-            model.parameters(),
+            [parameter for parameter in model.parameters() if parameter.requires_grad],
             lr=config.learning_rate,
             betas=(config.adam_beta1, config.adam_beta2),
             weight_decay=config.weight_decay,
         )
-        steps = config.epochs * math.ceil(len(train_loader) / config.gradient_accumulation_steps)
+        # accelerate's sharding (even_batches): each process gets ceil(batches / P) micro-batches.
+        batches_per_process = math.ceil(math.ceil(len(train_rows) / config.per_device_batch_size) / processes)
+        steps = config.epochs * math.ceil(batches_per_process / accumulation)
         # Floor, so that short iterations do not spend their first step at learning rate 0 (the warm-up
-        # of transformers' schedules starts from 0).
-        scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps), steps)
+        # of transformers' schedules starts from 0). × P: accelerate steps the scheduler P times per step.
+        warmup = int(config.warmup_ratio * steps)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup * processes, steps * processes)
         self.model, self.optimizer, self.train_loader, self.scheduler = self.accelerator.prepare(
             model, optimizer, train_loader, scheduler
         )
+        if len(self.train_loader) != batches_per_process:
+            raise RuntimeError(
+                f"accelerate gave {len(self.train_loader)} micro-batches per process, expected {batches_per_process}; "
+                "the step count and schedule assume its default even_batches sharding"
+            )
+        if self.accelerator.gradient_accumulation_steps != accumulation:  # DeepSpeed's config wins in prepare
+            raise ValueError(
+                f"the DeepSpeed config sets {self.accelerator.gradient_accumulation_steps} accumulation steps, the "
+                f"run config {accumulation}; remove gradient_accumulation_steps from the accelerate config"
+            )
         self.total_steps = steps
+        self.eval_loaders = {
+            name: self.accelerator.prepare(
+                DataLoader(rows, batch_size=config.per_device_batch_size, collate_fn=self._collate)
+            )
+            if rows
+            else None
+            for name, rows in (("train", train_rows), ("validation", val_rows))
+        }
         self._attach_reference_logprobs(train_rows + val_rows)
 
+    def _check_launch(self) -> None:
+        """The launch agrees with the config: accumulation, effective batch, LoRA only where it can be merged."""
+        config, accelerator = self.config, self.accelerator
+        if accelerator.gradient_accumulation_steps != config.gradient_accumulation_steps:
+            raise ValueError(
+                f"accelerate runs {accelerator.gradient_accumulation_steps} accumulation steps (from "
+                "ACCELERATE_GRADIENT_ACCUMULATION_STEPS or the accelerate config), the run config "
+                f"{config.gradient_accumulation_steps}; set gradient_accumulation_steps in the run config only"
+            )
+        effective = config.per_device_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+        if config.effective_batch_size is not None and effective != config.effective_batch_size:
+            raise ValueError(
+                f"effective batch {config.per_device_batch_size} pairs per device × "
+                f"{config.gradient_accumulation_steps} accumulation × {accelerator.num_processes} processes = "
+                f"{effective}, but effective_batch_size is "
+                f"{config.effective_batch_size}; launch with the intended number of processes or change "
+                "per_device_batch_size / gradient_accumulation_steps"
+            )
+        if config.lora_r and accelerator.distributed_type in SHARDED_ENGINES:
+            raise ValueError(
+                f"LoRA (lora_r={config.lora_r}) is not supported with {accelerator.distributed_type.value}: the "
+                "adapters are merged into full-precision weights on save; launch with DDP "
+                "(configs/accelerate/ddp.yaml) or set lora_r 0"
+            )
+
     def _attach_reference_logprobs(self, rows: list[dict[str, Any]]) -> None:
-        """Store ln π_t(y|s_h), ln π_t(y'|s_h) in each row (in place), before any gradient step."""
+        """Store ln π_t(y|s_h), ln π_t(y'|s_h) in each row (in place), before any gradient step.
+
+        Process p computes rows ``[p·k, (p+1)·k)`` with k = ceil(len(rows) / P), padded with the last row
+        to k, so every process runs the same number of forward passes; the shares are all-gathered.
+        """
+        processes, index = self.accelerator.num_processes, self.accelerator.process_index
+        share = math.ceil(len(rows) / processes)
+        mine = rows[index * share : (index + 1) * share]
+        mine = mine + [rows[-1]] * (share - len(mine))
         with self.accelerator.autocast():
             values = reference_logprobs(
-                self.model, rows, self.pad_id, self.config.temperature, self.config.per_device_batch_size
+                self.model, mine, self.pad_id, self.config.temperature, self.config.per_device_batch_size
             )
-        for row, (ref_logp, ref_logp_prime) in zip(rows, values, strict=True):
+        if processes > 1:
+            values = gather_object(values)  # shares in process order; the padding sits after the last row
+        for row, (ref_logp, ref_logp_prime) in zip(rows, values[: len(rows)], strict=True):
             row["ref_logp"], row["ref_logp_prime"] = ref_logp, ref_logp_prime
 
     def _collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -111,52 +243,106 @@ class RefuelTrainer:
 
     @torch.no_grad()
     def validate(self, split: str = "validation") -> ValidationMetrics:
-        """REFUEL loss and sign agreement of the current policy on the ``"validation"`` or ``"train"`` pairs."""
+        """REFUEL loss and sign agreement of the current policy on the ``"validation"`` or ``"train"`` pairs.
+
+        Each process scores its share; the terms of all pairs are gathered (duplicates of the padded
+        last round dropped), so every process returns the metrics of the whole split.
+        """
+        loader = self.eval_loaders[split]
+        if loader is None:
+            return ValidationMetrics(float("nan"), float("nan"))
         self.model.eval()
-        losses, ratios, rewards = [], [], []
-        for batch in self.eval_loaders[split]:
-            loss, ratio, reward = self._pair_terms(batch)
-            losses.append(loss.item() * len(ratio))
+        ratios, rewards = [], []
+        for batch in loader:
+            _, ratio, reward = self._pair_terms(batch)
+            ratio, reward = self.accelerator.gather_for_metrics((ratio, reward))
             ratios.append(ratio)
             rewards.append(reward)
-        if not ratios:
-            return ValidationMetrics(float("nan"), float("nan"))
-        count = sum(len(r) for r in ratios)
-        return ValidationMetrics(sum(losses) / count, sign_agreement(torch.cat(ratios), torch.cat(rewards)))
+        ratio, reward = torch.cat(ratios), torch.cat(rewards)  # [N], [N]
+        loss = ((ratio - self.config.eta * reward) ** 2).mean().item()  # refuel_loss over all N pairs
+        return ValidationMetrics(loss, sign_agreement(ratio, reward))
+
+    def training_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward and backward of one micro-batch of pairs; an optimizer step when accumulation is complete.
+
+        Returns:
+            The micro-batch's REFUEL loss (detached scalar, nats²).
+        """
+        with self.accelerator.accumulate(self.model):
+            loss, _, _ = self._pair_terms(batch)
+            self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad()
+        return loss.detach()
 
     def train(self) -> list[dict[str, float]]:
-        """Run ``epochs`` passes of gradient steps; returns the per-optimizer-step log."""
+        """Run ``epochs`` passes of gradient steps; returns the per-optimizer-step log.
+
+        Each entry has ``loss`` (the step's mean micro-batch loss over all processes, nats²) and ``lr``
+        (the learning rate of the next step).
+
+        Raises:
+            RuntimeError: called after :meth:`save` merged LoRA adapters into the weights.
+        """
+        if self._merged:
+            raise RuntimeError("save() merged the LoRA adapters into π_{t+1}; start a new RefuelTrainer to train on")
         log: list[dict[str, float]] = []
-        progress = tqdm(total=self.total_steps, desc="REFUEL steps", unit="step")
+        progress = tqdm(
+            total=self.total_steps, desc="REFUEL steps", unit="step", disable=not self.accelerator.is_local_main_process
+        )
         for _ in range(self.config.epochs):
             self.model.train()
+            losses: list[torch.Tensor] = []
             for batch in self.train_loader:
-                with self.accelerator.accumulate(self.model):
-                    loss, _, _ = self._pair_terms(batch)
-                    self.accelerator.backward(loss)
-                    if self.accelerator.sync_gradients:
-                        self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self.optimizer.zero_grad()
+                losses.append(self.training_step(batch))
                 if self.accelerator.sync_gradients:
-                    log.append({"loss": loss.item(), "lr": self.scheduler.get_last_lr()[0]})
+                    loss = self.accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+                    losses = []
+                    log.append({"loss": loss, "lr": self.scheduler.get_last_lr()[0]})
                     progress.update(1)
-                    progress.set_postfix(loss=f"{loss.item():.4f}")
+                    progress.set_postfix(loss=f"{loss:.4f}")
         progress.close()
         return log
 
     def save(self, folder: Path, tokenizer: PreTrainedTokenizerBase) -> None:
-        """Write π_{t+1} as a ``save_pretrained`` folder, atomically (staging folder, then rename)."""
-        save_pretrained_atomic(self.accelerator.unwrap_model(self.model), tokenizer, folder)
+        """Write π_{t+1} as a plain ``save_pretrained`` folder, atomically (staging folder, then rename).
+
+        Collective: every process must call it. With LoRA the adapters are first merged into the
+        weights (``peft``'s ``merge_and_unload``, on every process), so the folder holds a plain model
+        that the next iteration loads as π_t, and the trainer's model is that plain model afterwards.
+        DeepSpeed ZeRO-3 / FSDP gather the full state dict (ZeRO-3: 16-bit weights); only the main
+        process writes.
+        """
+        if self.config.lora_r and not self._merged:
+            self.model = self.accelerator.unwrap_model(self.model).merge_and_unload()
+            self._merged = True
+        self.accelerator.wait_for_everyone()
+        sharded = self.accelerator.distributed_type in SHARDED_ENGINES
+        state_dict = self.accelerator.get_state_dict(self.model) if sharded else None  # collective
+        if self.accelerator.is_main_process:
+            save_pretrained_atomic(self.accelerator.unwrap_model(self.model), tokenizer, folder, state_dict)
+        self.accelerator.wait_for_everyone()
 
 
-def save_pretrained_atomic(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
-    """``save_pretrained`` model and tokenizer into ``folder`` so that it appears complete or not at all."""
+def save_pretrained_atomic(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    folder: Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """``save_pretrained`` model and tokenizer into ``folder`` so that it appears complete or not at all.
+
+    Args:
+        state_dict: weights to write instead of ``model.state_dict()`` (the gathered weights of a
+            sharded model).
+    """
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, state_dict=state_dict)
         tokenizer.save_pretrained(staging)
         if folder.exists():
             shutil.rmtree(folder)

@@ -5,14 +5,16 @@ better than the baseline's dialogue truncated at turn h, a tie counting ½. This
 GPT-4 judged win rates per turn h = 1..5 plus their average (Gao et al., "Regressing the Relative Future: Efficient
 Policy Optimization for Multi-turn RLHF", arXiv 2410.04612). Rates are reported in percent (0-100).
 
-The pipeline is ``pairwise_outcome`` per judged pair → a long frame of outcomes → ``per_turn_win_rates`` →
-``paper_table`` / ``save_report``.
+The pipeline is a judge (``dialogsim.judges``) per pair → a long frame of outcomes → ``per_turn_win_rates`` →
+``paper_table`` / ``count_table`` / ``save_report``; ``judge_statistics`` reports the judge's tie, position-bias and
+invalid rates from the same frame.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,37 +23,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import stats
 
+from dialogsim.judges.base import ENDED_BEFORE_TURN
 from refuel.storage import atomic_path
 
 JUDGEMENT_COLUMNS = ("method", "prompt_id", "turn", "outcome")
 RATE_COLUMNS = ("method", "turn", "win_rate", "ci_low", "ci_high", "n", "ties", "invalid")
 AVG_TURN = "avg"
-_VALID_OUTCOMES = (0.0, 0.5, 1.0)
-
-
-def pairwise_outcome(candidate_score: float, baseline_score: float, tie_tolerance: float = 0.0) -> float:
-    """Outcome of one candidate-vs-baseline comparison from two scalar judge or reward scores.
-
-    Args:
-        candidate_score: score of the candidate's dialogue (any scale, higher is better).
-        baseline_score: score of the baseline's dialogue on the same prompt and turn, same scale.
-        tie_tolerance: scores whose absolute difference is at most this are a tie (same units as the scores).
-
-    Returns:
-        1.0 if the candidate wins, 0.0 if it loses, 0.5 for a tie, NaN if either score is NaN (an invalid
-        judgement, counted as ``invalid`` by ``per_turn_win_rates`` and excluded from the rate).
-
-    Raises:
-        ValueError: if ``tie_tolerance`` is negative.
-    """
-    if tie_tolerance < 0:
-        raise ValueError(f"tie_tolerance must be >= 0, got {tie_tolerance}")
-    if math.isnan(candidate_score) or math.isnan(baseline_score):
-        return math.nan
-    difference = candidate_score - baseline_score
-    if abs(difference) <= tie_tolerance:
-        return 0.5
-    return 1.0 if difference > 0 else 0.0
+VERDICT_COLUMNS = ("verdict_ab", "verdict_ba")
 
 
 def per_turn_win_rates(
@@ -64,8 +42,8 @@ def per_turn_win_rates(
 
     Args:
         judgements: long frame, one row per (method, prompt_id, turn), with columns ``method`` (str),
-            ``prompt_id`` (str), ``turn`` (int, 1-based h) and ``outcome`` (1.0 win, 0.5 tie, 0.0 loss, NaN
-            invalid judgement; see ``pairwise_outcome``).
+            ``prompt_id`` (str), ``turn`` (int, 1-based h) and ``outcome`` (P(candidate is better) in [0, 1]: 1.0
+            win, 0.5 tie, 0.0 loss, NaN invalid judgement; see ``dialogsim.judges``).
         confidence: confidence level of the intervals, in (0, 1).
         n_resamples: bootstrap resamples per interval.
         seed: seed of the ``numpy.random.Generator`` drawn afresh for every interval, so a row's interval depends
@@ -82,8 +60,8 @@ def per_turn_win_rates(
         (each keeping all its turns) and averages over turns; its counts are totals over turns.
 
     Raises:
-        ValueError: if columns are missing, a turn is not a positive integer, an outcome is not 0, 0.5, 1 or NaN,
-            or a (method, prompt_id, turn) appears twice.
+        ValueError: if columns are missing, a turn is not a positive integer, an outcome is outside [0, 1] (and not
+            NaN), or a (method, prompt_id, turn) appears twice.
     """
     frame = _validated_judgements(judgements)
     rows = []
@@ -112,12 +90,97 @@ def paper_table(rates: pd.DataFrame) -> pd.DataFrame:
         ValueError: if columns are missing.
     """
     _require_columns(rates, RATE_COLUMNS, "rates")
-    cells = rates.assign(
+    cells = [f"{w:.1f} [{lo:.1f}, {hi:.1f}]" for w, lo, hi in rates[["win_rate", "ci_low", "ci_high"]].to_numpy()]
+    return _method_by_turn(rates, cells)
+
+
+def count_table(rates: pd.DataFrame) -> pd.DataFrame:
+    """Dialogue pairs judged per method and turn, in the layout of ``paper_table``.
+
+    Args:
+        rates: output of ``per_turn_win_rates``.
+
+    Returns:
+        One row per method, columns ``h=1`` .. ``h=H`` then ``avg`` (totals); each cell is the number of judged
+        pairs ``n``, followed by ``(+k invalid)`` when k judgements were invalid.
+
+    Raises:
+        ValueError: if columns are missing.
+    """
+    _require_columns(rates, RATE_COLUMNS, "rates")
+    cells = [
+        f"{n}" + (f" (+{invalid} invalid)" if invalid else "") for n, invalid in rates[["n", "invalid"]].to_numpy()
+    ]
+    return _method_by_turn(rates, cells)
+
+
+def judge_statistics(judgements: pd.DataFrame) -> pd.DataFrame:
+    """How the judge behaved, per method and over all methods (row ``"all"``), from the judgements frame.
+
+    Args:
+        judgements: long frame with ``method`` and ``outcome`` (as for ``per_turn_win_rates``); optional
+            ``reason`` (why an outcome is NaN) and, for a two-order LLM judge, ``verdict_ab`` / ``verdict_ba``
+            ("A", "B" or missing; ``ab`` = the candidate shown as A).
+
+    Returns:
+        One row per method then ``"all"``, columns: ``pairs`` (judgements), ``judged`` (valid ones),
+        ``invalid`` and ``invalid_reasons`` (e.g. ``"unparsable_verdict: 3"``), ``tie_rate`` (% of valid
+        judgements at ½), ``position_bias_rate`` (% of pairs with both verdicts parsed whose two verdicts name
+        the same slot, i.e. the judge followed the position, not the dialogue), ``first_slot_rate`` (% of parsed
+        verdicts that chose slot A; 50 = no slot preference) and ``unparsable_verdicts`` (single-order replies
+        without a verdict). The last three are NaN for judges without verdict columns (reward models, which
+        have no position bias).
+
+    Raises:
+        ValueError: if ``method`` or ``outcome`` is missing.
+    """
+    _require_columns(judgements, ("method", "outcome"), "judgements")
+    groups = [(str(method), group) for method, group in judgements.groupby("method", sort=False)]
+    return pd.DataFrame([_judge_row(name, frame) for name, frame in [*groups, ("all", judgements)]])
+
+
+def _judge_row(name: str, frame: pd.DataFrame) -> dict[str, object]:
+    outcomes = frame["outcome"].astype(float)
+    reasons = Counter(frame["reason"].dropna()) if "reason" in frame else Counter()
+    return {
+        "method": name,
+        "pairs": len(frame),
+        "judged": int(outcomes.notna().sum()),
+        "invalid": int(outcomes.isna().sum()),
+        "invalid_reasons": "; ".join(f"{reason}: {count}" for reason, count in sorted(reasons.items())),
+        "tie_rate": _percent(outcomes.dropna() == 0.5),
+        **_verdict_rates(frame),
+    }
+
+
+def _verdict_rates(frame: pd.DataFrame) -> dict[str, float]:
+    """Position-bias rate, first-slot rate (percent) and unparsable count of a two-order judge; NaN without one."""
+    if not set(VERDICT_COLUMNS) <= set(frame.columns):
+        return {"position_bias_rate": math.nan, "first_slot_rate": math.nan, "unparsable_verdicts": math.nan}
+    asked = frame["reason"] != ENDED_BEFORE_TURN if "reason" in frame else slice(None)  # pairs the judge saw
+    verdicts = frame.loc[asked, list(VERDICT_COLUMNS)]
+    verdicts = verdicts.where(verdicts.isin(["A", "B"]))  # [pairs seen, 2], NaN = unparsable
+    both = verdicts.dropna()
+    return {
+        "position_bias_rate": _percent(both["verdict_ab"] == both["verdict_ba"]),
+        "first_slot_rate": _percent(pd.Series(verdicts.to_numpy().ravel()).dropna() == "A"),
+        "unparsable_verdicts": int(verdicts.isna().to_numpy().sum()),
+    }
+
+
+def _percent(flags: pd.Series) -> float:
+    """Percentage of true values; NaN for an empty series."""
+    return 100 * float(flags.mean()) if len(flags) else math.nan
+
+
+def _method_by_turn(rates: pd.DataFrame, cells: list[str]) -> pd.DataFrame:
+    """Cells of ``rates`` rows arranged as the paper's table: methods × (``h=1`` .. ``h=H``, ``avg``)."""
+    frame = rates.assign(
         column=[AVG_TURN if turn == AVG_TURN else f"h={turn}" for turn in rates["turn"]],
-        cell=[f"{w:.1f} [{lo:.1f}, {hi:.1f}]" for w, lo, hi in rates[["win_rate", "ci_low", "ci_high"]].to_numpy()],
+        cell=cells,
     )
     turns = sorted({int(turn) for turn in rates["turn"] if turn != AVG_TURN})
-    table = cells.pivot(index="method", columns="column", values="cell")
+    table = frame.pivot(index="method", columns="column", values="cell")
     table = table.reindex(index=pd.unique(rates["method"]), columns=[*(f"h={turn}" for turn in turns), AVG_TURN])
     table.columns.name = None
     return table.fillna("")
@@ -219,11 +282,11 @@ def _validated_judgements(judgements: pd.DataFrame) -> pd.DataFrame:
     turns = frame["turn"]
     if not pd.api.types.is_integer_dtype(turns) or (turns < 1).any():
         raise ValueError(f"judgements 'turn' must be integers >= 1 (1-based h), got {sorted(turns.unique())[:10]}")
-    bad_outcomes = frame.loc[frame["outcome"].notna() & ~frame["outcome"].isin(_VALID_OUTCOMES), "outcome"]
+    bad_outcomes = frame.loc[frame["outcome"].notna() & ~frame["outcome"].between(0.0, 1.0), "outcome"]
     if len(bad_outcomes):
         raise ValueError(
-            f"judgements 'outcome' must be 0, 0.5, 1 or NaN (see pairwise_outcome); got {bad_outcomes.iloc[0]} "
-            f"at row {bad_outcomes.index[0]}"
+            f"judgements 'outcome' must be a probability in [0, 1] or NaN (P(candidate is better)); got "
+            f"{bad_outcomes.iloc[0]} at row {bad_outcomes.index[0]}"
         )
     duplicated = frame.duplicated(["method", "prompt_id", "turn"])
     if duplicated.any():

@@ -6,7 +6,6 @@ import json
 import math
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -18,7 +17,7 @@ from dialogsim.backends.transformers_backend import load_tokenizer
 from dialogsim.data import load_prompts
 from envs.build import select_partition
 from refuel.config import RefuelConfig
-from refuel.evaluate import EvaluateConfig, evaluate, judge, score_per_turn
+from refuel.evaluate import EvaluateConfig, evaluate
 from refuel.storage import read_rows
 from refuel.train import run
 
@@ -113,7 +112,7 @@ def test_refuel_iteration_then_evaluation(tmp_path: Path, shared_prompts: Path, 
     )
     paths = evaluate(evaluation)
     rates = pd.read_csv(paths["csv"], dtype={"turn": str})
-    assert paths["csv"] == tmp_path / "eval" / "win_rates.csv"
+    assert paths["csv"] == tmp_path / "eval" / "reward-math" / "win_rates.csv"
     assert list(rates["method"].unique()) == ["iteration_0"]
     assert list(rates["turn"]) == ["1", "2", "avg"]
     assert rates["win_rate"].between(0, 100).all()
@@ -141,55 +140,7 @@ def test_refuel_iteration_then_evaluation(tmp_path: Path, shared_prompts: Path, 
     assert trained_ids.isdisjoint(heldout_ids)
 
 
-# --- evaluation pieces on small inputs (fast) -----------------------------------------------------
-
-
-class _LengthReward:
-    """Stub reward: the length of the last assistant message; records what it was asked to score."""
-
-    def __init__(self) -> None:
-        self.calls: list[list[list[dict[str, str]]]] = []
-
-    def score(self, dialogues: list[list[dict[str, str]]], rows: list[object]) -> list[float]:
-        self.calls.append(dialogues)
-        return [float(len(dialogue[-1]["content"])) for dialogue in dialogues]
-
-
-def _messages(*replies: str) -> list[dict[str, str]]:
-    """A dialogue with one user question before each of ``replies``."""
-    messages = []
-    for index, reply in enumerate(replies):
-        messages += [{"role": "user", "content": f"q{index + 1}"}, {"role": "assistant", "content": reply}]
-    return messages
-
-
-def test_score_per_turn_scores_each_truncation_once() -> None:
-    """Each dialogue is scored truncated at every turn h ≤ its replies, in one call; later turns are NaN."""
-    reward = _LengthReward()
-    simulator = SimpleNamespace(reward=reward, prompts={"a": "row a", "b": "row b"})
-    dialogues = [
-        {"prompt_id": "a", "messages": _messages("x", "yyy")},
-        {"prompt_id": "b", "messages": [*_messages("zz"), {"role": "user", "content": "q2"}]},  # ended early
-    ]
-    scores = score_per_turn(simulator, dialogues, horizon=2)
-    assert len(reward.calls) == 1
-    assert reward.calls[0] == [_messages("x"), _messages("x", "yyy"), _messages("zz")]
-    assert list(scores["prompt_id"]) == ["a", "a", "b", "b"] and list(scores["turn"]) == [1, 2, 1, 2]
-    assert scores["score"].tolist()[:3] == [1.0, 3.0, 2.0] and math.isnan(scores["score"].iloc[3])
-
-
-def test_judge_gives_win_loss_tie_and_invalid() -> None:
-    """judge pairs candidate and baseline scores by (prompt, turn): 1 win, 0 loss, ½ tie, NaN if unscored."""
-    candidate = pd.DataFrame({"prompt_id": ["a", "a", "b", "b"], "turn": [1, 2, 1, 2], "score": [3.0, 1.0, 2.0, 5.0]})
-    baseline = pd.DataFrame(
-        {"prompt_id": ["b", "b", "a", "a"], "turn": [1, 2, 1, 2], "score": [2.0, math.nan, 1.0, 4.0]}
-    )
-    judged = judge(candidate, baseline, "m").set_index(["prompt_id", "turn"])
-    assert judged.loc[("a", 1), "outcome"] == 1.0
-    assert judged.loc[("a", 2), "outcome"] == 0.0
-    assert judged.loc[("b", 1), "outcome"] == 0.5
-    assert math.isnan(judged.loc[("b", 2), "outcome"])
-    assert set(judged["method"]) == {"m"}
+# --- evaluation pieces on small inputs (fast; judge and report pieces are in test_evaluate.py) ---
 
 
 def test_evaluate_keeps_candidates_with_the_same_folder_name_apart(

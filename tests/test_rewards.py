@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,11 +16,15 @@ from conftest import tiny_llama_config
 from dialogsim.messages import Message
 from dialogsim.prompts import PromptRow
 from dialogsim.rewards.base import RewardModel
+from dialogsim.rewards.code_verifier import CodeTestReward, extract_code
 from dialogsim.rewards.embedding import SentenceEmbedder
 from dialogsim.rewards.factory import build_reward_model
 from dialogsim.rewards.math_reward import MathAnswerReward, reference_solution
 from dialogsim.rewards.math_verifier import answers_match, extract_final_answer
-from dialogsim.rewards.sequence_classification import SequenceClassificationReward
+from dialogsim.rewards.null import NoReward
+from dialogsim.rewards.routed import TaskRoutedReward
+from dialogsim.rewards.sandbox import SandboxLimits
+from dialogsim.rewards.sequence_classification import SequenceClassificationReward, reward_values
 
 ROWS_PER_DATASET = 30
 
@@ -265,3 +271,206 @@ def test_sequence_classification_reward_marks_too_long(tiny_reward_model_path: s
     assert math.isfinite(scores[0])
     assert math.isnan(scores[1])
     assert reward.failures == {"too_long": 1}
+
+
+def test_padding_never_uses_an_id_inside_the_batch(tiny_reward_model_path: str) -> None:
+    reward = SequenceClassificationReward(tiny_reward_model_path)
+    ids = [reward.tokenize(_dialogue("18.")), reward.tokenize(_dialogue("It is 18.", "Yes."))]
+    assert reward.preferred_pad_ids[0] in ids[0]  # SmolLM2: pad = EOS = <|im_end|>, which ends every message
+    pad = reward.padding_id(ids)
+    assert all(pad not in sequence for sequence in ids)
+    assert reward.model.config.pad_token_id == reward.preferred_pad_ids[0]  # restored after each forward
+    reward.score([_dialogue("18.")], [MATH_ROW])
+    assert reward.model.config.pad_token_id == reward.preferred_pad_ids[0]
+
+
+# --- reward heads with custom code (ArmoRM style) ---------------------------------------------------
+
+GATED_HEAD_MODULE = "modeling_tiny_gated"
+GATED_HEAD_CODE = '''
+"""A tiny ArmoRM-style reward model: several objectives mixed into `score`, no `logits`, first-pad pooling."""
+from dataclasses import dataclass
+
+import torch
+from transformers import LlamaModel, LlamaPreTrainedModel
+from transformers.utils import ModelOutput
+
+
+@dataclass
+class GatedRewardOutput(ModelOutput):
+    score: torch.FloatTensor | None = None
+    rewards: torch.FloatTensor | None = None
+
+
+class TinyGatedRewardModel(LlamaPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = LlamaModel(config)
+        self.regression_layer = torch.nn.Linear(config.hidden_size, 3, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        hidden = self.model(input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+        last = (torch.eq(input_ids, self.config.pad_token_id).int().argmax(-1) - 1) % input_ids.shape[-1]
+        rewards = self.regression_layer(hidden[torch.arange(input_ids.shape[0]), last])  # [B, 3]
+        return GatedRewardOutput(score=rewards.mean(dim=1), rewards=rewards)  # score: [B]
+'''
+
+
+@pytest.fixture(scope="module")
+def gated_reward_model_path(smollm2_path: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A random-init custom-code reward model whose config maps AutoModelForSequenceClassification to it."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-gated-reward-model")
+    (folder / f"{GATED_HEAD_MODULE}.py").write_text(GATED_HEAD_CODE)
+    spec = importlib.util.spec_from_file_location(GATED_HEAD_MODULE, folder / f"{GATED_HEAD_MODULE}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    config = tiny_llama_config(tokenizer)  # pad = EOS = <|im_end|>, as when a pad token is missing
+    config.auto_map = {"AutoModelForSequenceClassification": f"{GATED_HEAD_MODULE}.TinyGatedRewardModel"}
+    torch.manual_seed(0)
+    module.TinyGatedRewardModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_custom_head_needs_trust_remote_code(gated_reward_model_path: str) -> None:
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        SequenceClassificationReward(gated_reward_model_path)
+
+
+def test_custom_head_score_output_and_first_pad_pooling(gated_reward_model_path: str) -> None:
+    """`.score` is read; padding with an id absent from the dialogues keeps first-pad pooling on the last token."""
+    reward = SequenceClassificationReward(gated_reward_model_path, trust_remote_code=True, batch_size=4)
+    assert type(reward.model).__name__ == "TinyGatedRewardModel"
+    one = _dialogue("18.", "Yes, 18.")
+    other = _dialogue("18.", "No, it is 19 because I added wrong.")  # same first message, different end
+    alone = [reward.score([d], [MATH_ROW])[0] for d in (one, other)]
+    batched = reward.score([one, other, _dialogue("18.")], [MATH_ROW] * 3)
+    assert batched[:2] == pytest.approx(alone, abs=1e-4)
+    assert alone[0] != pytest.approx(alone[1], abs=1e-6)  # pooled at the end, not after the first message
+
+
+def test_reward_values_reads_score_logits_or_tuples() -> None:
+    logits = torch.tensor([[1.0, 9.0], [2.0, 9.0]])
+    assert reward_values(SimpleNamespace(logits=logits)).tolist() == [1.0, 2.0]
+    assert reward_values(SimpleNamespace(score=torch.tensor([0.3, 0.4]), logits=logits)).tolist() == pytest.approx(
+        [0.3, 0.4]
+    )
+    assert reward_values(SimpleNamespace(score=None, logits=logits)).tolist() == [1.0, 2.0]
+    assert reward_values((torch.tensor([[5.0], [6.0]]),)).tolist() == [5.0, 6.0]
+    with pytest.raises(TypeError, match="without a 'score' or 'logits' tensor"):
+        reward_values({"rewards": torch.zeros(2)})
+
+
+# --- code verifier ------------------------------------------------------------------------------------
+
+CODE_ROWS_PER_DATASET = 3
+
+
+def _code_rows(path: Path) -> list[PromptRow]:
+    return _rows(path, "humaneval", CODE_ROWS_PER_DATASET) + _rows(path, "mbpp", CODE_ROWS_PER_DATASET)
+
+
+def _reply_with(code: str, prose: str = "Here is my solution:") -> str:
+    return f"{prose}\n```python\n{code}\n```\nIt handles the examples."
+
+
+def _canonical(row: PromptRow) -> str:
+    """The dataset's own solution as a model would write it (HumanEval: prompt + body, imports left out)."""
+    if row.dataset == "humaneval":
+        lines = row.meta["prompt"].splitlines(keepends=True)
+        return (
+            "".join(line for line in lines if not line.startswith(("from", "import"))) + row.meta["canonical_solution"]
+        )
+    return row.meta["canonical_solution"]
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("```python\ndef f():\n    return 1\n```", "def f():\n    return 1\n"),
+        ("```py\nx = 1\n```\nand\n```\ny = 2\n```", "y = 2\n"),
+        ("```python\ndef f():\n    return 1\n```\nUsage:\n```python\nprint(f())\n```", "def f():\n    return 1\n"),
+        ("```bash\npip install x\n```", None),
+        ("no code at all", None),
+        ("```python\ndef f():\n    return 1", "def f():\n    return 1\n"),  # cut at the token cap
+    ],
+)
+def test_extract_code(reply: str, expected: str | None) -> None:
+    assert extract_code(reply, entry_point="f") == expected
+
+
+def test_code_reward_passes_reference_solutions_and_fails_wrong_ones(shared_prompts: Path) -> None:
+    rows = _code_rows(shared_prompts)
+    reward = CodeTestReward()
+    assert isinstance(reward, RewardModel)
+    right = [_dialogue(_reply_with(_canonical(row)), question=row.instruction) for row in rows]
+    wrong = [
+        _dialogue(_reply_with(f"def {row.meta['entry_point']}(*args):\n    return None"), question=row.instruction)
+        for row in rows
+    ]
+    assert reward.score(right + wrong, rows + rows) == [1.0] * len(rows) + [0.0] * len(rows)
+    assert reward.outcomes == {"passed": len(rows), "failed": len(rows)}
+    assert not reward.failures
+
+
+def test_code_reward_uses_the_latest_code_and_counts_outcomes(shared_prompts: Path) -> None:
+    row = _code_rows(shared_prompts)[-1]  # an MBPP row
+    name = row.meta["entry_point"]
+    reward = CodeTestReward(limits=SandboxLimits(timeout_seconds=3.0))
+    dialogues = [
+        _dialogue(_reply_with(_canonical(row)), "It loops over the input once.", question=row.instruction),
+        _dialogue("I would use a loop.", question=row.instruction),
+        _dialogue(_reply_with(f"import sys\nsys.exit(0)\n{_canonical(row)}"), question=row.instruction),
+        _dialogue(_reply_with(f"def {name}(*args):\n    while True:\n        pass"), question=row.instruction),
+        _dialogue(
+            _reply_with(f"import socket\nsocket.create_connection(('1.1.1.1', 80))\n{_canonical(row)}"),
+            question=row.instruction,
+        ),
+    ]
+    assert reward.score(dialogues, [row] * len(dialogues)) == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert reward.outcomes == {"passed": 1, "no_code": 1, "failed": 1, "timeout": 1, "blocked": 1}
+
+
+def test_code_reward_nan_reasons(shared_prompts: Path) -> None:
+    coding = _code_rows(shared_prompts)[0]
+    no_reference = PromptRow(id="n", task="Coding", dataset="mbpp", instruction="?", reference=None)
+    reward = CodeTestReward()
+    only_user: list[Message] = [{"role": "user", "content": coding.instruction}]
+    scores = reward.score([_dialogue("```python\nx=1\n```")] * 2 + [only_user], [MATH_ROW, no_reference, coding])
+    assert all(math.isnan(score) for score in scores)
+    assert reward.failures == {"unsupported_task:Math_CoT": 1, "no_reference": 1, "no_assistant_reply": 1}
+
+
+# --- routing by task, no reward, the factory ----------------------------------------------------------
+
+
+def test_task_routed_reward_sends_rows_by_task(shared_prompts: Path, math_reward: MathAnswerReward) -> None:
+    coding = _code_rows(shared_prompts)[0]
+    logic = PromptRow(id="l", task="Logic", dataset="hotpotqa", instruction="Who?", reference="Ed Wood")
+    routed = TaskRoutedReward({"Math": math_reward, "Coding": CodeTestReward()})
+    assert isinstance(routed, RewardModel)
+    math_failures = dict(math_reward.failures)
+    scores = routed.score(
+        [_dialogue("\\boxed{18}"), _dialogue(_reply_with(_canonical(coding))), _dialogue("Ed Wood")],
+        [MATH_ROW, coding, logic],
+    )
+    assert scores[0] > 1.0 and scores[1] == 1.0 and math.isnan(scores[2])
+    assert routed.failures - Counter(math_failures) == Counter({"unsupported_task:Logic": 1})
+    with pytest.raises(ValueError, match="at least one route"):
+        TaskRoutedReward({})
+
+
+def test_factory_builds_every_builtin_spec() -> None:
+    assert isinstance(build_reward_model("code"), CodeTestReward)
+    verifier = build_reward_model("verifier")
+    assert isinstance(verifier, TaskRoutedReward) and set(verifier.routes) == {"Math", "Coding"}
+    none = build_reward_model("none")
+    assert isinstance(none, NoReward)
+    assert all(math.isnan(value) for value in none.score([_dialogue("18")], [MATH_ROW]))
+    assert none.failures == {"no_reward": 1}

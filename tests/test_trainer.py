@@ -33,7 +33,7 @@ def load_model(tiny_model_path: str) -> Callable[[], PreTrainedModel]:
     return lambda: AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
 
 
-def _pairs(tokenizer: PreTrainedTokenizerBase, count: int) -> list[dict[str, Any]]:
+def make_pairs(tokenizer: PreTrainedTokenizerBase, count: int) -> list[dict[str, Any]]:
     """``count`` tokenised pairs: s_1 + reply ids + eos, masks on the replies, r − r' alternating 1 and −1.5."""
     rows = []
     for index in range(count):
@@ -107,7 +107,7 @@ def fitted(
     """Validate on the training pairs, train, validate again."""
     config = _config(tmp_path_factory.mktemp("fit"))
     model = load_model()
-    rows = _with_reference(_pairs(tokenizer, 8), model, tokenizer.pad_token_id, config.per_device_batch_size)
+    rows = _with_reference(make_pairs(tokenizer, 8), model, tokenizer.pad_token_id, config.per_device_batch_size)
     initial = _snapshot(model)
     trainer = RefuelTrainer(config, model, tokenizer, rows, rows)  # validate on the training pairs
     before = trainer.validate()
@@ -198,7 +198,7 @@ def test_gradient_accumulation_matches_one_large_batch(
 ) -> None:
     """2 micro-batches of 2 pairs with accumulation 2 step with the gradient and weights of 1 batch of 4."""
     reference_model = load_model()
-    rows = _with_reference(_pairs(tokenizer, 4), reference_model, tokenizer.pad_token_id, 4)
+    rows = _with_reference(make_pairs(tokenizer, 4), reference_model, tokenizer.pad_token_id, 4)
     initial = _snapshot(reference_model)
     common = {"epochs": 1, "learning_rate": 1e-3, "warmup_ratio": 0.0}
     accumulated = _one_step(
@@ -229,10 +229,50 @@ def test_single_step_iteration_updates_the_policy(
 ) -> None:
     """An iteration of one optimizer step (4 pairs, batch 4, default warm-up 10 %) changes the weights."""
     model = load_model()
-    rows = _with_reference(_pairs(tokenizer, 4), model, tokenizer.pad_token_id, 4)
+    rows = _with_reference(make_pairs(tokenizer, 4), model, tokenizer.pad_token_id, 4)
     initial = _snapshot(model)
     config = _config(tmp_path, epochs=1, learning_rate=1e-3, per_device_batch_size=4, warmup_ratio=0.1)
     trainer = RefuelTrainer(config, model, tokenizer, rows, [])
     log = trainer.train()
     assert len(log) == 1
     assert any(not torch.equal(tensor, initial[name]) for name, tensor in model.state_dict().items())
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden:UserWarning")
+def test_gradient_checkpointing_takes_the_same_step(
+    tokenizer: PreTrainedTokenizerBase, load_model: Callable[[], PreTrainedModel], tmp_path: Path
+) -> None:
+    """Recomputing activations in the backward pass changes memory, not the gradient or the step."""
+    rows = _with_reference(make_pairs(tokenizer, 4), load_model(), tokenizer.pad_token_id, 4)
+    common = {"epochs": 1, "learning_rate": 1e-3, "warmup_ratio": 0.0, "per_device_batch_size": 4}
+    plain = _one_step(_config(tmp_path, **common), load_model(), tokenizer, rows)
+    model = load_model()
+    checkpointed = _one_step(_config(tmp_path, gradient_checkpointing=True, **common), model, tokenizer, rows)
+    assert model.is_gradient_checkpointing and not model.config.use_cache
+    assert checkpointed[0].keys() == plain[0].keys()
+    for name, gradient in plain[0].items():
+        torch.testing.assert_close(checkpointed[0][name], gradient, rtol=1e-5, atol=1e-7, msg=name)
+    for name, weight in plain[1].items():
+        torch.testing.assert_close(checkpointed[1][name], weight, rtol=0, atol=1e-6, msg=name)
+
+
+def test_the_launch_must_match_the_configured_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    load_model: Callable[[], PreTrainedModel],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """effective_batch_size, accelerate's accumulation and the memory fields are checked before any work."""
+    rows = make_pairs(tokenizer, 4)
+    batch = {"per_device_batch_size": 2, "gradient_accumulation_steps": 2}
+    with pytest.raises(
+        ValueError, match=r"2 pairs per device × 2 accumulation × 1 processes = 4.*effective_batch_size is 8"
+    ):
+        RefuelTrainer(_config(tmp_path, effective_batch_size=8, **batch), load_model(), tokenizer, rows, [])
+    trainer = RefuelTrainer(_config(tmp_path, effective_batch_size=4, **batch), load_model(), tokenizer, rows, [])
+    assert trainer.effective_batch_size == 4 and trainer.total_steps == 10  # 10 epochs of one step
+    with pytest.raises(ValueError, match="lora_r=-1"):
+        RefuelTrainer(_config(tmp_path, lora_r=-1), load_model(), tokenizer, rows, [])
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "3")  # what `accelerate launch` may set
+    with pytest.raises(ValueError, match="accelerate runs 3 accumulation steps"):
+        RefuelTrainer(_config(tmp_path, **batch), load_model(), tokenizer, rows, [])

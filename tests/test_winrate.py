@@ -9,7 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from refuel.winrate import RATE_COLUMNS, pairwise_outcome, paper_table, per_turn_win_rates, save_report
+from refuel.winrate import (
+    RATE_COLUMNS,
+    count_table,
+    judge_statistics,
+    paper_table,
+    per_turn_win_rates,
+    save_report,
+)
 
 
 def judgements(outcomes_by_turn: dict[int, list[float]], method: str = "refuel") -> pd.DataFrame:
@@ -26,19 +33,11 @@ def row(rates: pd.DataFrame, method: str, turn: str) -> pd.Series:
     return rates[(rates["method"] == method) & (rates["turn"] == turn)].squeeze()
 
 
-@pytest.mark.parametrize(
-    ("candidate", "baseline", "tolerance", "expected"),
-    [(2.0, 1.0, 0.0, 1.0), (1.0, 2.0, 0.0, 0.0), (1.0, 1.0, 0.0, 0.5), (1.05, 1.0, 0.1, 0.5), (1.2, 1.0, 0.1, 1.0)],
-)
-def test_pairwise_outcome_win_loss_tie(candidate: float, baseline: float, tolerance: float, expected: float) -> None:
-    assert pairwise_outcome(candidate, baseline, tie_tolerance=tolerance) == expected
-
-
-def test_pairwise_outcome_nan_and_bad_tolerance() -> None:
-    assert math.isnan(pairwise_outcome(math.nan, 1.0))
-    assert math.isnan(pairwise_outcome(1.0, math.nan))
-    with pytest.raises(ValueError, match="tie_tolerance"):
-        pairwise_outcome(1.0, 2.0, tie_tolerance=-1.0)
+def test_two_prompts_one_win_one_loss_has_the_exact_full_interval() -> None:
+    """Known case: resampled means of 2 prompts are 0, ½, 1 with probability ¼, ½, ¼: the 95 % interval is [0, 100]."""
+    rates = per_turn_win_rates(judgements({1: [1.0, 0.0]}), n_resamples=4000, seed=1)
+    turn_1 = row(rates, "refuel", "1")
+    assert (turn_1["win_rate"], turn_1["ci_low"], turn_1["ci_high"]) == (50.0, 0.0, 100.0)
 
 
 def test_seven_wins_three_losses_matches_manual_percentile_bootstrap() -> None:
@@ -113,7 +112,8 @@ def test_intervals_are_reproducible_from_the_seed() -> None:
     [
         (pd.DataFrame({"method": ["a"], "turn": [1]}), r"missing columns \['prompt_id', 'outcome'\]; got columns"),
         (judgements({0: [1.0, 0.0]}), "integers >= 1"),
-        (judgements({1: [1.0, 0.7]}), "must be 0, 0.5, 1 or NaN"),
+        (judgements({1: [1.0, 1.7]}), r"must be a probability in \[0, 1\] or NaN"),
+        (judgements({1: [-0.1]}), "must be a probability"),
         (pd.concat([judgements({1: [1.0]}), judgements({1: [0.0]})]), "repeated"),
     ],
 )
@@ -154,3 +154,47 @@ def test_report_functions_reject_frames_without_rate_columns(tmp_path: Path) -> 
         paper_table(pd.DataFrame({"method": ["a"]}))
     with pytest.raises(ValueError, match="rates is missing columns"):
         save_report(pd.DataFrame({"method": ["a"]}), tmp_path, "title")
+
+
+def test_probabilities_between_outcomes_are_accepted() -> None:
+    rates = per_turn_win_rates(judgements({1: [0.7, 0.3, 1.0]}), n_resamples=200)
+    assert row(rates, "refuel", "1")["win_rate"] == pytest.approx(200 / 3)
+
+
+def test_count_table_layout() -> None:
+    rates = per_turn_win_rates(judgements({1: [1, 0, 1], 2: [1, math.nan, math.nan]}), n_resamples=100)
+    table = count_table(rates)
+    assert list(table.columns) == ["h=1", "h=2", "avg"]
+    assert table.loc["refuel"].tolist() == ["3", "1 (+2 invalid)", "4 (+2 invalid)"]
+
+
+def test_judge_statistics_of_a_two_order_judge() -> None:
+    frame = pd.DataFrame(
+        {
+            "method": ["a", "a", "a", "a", "b"],
+            "prompt_id": ["p1", "p2", "p3", "p4", "p1"],
+            "turn": [1, 1, 1, 1, 1],
+            "outcome": [1.0, 0.5, math.nan, math.nan, 0.5],
+            "reason": [None, None, "unparsable_verdict", "ended_before_turn", None],
+            "verdict_ab": ["A", "A", None, None, "B"],
+            "verdict_ba": ["B", "A", "B", None, "B"],
+        }
+    )
+    stats = judge_statistics(frame).set_index("method")
+    assert list(stats.index) == ["a", "b", "all"]
+    a = stats.loc["a"]
+    assert (a["pairs"], a["judged"], a["invalid"]) == (4, 2, 2)
+    assert a["invalid_reasons"] == "ended_before_turn: 1; unparsable_verdict: 1"
+    assert a["tie_rate"] == 50.0
+    assert a["position_bias_rate"] == 50.0  # p1 consistent (A, B), p2 followed the slot (A, A)
+    assert a["first_slot_rate"] == pytest.approx(100 * 3 / 5)  # A, B, A, A, B parsed (p4 was never shown)
+    assert a["unparsable_verdicts"] == 1
+    assert stats.loc["all", "position_bias_rate"] == pytest.approx(100 * 2 / 3)
+
+
+def test_judge_statistics_of_a_reward_judge_have_no_position_rates() -> None:
+    frame = judgements({1: [1.0, 0.5, 0.5, math.nan]}).assign(reason=[None, None, None, "reward_nan"])
+    stats = judge_statistics(frame).set_index("method")
+    assert stats.loc["refuel", "tie_rate"] == pytest.approx(200 / 3)
+    assert stats.loc["refuel", "invalid_reasons"] == "reward_nan: 1"
+    assert stats.loc["refuel", ["position_bias_rate", "first_slot_rate", "unparsable_verdicts"]].isna().all()

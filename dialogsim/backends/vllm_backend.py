@@ -54,9 +54,10 @@ class VLLMBackend:
         dtype: engine dtype (``"bfloat16"``, ``"float32"``, ...).
         max_model_len: longest prompt + reply the engine accepts (tokens).
         seed: engine seed (each request is also seeded from ``SamplingParams.seed``).
+        enable_prefix_caching: re-use the KV cache of shared prompt prefixes (off only to measure it).
         engine_kwargs: further ``vllm.LLM`` keyword arguments.
 
-    The engine runs with ``enable_prefix_caching=True``: after a reset to turn h, both replies and
+    The engine runs with prefix caching on by default: after a reset to turn h, both replies and
     their roll-outs re-use the KV cache of the shared dialogue prefix. Identical conversations within
     one ``chat`` call (the two branches of a REFUEL pair) are sent as ONE request with ``n`` samples,
     so their prefill is computed once. ``eager`` mode (no CUDA graphs / compilation) is used on CPU.
@@ -73,6 +74,7 @@ class VLLMBackend:
         dtype: str = "bfloat16",
         max_model_len: int = 4096,
         seed: int = 0,
+        enable_prefix_caching: bool = True,
         **engine_kwargs: Any,
     ) -> None:
         vllm = import_vllm()
@@ -90,7 +92,7 @@ class VLLMBackend:
             seed=seed,
             max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size,
-            enable_prefix_caching=True,
+            enable_prefix_caching=enable_prefix_caching,
             enforce_eager=engine_kwargs.pop("enforce_eager", on_cpu),
             worker_extension_cls="dialogsim.backends.vllm_worker.WeightSyncExtension",
             **engine_kwargs,

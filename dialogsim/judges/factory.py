@@ -47,8 +47,7 @@ def build_judge(
         template: the LLM judge's prompt, ``"compare"`` or ``"letter"`` (see :class:`LLMJudge`).
 
     Raises:
-        ValueError: unknown ``kind`` (or an invalid backend / reward spec, from their factories).
-        KeyError: unknown ``template``.
+        ValueError: unknown ``kind`` or ``template`` (or an invalid backend / reward spec, from their factories).
     """
     if kind == "reward":
         return RewardModelJudge(

@@ -22,7 +22,6 @@ from dialogsim.messages import Message
 from dialogsim.sampling import SamplingParams
 
 UNPARSABLE = "unparsable_verdict"
-LABELS = ("A", "B")
 JUDGE_PROMPT = """\
 Below are two conversations between a user and an AI assistant. Both start with the same first user \
 message; later user messages may differ, because the user reacted to different answers.
@@ -63,16 +62,21 @@ def judge_prompt(
     """The chat sent to the judge model: one user message, :data:`JUDGE_PROMPT` with ``template``'s instructions.
 
     Raises:
-        KeyError: unknown ``template`` (the message lists :data:`INSTRUCTIONS`).
+        ValueError: unknown ``template`` (the message lists :data:`INSTRUCTIONS`).
     """
-    if template not in INSTRUCTIONS:
-        raise KeyError(f"unknown judge template {template!r}; choose one of {', '.join(INSTRUCTIONS)}")
+    check_template(template)
     content = JUDGE_PROMPT.format(
         conversation_a=render_transcript(conversation_a),
         conversation_b=render_transcript(conversation_b),
         instructions=INSTRUCTIONS[template],
     )
     return [{"role": "user", "content": content}]
+
+
+def check_template(template: str) -> None:
+    """Raise ``ValueError`` unless ``template`` names one of :data:`INSTRUCTIONS`."""
+    if template not in INSTRUCTIONS:
+        raise ValueError(f"unknown judge template {template!r}; choose one of {', '.join(INSTRUCTIONS)}")
 
 
 def parse_verdict(reply: str) -> tuple[str | None, str]:
@@ -137,7 +141,7 @@ class LLMJudge:
             "compare" replies were unparsable, "letter" replies parsed but always named slot A).
 
     Raises:
-        KeyError: unknown ``template``.
+        ValueError: unknown ``template``.
     """
 
     def __init__(
@@ -147,8 +151,7 @@ class LLMJudge:
         sampling: SamplingParams | None = None,
         template: str = "compare",
     ) -> None:
-        if template not in INSTRUCTIONS:
-            raise KeyError(f"unknown judge template {template!r}; choose one of {', '.join(INSTRUCTIONS)}")
+        check_template(template)
         self.backend = backend
         self.name = name
         self.sampling = sampling or DEFAULT_SAMPLING

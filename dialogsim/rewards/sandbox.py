@@ -46,7 +46,6 @@ CHILD_SCRIPT = Path(sandbox_child.__file__).resolve()
 NAMESPACE_PREFIX = ("unshare", "--net", "--mount", "--propagation", "private", "--")
 PROGRAM_NAME = "program.py"
 _FILE_TOO_LARGE = f"[Errno {errno.EFBIG}]"  # Python ignores SIGXFSZ, so RLIMIT_FSIZE shows as this OSError
-STATUSES = ("ok", "error", "timeout", "memory_limit", "output_limit", "blocked", "setup_failed")
 
 
 @dataclass(frozen=True)

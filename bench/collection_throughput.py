@@ -1,0 +1,218 @@
+"""Benchmark REFUEL roll-outs: collection throughput per engine, pair cost, engine start and weight sync.
+
+Usage (the README's numbers)::
+
+    python bench/collection_throughput.py --pairs 32 --repeats 3
+
+Prints three tables, each figure the median over ``--repeats`` runs made in this one invocation:
+
+(a) dialogue tokens/s of REFUEL collection (policy + simulated-user tokens generated, per wall
+    second) for a sequential one-conversation-at-a-time loop on transformers, the batched vector env
+    on transformers, and the batched vector env on vLLM; ratios to the sequential loop and to
+    batched transformers.
+(b) wall time of one REFUEL pair (roll-in to h ~ U{1..H}, reset, y and y', two roll-outs) relative
+    to one full dialogue of the same horizon H, both run in batches of ``--pairs``, on transformers
+    and on vLLM with and without prefix caching.
+(c) engine start and live weight-sync times (seconds).
+
+The policy and the simulated user are the default model (SmolLM2-135M-Instruct), on the same engine
+kind within a configuration; the reward is the default math reward. Run it alone: other processes
+on the CPU distort every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from gymnasium.vector import AutoresetMode
+from transformers import AutoModelForCausalLM
+
+from dialogsim.backends.base import ChatBackend, Completion
+from dialogsim.backends.transformers_backend import TransformersBackend, load_tokenizer
+from dialogsim.data import default_prompt_file, load_prompts
+from dialogsim.messages import Message
+from dialogsim.models import DEFAULT_MODEL, resolve_model
+from dialogsim.prompts import PromptRow
+from dialogsim.rewards.base import RewardModel
+from dialogsim.rewards.factory import build_reward_model
+from dialogsim.sampling import SamplingParams
+from dialogsim.simulator import DialogueSimulator, EpisodeConfig
+from dialogsim.user import UserSimulator
+from envs.vector_env import VectorDialogueEnv
+from refuel.collect import collect_pairs
+from refuel.rollout import draw_seed
+
+
+class CountingBackend:
+    """Wraps a backend; counts generated tokens; ``sequential=True`` sends one conversation per call."""
+
+    def __init__(self, inner: ChatBackend, sequential: bool = False) -> None:
+        self.inner, self.sequential = inner, sequential
+        self.name = getattr(inner, "name", type(inner).__name__)
+        self.tokens = 0
+
+    def chat(self, conversations: list[list[Message]], sampling: SamplingParams) -> list[Completion]:
+        """Delegate (one call, or one call per conversation) and count the generated tokens."""
+        batches = [[c] for c in conversations] if self.sequential else [conversations]
+        completions = [c for batch in batches for c in self.inner.chat(batch, sampling)]
+        self.tokens += sum(len(c.token_ids) for c in completions)
+        return completions
+
+
+class Setup:
+    """Policy and user engines of one configuration, and simulators over the shared parts."""
+
+    def __init__(self, policy: ChatBackend, user: ChatBackend, sequential: bool = False) -> None:
+        self.policy = CountingBackend(policy, sequential)
+        self.user = CountingBackend(user, sequential)
+
+    def simulator(self, parts: tuple[list[PromptRow], RewardModel, Any], **episode: Any) -> DialogueSimulator:
+        """A simulator on the shared prompts and reward with this setup's user engine."""
+        rows, reward, tokenizer = parts
+        return DialogueSimulator(rows, UserSimulator(self.user, "student"), reward, EpisodeConfig(**episode), tokenizer)
+
+    def tokens(self) -> int:
+        """Tokens generated so far by the policy and the user."""
+        return self.policy.tokens + self.user.tokens
+
+
+def timed(run: Callable[[], Any]) -> float:
+    """Wall time of ``run()`` (seconds)."""
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+def collection_rate(
+    setup: Setup, parts: Any, pairs: int, max_horizon: int, sampling: SamplingParams, seed: int
+) -> float:
+    """Dialogue tokens/s of collecting ``pairs`` REFUEL pairs in one batch."""
+    simulator = setup.simulator(parts, max_horizon=max_horizon)
+    before = setup.tokens()
+    seconds = timed(lambda: collect_pairs(simulator, setup.policy, pairs, sampling, seed=seed, batch_size=pairs))
+    return (setup.tokens() - before) / seconds
+
+
+def run_dialogues(
+    simulator: DialogueSimulator, policy: ChatBackend, count: int, sampling: SamplingParams, seed: int
+) -> None:
+    """Run ``count`` full dialogues together on the vector env to their (fixed) horizon."""
+    env = VectorDialogueEnv(count, simulator=simulator, autoreset_mode=AutoresetMode.DISABLED)
+    rng = np.random.default_rng(seed)
+    observations, infos = env.reset(seed=seed)
+    while infos["active"].any():
+        active = np.flatnonzero(infos["active"])
+        replies = policy.chat([list(observations[i]) for i in active], sampling.with_seed(draw_seed(rng)))
+        actions = [""] * count
+        for i, reply in zip(active, replies, strict=True):
+            actions[i] = reply.text
+        observations, _, _, _, infos = env.step(actions)
+
+
+def pair_cost(setup: Setup, parts: Any, count: int, horizon: int, sampling: SamplingParams, seed: int) -> float:
+    """Wall time of ``count`` REFUEL pairs over that of ``count`` full dialogues, horizon H fixed."""
+    simulator = setup.simulator(parts, max_horizon=horizon, horizon=horizon)
+    dialogues = timed(lambda: run_dialogues(simulator, setup.policy, count, sampling, seed))
+    pairs = timed(lambda: collect_pairs(simulator, setup.policy, count, sampling, seed=seed, batch_size=count))
+    return pairs / dialogues
+
+
+def median_over(repeats: int, measure: Callable[[int], float]) -> float:
+    """Median of ``measure(seed)`` over seeds 0..repeats−1."""
+    return statistics.median(measure(seed) for seed in range(repeats))
+
+
+def vllm_engine(model: str, prefix_caching: bool = True) -> Any:
+    """A vLLM engine for ``model`` (imported here: vLLM is optional)."""
+    from dialogsim.backends.vllm_backend import VLLMBackend
+
+    return VLLMBackend(model, kv_cache_gib=2, max_model_len=4096, enable_prefix_caching=prefix_caching)
+
+
+def weight_sync_seconds(engine: Any, model: str) -> float:
+    """Time of a live weight sync of ``engine`` to a saved copy of ``model``'s weights."""
+    with tempfile.TemporaryDirectory() as folder:
+        AutoModelForCausalLM.from_pretrained(resolve_model(model), dtype=torch.bfloat16).save_pretrained(folder)
+        return engine.load_weights(Path(folder))
+
+
+def main() -> None:
+    """Parse flags, run every configuration, print the three tables."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--pairs", type=int, default=32, help="pairs per batch (64 conversations in the roll-outs)")
+    parser.add_argument("--sequential-pairs", type=int, default=4, help="pairs of the sequential loop (it is slow)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-horizon", type=int, default=2, help="H ~ U{1..max} in (a)")
+    parser.add_argument("--horizon", type=int, default=3, help="fixed H in (b)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="policy reply cap (tokens)")
+    parser.add_argument("--skip-vllm", action="store_true")
+    args = parser.parse_args()
+    sampling = SamplingParams(temperature=0.8, max_new_tokens=args.max_new_tokens)
+    tokenizer = load_tokenizer(args.model)
+    rows, _ = load_prompts(
+        default_prompt_file(), tasks=["Math_CoT"], datasets=["gsm8k"], tokenizer=tokenizer, max_prompt_tokens=384
+    )
+    parts = (rows[:256], build_reward_model("math"), tokenizer)
+
+    started = {}
+    started["transformers"] = timed(lambda: TransformersBackend(args.model))
+    policy, user = TransformersBackend(args.model), TransformersBackend(args.model)
+    setups = {
+        "sequential transformers": Setup(policy, user, sequential=True),
+        "batched transformers": Setup(policy, user),
+    }
+    sync = {"transformers": weight_sync_seconds(policy, args.model)}
+    if not args.skip_vllm:
+        engines = [vllm_engine(args.model) for _ in range(2)]
+        started["vllm"] = engines[0].start_seconds
+        sync["vllm"] = weight_sync_seconds(engines[0], args.model)
+        setups["batched vLLM"] = Setup(*engines)
+
+    rates = {}
+    for name, setup in setups.items():
+        pairs = args.sequential_pairs if setup.policy.sequential else args.pairs
+        rates[name] = median_over(
+            args.repeats, lambda seed, s=setup, p=pairs: collection_rate(s, parts, p, args.max_horizon, sampling, seed)
+        )
+    table_a = pd.DataFrame({"tokens/s": rates})
+    table_a["× sequential"] = table_a["tokens/s"] / rates["sequential transformers"]
+    table_a["× batched transformers"] = table_a["tokens/s"] / rates["batched transformers"]
+    print(
+        f"\n(a) REFUEL collection, batch {args.pairs} pairs, H ~ U{{1..{args.max_horizon}}}, median of {args.repeats}"
+    )
+    print(table_a.round(2).to_string())
+
+    costs = {
+        "transformers": median_over(
+            args.repeats,
+            lambda seed: pair_cost(setups["batched transformers"], parts, args.pairs, args.horizon, sampling, seed),
+        )
+    }
+    if not args.skip_vllm:
+        costs["vLLM, prefix caching"] = median_over(
+            args.repeats,
+            lambda seed: pair_cost(setups["batched vLLM"], parts, args.pairs, args.horizon, sampling, seed),
+        )
+        plain = Setup(*(vllm_engine(args.model, prefix_caching=False) for _ in range(2)))
+        costs["vLLM, no prefix caching"] = median_over(
+            args.repeats, lambda seed: pair_cost(plain, parts, args.pairs, args.horizon, sampling, seed)
+        )
+    print(f"\n(b) wall time of one REFUEL pair / one full dialogue, H = {args.horizon}, batch {args.pairs}")
+    print(pd.DataFrame({"pair / dialogue": costs}).round(2).to_string())
+
+    print("\n(c) engine start and live weight sync (seconds)")
+    print(pd.DataFrame({"start": started, "weight sync": sync}).round(2).to_string())
+
+
+if __name__ == "__main__":
+    main()

