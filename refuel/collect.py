@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,7 +99,7 @@ def collect_pairs(
     rollin_policy: ChatBackend | None = None,
     reset_turn: str = "uniform",
 ) -> CollectionResult:
-    """Collect up to ``n_pairs`` REFUEL pairs with the current policy π_t.
+    """Collect up to ``n_pairs`` REFUEL pairs with the current policy π_t, in memory.
 
     Args:
         simulator: the conversation simulator (prompts, simulated user, reward, episode rules).
@@ -112,21 +113,51 @@ def collect_pairs(
         reset_turn: see :func:`plan_reset_points`.
 
     Returns:
-        The kept pairs as dicts (see :func:`pair_record`) and the drop counts.
+        The kept pairs as dicts (see :func:`pair_record`) and the drop counts, merged over the
+        batches of :func:`iter_pair_batches`.
     """
-    rng = np.random.default_rng(seed)
-    points = plan_reset_points(simulator, n_pairs, rng, reset_turn)
-    env = VectorDialogueEnv(2 * batch_size, simulator=simulator, autoreset_mode=AutoresetMode.DISABLED)
     result = CollectionResult()
-    for start in tqdm(range(0, n_pairs, batch_size), desc="collect pairs", unit="batch"):
+    batches = iter_pair_batches(simulator, policy, n_pairs, sampling, seed, batch_size, rollin_policy, reset_turn)
+    for _, batch in batches:
+        result.pairs += batch.pairs
+        result.dropped.update(batch.dropped)
+    return result
+
+
+def iter_pair_batches(
+    simulator: DialogueSimulator,
+    policy: ChatBackend,
+    n_pairs: int,
+    sampling: SamplingParams,
+    seed: int,
+    batch_size: int = 32,
+    rollin_policy: ChatBackend | None = None,
+    reset_turn: str = "uniform",
+    skip: frozenset[int] = frozenset(),
+) -> Iterator[tuple[int, CollectionResult]]:
+    """Yield ``(batch index, that batch's pairs and drops)`` one batch at a time (streaming).
+
+    Arguments as in :func:`collect_pairs`. All reset points are planned from ``seed`` first, and
+    batch b's backend calls are seeded from ``(seed, b)`` alone, so any batch can be (re)run on its
+    own: batches in ``skip`` (e.g. already on disk) are not run, and the others come out exactly as
+    in an uninterrupted run.
+    """
+    points = plan_reset_points(simulator, n_pairs, np.random.default_rng(seed), reset_turn)
+    env = VectorDialogueEnv(2 * batch_size, simulator=simulator, autoreset_mode=AutoresetMode.DISABLED)
+    starts = range(0, n_pairs, batch_size)
+    for index, start in enumerate(tqdm(starts, desc="collect pairs", unit="batch")):
+        if index in skip:
+            continue
+        rng = np.random.default_rng([seed, index])
         batch = _run_batch(env, policy, rollin_policy or policy, points[start : start + batch_size], sampling, rng)
+        result = CollectionResult()
         for snapshot, branches in batch:
             reason = _drop_reason(branches)
             if reason:
                 result.dropped[reason] += 1
             else:
                 result.pairs.append(pair_record(snapshot, branches))
-    return result
+        yield index, result
 
 
 def _run_batch(

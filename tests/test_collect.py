@@ -18,7 +18,7 @@ from dialogsim.rewards.math_reward import MathAnswerReward
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator, EpisodeConfig
 from dialogsim.user import UserSimulator
-from refuel.collect import CollectionResult, collect_pairs, plan_reset_points
+from refuel.collect import CollectionResult, collect_pairs, iter_pair_batches, plan_reset_points
 from refuel.pairs import tokenize_pair
 
 N_PAIRS = 4
@@ -192,3 +192,11 @@ def test_rollin_policy_generates_turns_before_h_only(simulator: DialogueSimulato
         assert pair["turn"] == pair["horizon"]  # reset at the last turn
     assert len(learner.calls) >= 1 and all(len(call) % 2 == 0 for call in learner.calls), "y and y' together"
     assert max(turns) < max(turn for call in learner.calls for turn in call)
+
+
+def test_any_batch_reruns_alone_exactly(simulator: DialogueSimulator, policy: TransformersBackend) -> None:
+    """Batch b depends only on (seed, b): skipping batch 0 (already on disk) leaves batch 1 unchanged."""
+    full = dict(iter_pair_batches(simulator, policy, N_PAIRS, SAMPLING, seed=5, batch_size=2))
+    resumed = dict(iter_pair_batches(simulator, policy, N_PAIRS, SAMPLING, seed=5, batch_size=2, skip=frozenset({0})))
+    assert list(full) == [0, 1] and list(resumed) == [1]
+    assert resumed[1].pairs == full[1].pairs and resumed[1].dropped == full[1].dropped
