@@ -1,4 +1,4 @@
-"""The REFUEL regression loss and its diagnostics (pure functions on tensors)."""
+"""The REFUEL regression loss, the DPO baseline loss and their diagnostics (pure functions on tensors)."""
 
 from __future__ import annotations
 
@@ -36,9 +36,7 @@ def refuel_loss(
     Raises:
         ValueError: the inputs do not all have the same shape ``[B]``.
     """
-    shapes = {tuple(t.shape) for t in (logp, logp_prime, ref_logp, ref_logp_prime, reward, reward_prime)}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
-        raise ValueError(f"all REFUEL loss inputs must share one shape [B]; got shapes {sorted(shapes)}")
+    _check_pair_shapes(logp, logp_prime, ref_logp, ref_logp_prime, reward, reward_prime)
     relative_log_ratio = (logp - ref_logp) - (logp_prime - ref_logp_prime)  # [B]
     relative_reward = eta * (reward - reward_prime)  # [B]
     return ((relative_log_ratio - relative_reward) ** 2).mean()
@@ -56,3 +54,44 @@ def sign_agreement(relative_log_ratio: torch.Tensor, relative_reward: torch.Tens
         return float("nan")
     agree = torch.sign(relative_log_ratio[informative]) == torch.sign(relative_reward[informative])
     return agree.float().mean().item()
+
+
+def dpo_loss(
+    logp: torch.Tensor,
+    logp_prime: torch.Tensor,
+    ref_logp: torch.Tensor,
+    ref_logp_prime: torch.Tensor,
+    reward: torch.Tensor,
+    reward_prime: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """DPO on reward-ranked pairs (the paper's DPO-LT baseline): the higher-reward reply is chosen.
+
+    Per pair (Rafailov et al. 2023, Eq. 7, with π_t as the reference policy):
+
+        −ln σ(β · sign(r − r') · ((ln π(y|s_h) − ln π_t(y|s_h)) − (ln π(y'|s_h) − ln π_t(y'|s_h))))
+
+    Pairs with r = r' state no preference and are left out of the mean.
+
+    Args:
+        logp, logp_prime, ref_logp, ref_logp_prime, reward, reward_prime: as in :func:`refuel_loss`, ``[B]``.
+        beta: β, the inverse temperature of the implicit reward (per nat).
+
+    Returns:
+        Scalar loss (nats); 0 (still differentiable) when no pair has r ≠ r'.
+
+    Raises:
+        ValueError: the inputs do not all have the same shape ``[B]``.
+    """
+    _check_pair_shapes(logp, logp_prime, ref_logp, ref_logp_prime, reward, reward_prime)
+    relative_log_ratio = (logp - ref_logp) - (logp_prime - ref_logp_prime)  # [B]
+    preference = torch.sign(reward - reward_prime)  # [B]: +1 y chosen, −1 y' chosen, 0 tie
+    losses = -torch.nn.functional.logsigmoid(beta * preference * relative_log_ratio)  # [B]
+    informative = preference != 0
+    return (losses * informative).sum() / informative.sum().clamp(min=1)
+
+
+def _check_pair_shapes(*tensors: torch.Tensor) -> None:
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        raise ValueError(f"all pair-loss inputs must share one shape [B]; got shapes {sorted(shapes)}")

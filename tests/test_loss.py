@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from refuel.logprobs import masked_sequence_logprobs
-from refuel.loss import refuel_loss, sign_agreement
+from refuel.loss import dpo_loss, refuel_loss, sign_agreement
 
 # --- refuel_loss --------------------------------------------------------------------------------
 
@@ -202,3 +202,20 @@ def test_masked_sequence_logprobs_unchanged_by_padding(tiny_model: PreTrainedMod
     # a mask-free row contributes exactly 0
     empty = masked_sequence_logprobs(tiny_model, input_ids, attention_mask, torch.zeros_like(loss_mask), 0.8)
     assert empty.tolist() == [0.0, 0.0]
+
+
+def test_dpo_loss_prefers_the_higher_reward_reply_and_skips_ties() -> None:
+    """DPO: −ln σ(β·sign(r−r')·Δ) averaged over pairs with r ≠ r'; the gradient raises the chosen reply."""
+    logp = torch.tensor([-1.0, -2.0, -3.0], requires_grad=True)
+    logp_prime = torch.tensor([-1.5, -1.0, -3.0])
+    ref = torch.tensor([-1.2, -1.8, -2.0])
+    ref_prime = torch.tensor([-1.2, -1.1, -2.5])
+    reward, reward_prime = torch.tensor([1.0, 0.2, 0.5]), torch.tensor([0.0, 0.7, 0.5])  # chosen: y, y', tie
+    loss = dpo_loss(logp, logp_prime, ref, ref_prime, reward, reward_prime, beta=0.5)
+    delta = (logp - ref) - (logp_prime - ref_prime)
+    expected = -(torch.nn.functional.logsigmoid(0.5 * delta[0]) + torch.nn.functional.logsigmoid(-0.5 * delta[1])) / 2
+    assert loss.item() == pytest.approx(expected.item())
+    loss.backward()
+    assert logp.grad[0] < 0 < logp.grad[1] and logp.grad[2] == 0  # descent: ln π(y) up in pair 0, down in 1
+    all_ties = dpo_loss(logp, logp_prime, ref, ref_prime, reward, reward, beta=0.5)
+    assert all_ties.item() == 0.0 and all_ties.requires_grad
