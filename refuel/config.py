@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from dialogsim.backends.factory import BACKENDS
 
+METHODS = ("refuel", "rebel_lt", "dpo_lt")
+
 
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
@@ -47,6 +49,14 @@ class RefuelConfig:
     )
     vllm_kv_cache_gib: float = field(default=4.0, metadata=_help("vLLM KV-cache space per engine on CPU (GiB)"))
     vllm_tensor_parallel_size: int = field(default=1, metadata=_help("vLLM tensor-parallel GPUs per engine"))
+    method: str = field(
+        default="refuel",
+        metadata=_help(
+            "refuel (roll in with π_t, h ~ U{1..H}) | rebel_lt / dpo_lt (paper's last-turn baselines: "
+            "roll in with π_ref = the initial policy, reset at h = H, REBEL regression / DPO loss)"
+        ),
+    )
+    dpo_beta: float = field(default=0.1, metadata=_help("β of the DPO loss (method dpo_lt)"))
     eta: float = field(default=10.0, metadata=_help("η in the REFUEL loss (paper: 1e3 with raw ArmoRM scores)"))
     learning_rate: float = field(default=1e-6, metadata=_help("AdamW learning rate (paper: 3e-7 for 8B)"))
     adam_beta1: float = field(default=0.9, metadata=_help("AdamW β1"))
@@ -85,6 +95,8 @@ class RefuelConfig:
             "per_device_batch_size": self.per_device_batch_size >= 1,
             "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
             "backend": self.backend in ("transformers", "vllm"),
+            "method": self.method in METHODS,
+            "dpo_beta": self.dpo_beta > 0,
             "user_backend": self.user_backend in BACKENDS,
             "user_base_url": self.user_backend != "openai" or bool(self.user_base_url),
         }

@@ -68,17 +68,29 @@ class PolicyEngine:
     def __init__(self, config: RefuelConfig) -> None:
         self.config = config
         self.backend: WeightSyncBackend | None = None
+        self.reference: WeightSyncBackend | None = None
+
+    def rollin_policy(self) -> WeightSyncBackend | None:
+        """π_ref's engine (the initial policy, never updated) for the last-turn baselines; ``None`` for REFUEL."""
+        if self.config.method == "refuel":
+            return None
+        if self.reference is None:
+            self.reference = self._build(resolve_model(self.config.policy_model))
+        return self.reference
+
+    def _build(self, policy_path: str) -> WeightSyncBackend:
+        return build_backend(
+            self.config.backend,
+            policy_path,
+            kv_cache_gib=self.config.vllm_kv_cache_gib,
+            tensor_parallel_size=self.config.vllm_tensor_parallel_size,
+        )
 
     def serving(self, policy_path: str, stats: dict[str, Any]) -> WeightSyncBackend:
         """The engine with π_t = the weights in ``policy_path``; records start or sync time (seconds) in ``stats``."""
         started = time.perf_counter()
         if self.backend is None:
-            self.backend = build_backend(
-                self.config.backend,
-                policy_path,
-                kv_cache_gib=self.config.vllm_kv_cache_gib,
-                tensor_parallel_size=self.config.vllm_tensor_parallel_size,
-            )
+            self.backend = self._build(policy_path)
             stats["engine_start_seconds"] = time.perf_counter() - started
         elif self.backend.name != policy_path:
             stats["weight_sync_seconds"] = self.backend.load_weights(policy_path)
@@ -103,6 +115,8 @@ def prepare_pairs(
         policy_sampling(config),
         seed=config.seed + 1000 * iteration,
         batch_size=config.generation_batch_size,
+        rollin_policy=engine.rollin_policy(),
+        reset_turn="uniform" if config.method == "refuel" else "last",
     )
     stats["collection_seconds"] = time.perf_counter() - started
     stats["dropped"] = dict(result.dropped)
