@@ -3,6 +3,7 @@
 Run directory layout (every file written atomically; a re-run resumes after the last finished stage)::
 
     <output_dir>/config.json
+    <output_dir>/iteration_<t>/shards/          collection in progress: one shard per batch + manifest.json
     <output_dir>/iteration_<t>/pairs.jsonl      collected pairs with token ids, masks (and π_t log-probs)
     <output_dir>/iteration_<t>/collection.json  drops by reason, user parse rate, tokenisation checks
     <output_dir>/iteration_<t>/metrics.json     drops by reason, validation before/after, step log
@@ -27,14 +28,16 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, set_seed
 from dialogsim.backends.base import WeightSyncBackend
 from dialogsim.backends.factory import build_backend
 from dialogsim.backends.transformers_backend import load_tokenizer
+from dialogsim.dialogue import fingerprint
 from dialogsim.models import resolve_model
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
-from envs.build import build_simulator_from
+from envs.build import SHARED_FIELDS, build_simulator_from
 from refuel.cli import parse_config
-from refuel.collect import collect_pairs
+from refuel.collect import iter_pair_batches
 from refuel.config import RefuelConfig
 from refuel.pairs import tokenize_pair
+from refuel.shards import PairShards
 from refuel.storage import read_rows, write_json, write_rows
 from refuel.trainer import RefuelTrainer
 
@@ -97,18 +100,40 @@ class PolicyEngine:
         return self.backend
 
 
+COLLECTION_FIELDS = (
+    *SHARED_FIELDS,
+    "pairs_per_iteration",
+    "max_horizon",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "generation_batch_size",
+    "backend",
+    "method",
+    "seed",
+)
+
+
 def prepare_pairs(
     config: RefuelConfig, simulator: DialogueSimulator, engine: PolicyEngine, iteration: int, stats: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """Collect and tokenise pairs with π_t; reuse ``pairs.jsonl`` if a previous run wrote it."""
+    """Collect and tokenise pairs with π_t; reuse ``pairs.jsonl`` if a previous run wrote it.
+
+    Collection streams batch by batch into crash-safe shards (:class:`~refuel.shards.PairShards`):
+    a restarted run collects only the batches that are not on disk yet.
+    """
     path = Path(config.output_dir) / f"iteration_{iteration}" / "pairs.jsonl"
     if path.exists():
         logger.info("resuming: reusing %s", path)
         stats.update(json.loads(path.with_name("collection.json").read_text()))
         return read_rows(path)
     policy_path = stats["policy_in"]
+    settings = {name: getattr(config, name) for name in COLLECTION_FIELDS} | {"policy": policy_path}
+    shards = PairShards(path.with_name("shards"), fingerprint(settings))
+    if shards.done():
+        logger.info("resuming: %d collected batches on disk in %s", len(shards.done()), shards.folder)
     started = time.perf_counter()
-    result = collect_pairs(
+    batches = iter_pair_batches(
         simulator,
         engine.serving(policy_path, stats),
         config.pairs_per_iteration,
@@ -117,7 +142,11 @@ def prepare_pairs(
         batch_size=config.generation_batch_size,
         rollin_policy=engine.rollin_policy(),
         reset_turn="uniform" if config.method == "refuel" else "last",
+        skip=shards.done(),
     )
+    for index, batch in batches:
+        shards.write(index, batch)
+    result = shards.read()
     stats["collection_seconds"] = time.perf_counter() - started
     stats["dropped"] = dict(result.dropped)
     stats["user_parse_rate"] = simulator.user.parse_rate
