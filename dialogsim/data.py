@@ -14,8 +14,14 @@ Fields other than ``id, task, dataset, instruction, reference, split, meta`` go 
 Sources are local ``.jsonl`` / ``.json`` / ``.parquet`` files, local dataset folders and hub dataset
 ids, all read through :func:`datasets.load_dataset`, so caching is the ``datasets`` cache.
 
+Offline dialogues (the reset states of dataset resets, :func:`load_offline_dialogues`) come through the
+same machinery from any source with a list of chat messages per row: a ``messages`` column of
+``{"role", "content"}`` dicts (common chat datasets), or UltraInteract_pair's multi-turn ``trajectory``
+of ``{"from", "value"}`` turns. Each is mapped to a prompt row the simulator knows (see there).
+
 >>> rows, report = load_prompts(default_prompt_file(), tasks=["Math_CoT"], datasets=["gsm8k"])
 >>> train, evaluation = split_train_eval(rows, eval_fraction=0.1, seed=0)
+>>> dialogues, report = load_offline_dialogues("openbmb/UltraInteract_pair", rows)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -26,7 +32,6 @@ import logging
 import os
 import random
 import re
-import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -35,7 +40,8 @@ from typing import TYPE_CHECKING, Any
 
 from datasets import load_dataset
 
-from dialogsim.prompts import PromptRow
+from dialogsim.messages import ROLES, Message, MessageFormatError, count_turns, validate_messages
+from dialogsim.prompts import OfflineDialogue, PromptRow, instruction_key
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -51,6 +57,28 @@ OPTIONAL_TEXT_FIELDS = ("reference", "split")
 ROW_FIELDS = frozenset({"id", "task", "dataset", "instruction", "reference", "split", "meta"})
 TOKENIZE_BATCH = 256
 EXAMPLE_ROW = '{"id": "q1", "task": "Math_CoT", "dataset": "gsm8k", "instruction": "What is 2+2?", "reference": "4"}'
+EXAMPLE_DIALOGUE = (
+    '{"id": "d1", "messages": [{"role": "user", "content": "What is 2+2?"}, '
+    '{"role": "assistant", "content": "5"}, {"role": "user", "content": "Are you sure?"}]}'
+)
+DIALOGUE_COLUMNS = ("messages", "trajectory")
+PROMPT_DROPS = (
+    ("task", "filtered_task"),
+    ("dataset", "filtered_dataset"),
+    ("split", "filtered_split"),
+    ("duplicate", "duplicate"),
+    ("over token budget", "over_token_budget"),
+    ("over limit", "over_limit"),
+)
+DIALOGUE_DROPS = (
+    ("malformed", "malformed"),
+    ("roles not alternating", "roles_not_alternating"),
+    ("empty", "empty"),
+    ("duplicate", "duplicate"),
+    ("no prompt row", "no_prompt_row"),
+    ("over token budget", "over_token_budget"),
+    ("over limit", "over_limit"),
+)
 INSTRUCTION_HELP = (
     "every row needs the user turn as a non-empty string 'instruction' (prompt format, UltraInteract_sft) "
     "or a 'trajectory' list whose first {'from': 'user'} turn holds it (UltraInteract_pair)"
@@ -64,10 +92,15 @@ class PromptFormatError(ValueError):
 
 @dataclass
 class LoadReport:
-    """What :func:`load_prompts` read, dropped (per reason, first reason wins) and kept.
+    """What :func:`load_prompts` or :func:`load_offline_dialogues` read, dropped (per reason, first
+    reason wins) and kept.
 
-    ``rows_read == rows_kept + filtered_task + filtered_dataset + filtered_split + duplicate
-    + over_token_budget + over_limit``.
+    ``rows_read == rows_kept + dropped``, where ``dropped`` sums the reasons of the ``kind``:
+    prompts: ``filtered_task, filtered_dataset, filtered_split, duplicate, over_token_budget,
+    over_limit``; dialogues: ``malformed`` (not a list of ``{role, content}`` string messages with
+    known roles), ``roles_not_alternating``, ``empty`` (no dialogue, no user message, or an empty
+    message), ``duplicate`` (same messages as an earlier row), ``no_prompt_row`` (no prompt row of the
+    simulator matches it), ``over_token_budget``, ``over_limit``.
     """
 
     source: str
@@ -79,13 +112,24 @@ class LoadReport:
     over_token_budget: int = 0
     over_limit: int = 0
     rows_kept: int = 0
+    malformed: int = 0
+    roles_not_alternating: int = 0
+    empty: int = 0
+    no_prompt_row: int = 0
+    kind: str = "prompts"
+
+    @property
+    def dropped(self) -> int:
+        """Rows dropped for any reason of this report's ``kind``."""
+        return sum(getattr(self, name) for _, name in self._drops)
+
+    @property
+    def _drops(self) -> tuple[tuple[str, str], ...]:
+        return DIALOGUE_DROPS if self.kind == "dialogues" else PROMPT_DROPS
 
     def __str__(self) -> str:
-        return (
-            f"{self.source}: kept {self.rows_kept} of {self.rows_read} prompts (dropped: task {self.filtered_task}, "
-            f"dataset {self.filtered_dataset}, split {self.filtered_split}, duplicate {self.duplicate}, "
-            f"over token budget {self.over_token_budget}, over limit {self.over_limit})"
-        )
+        reasons = ", ".join(f"{label} {getattr(self, name)}" for label, name in self._drops)
+        return f"{self.source}: kept {self.rows_kept} of {self.rows_read} {self.kind} (dropped: {reasons})"
 
 
 def default_prompt_file() -> Path:
@@ -178,6 +222,88 @@ def load_prompts(
     return rows, report
 
 
+def load_offline_dialogues(
+    source: str | Path,
+    prompts: Sequence[PromptRow],
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    max_dialogue_tokens: int | None = None,
+    max_turns: int | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    shuffle: bool = False,
+    cache_dir: str | None = None,
+) -> tuple[list[OfflineDialogue], LoadReport]:
+    """Read offline dialogues (the reset states of dataset resets), each mapped to one of ``prompts``.
+
+    Row schemas: a ``messages`` list of ``{"role", "content"}`` dicts (roles ``system`` / ``user`` /
+    ``assistant``, as in common chat datasets), or UltraInteract_pair's ``trajectory`` list of
+    ``{"from", "value"}`` turns. A row is kept when its messages are strings with known roles (else
+    ``malformed``), alternate user / assistant from a user message after an optional leading system
+    message (else ``roles_not_alternating``), and it has a user message and no empty message (else
+    ``empty``). Each kept dialogue is cut after its last usable user message: the ``max_turns``-th if
+    given (pass the simulator's ``max_horizon``), else the last one, so it ends with a user message.
+    Then, in order: dialogues repeating an earlier one's messages are dropped (``duplicate``; pair
+    datasets repeat a trajectory once per reply pair); each is mapped to a prompt row (else
+    ``no_prompt_row``); the cut dialogue plus the generation prompt must fit ``max_dialogue_tokens``
+    (else ``over_token_budget``); shuffle with ``seed``; keep the first ``limit``. Bad rows are counted
+    in the report and skipped, never raised. The report is logged at INFO.
+
+    Mapping to a prompt row (the reward scores a dialogue against its row's ``reference``): a row's
+    own string field ``prompt_id`` names the row when present; otherwise the first user message is
+    matched to a row's ``instruction`` by :func:`dialogsim.prompts.instruction_key` (NFKC, case and
+    whitespace folded). So pass the simulator's prompt rows (``list(simulator.prompts.values())``);
+    to use a chat dataset whose prompts are not in the prompt file, add its first user messages to
+    the prompt file as rows (with references where the reward needs them).
+
+    Args:
+        source: a ``.jsonl`` / ``.json`` / ``.parquet`` file, a local dataset folder or a hub dataset id
+            (split ``train``), e.g. ``openbmb/UltraInteract_pair``.
+        prompts: the prompt rows dialogues may belong to.
+        tokenizer: the policy's tokenizer (chat template), used with ``max_dialogue_tokens``.
+        max_dialogue_tokens: token budget of a cut dialogue (tokens); needs ``tokenizer``.
+        max_turns: keep at most this many user messages per dialogue (the largest reset turn).
+        limit: keep at most this many dialogues (after everything else).
+        seed / shuffle: shuffle the kept dialogues, deterministically given ``seed``.
+        cache_dir: ``datasets`` cache folder; ``None`` uses the ``datasets`` default.
+
+    Returns:
+        The kept dialogues (``id`` from the row's string ``id`` field, else ``row-<index>``; made
+        unique with ``#<index>``) and a :class:`LoadReport` of kind ``"dialogues"``.
+
+    Raises:
+        FileNotFoundError: ``source`` is neither a file, a folder nor a hub id.
+        PromptFormatError: the source is empty, not JSON objects (file, line), or has neither a
+            ``messages`` nor a ``trajectory`` column.
+        ConnectionError: a hub id could not be reached (offline).
+        ValueError: bad sizes, or no dialogue is left.
+    """
+    _check_sizes(limit=limit, max_dialogue_tokens=max_dialogue_tokens, max_turns=max_turns)
+    if max_dialogue_tokens is not None and tokenizer is None:
+        logger.warning("max_dialogue_tokens=%d is ignored: no tokenizer was given", max_dialogue_tokens)
+    records, locate = _read_records(source, cache_dir, DIALOGUE_ROWS)
+    if not any(column in records[0] for column in DIALOGUE_COLUMNS):
+        raise PromptFormatError(
+            f"{locate(0)}: offline dialogues need a 'messages' column of {{role, content}} dicts or an "
+            f"UltraInteract_pair 'trajectory' column; found columns {sorted(records[0])}; e.g. {EXAMPLE_DIALOGUE}"
+        )
+    report = LoadReport(source=str(source), rows_read=len(records), kind="dialogues")
+    dialogues = _dialogues_from_records(records, prompts, max_turns, report)
+    if tokenizer is not None and max_dialogue_tokens is not None:
+        counts = chat_token_counts([d.messages for d in dialogues], tokenizer)
+        kept = [d for d, count in zip(dialogues, counts, strict=True) if count <= max_dialogue_tokens]
+        report.over_token_budget, dialogues = len(dialogues) - len(kept), kept
+    if shuffle:
+        random.Random(seed).shuffle(dialogues)
+    if limit is not None:
+        report.over_limit, dialogues = max(0, len(dialogues) - limit), dialogues[:limit]
+    report.rows_kept = len(dialogues)
+    logger.info("%s", report)
+    if not dialogues:
+        raise ValueError(f"no offline dialogues left: {report}; see LoadReport for what each reason means")
+    return dialogues, report
+
+
 def split_train_eval(
     rows: Sequence[PromptRow],
     eval_fraction: float | None = None,
@@ -234,7 +360,12 @@ def _check_arguments(
     for name, values in (("tasks", tasks), ("datasets", datasets), ("splits", splits)):
         if isinstance(values, str):
             raise TypeError(f"{name} must be a list of strings, e.g. [{values!r}], not the string {values!r}")
-    for name, value in (("limit", limit), ("max_prompt_tokens", max_prompt_tokens)):
+    _check_sizes(limit=limit, max_prompt_tokens=max_prompt_tokens)
+
+
+def _check_sizes(**sizes: int | None) -> None:
+    """Raise ValueError for a size that is given and < 1."""
+    for name, value in sizes.items():
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1 or None, got {value}")
 
@@ -242,11 +373,26 @@ def _check_arguments(
 # ---- reading ----------------------------------------------------------------------------------
 
 
-def _read_records(source: str | Path, cache_dir: str | None) -> tuple[list[dict[str, Any]], Callable[[int], str]]:
-    """Load raw rows with ``datasets`` and a function naming where row ``i`` came from."""
+@dataclass(frozen=True)
+class _RowSchema:
+    """How the reader pre-checks rows of a JSON file: ``check(record, where)`` raises
+    PromptFormatError for a row that cannot be read at all; ``example`` is a valid row for messages."""
+
+    check: Callable[[object, str], None]
+    example: str
+
+
+def _read_records(
+    source: str | Path, cache_dir: str | None, schema: _RowSchema | None = None
+) -> tuple[list[dict[str, Any]], Callable[[int], str]]:
+    """Load raw rows with ``datasets`` and a function naming where row ``i`` came from.
+
+    ``schema`` defaults to the prompt rows' (:data:`PROMPT_ROWS`).
+    """
+    schema = schema or PROMPT_ROWS
     path = Path(source).expanduser()
     if path.is_file():
-        return _read_file(path, cache_dir)
+        return _read_file(path, cache_dir, schema)
     looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) is not None
     if path.is_dir() or (looks_like_hub_id and path.suffix.lower() not in FILE_BUILDERS):
         return _read_dataset(str(source), cache_dir)
@@ -256,15 +402,17 @@ def _read_records(source: str | Path, cache_dir: str | None) -> tuple[list[dict[
     )
 
 
-def _read_file(path: Path, cache_dir: str | None) -> tuple[list[dict[str, Any]], Callable[[int], str]]:
+def _read_file(
+    path: Path, cache_dir: str | None, schema: _RowSchema
+) -> tuple[list[dict[str, Any]], Callable[[int], str]]:
     """Load a local file; JSON files are pre-validated first so that errors carry line numbers."""
     builder = FILE_BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise PromptFormatError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json or .parquet")
-    locations = _prevalidate_json(path) if builder == "json" else None
+    locations = _prevalidate_json(path, schema) if builder == "json" else None
     records = load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir).to_list()
     if not records:
-        raise PromptFormatError(f"{path}: the file holds no rows; expected rows such as {EXAMPLE_ROW}")
+        raise PromptFormatError(f"{path}: the file holds no rows; expected rows such as {schema.example}")
     return records, (locations.__getitem__ if locations else partial(_row_location, str(path)))
 
 
@@ -284,34 +432,38 @@ def _row_location(source: str, index: int) -> str:
     return f"{source}, row {index} (0-based)"
 
 
-def _prevalidate_json(path: Path) -> list[str]:
-    """Check every row of a JSON Lines file (or JSON array); return each row's location, in order."""
+def _prevalidate_json(path: Path, schema: _RowSchema | None = None) -> list[str]:
+    """Check every row of a JSON Lines file (or JSON array); return each row's location, in order.
+
+    ``schema`` defaults to the prompt rows' (:data:`PROMPT_ROWS`).
+    """
+    schema = schema or PROMPT_ROWS
     data = path.read_bytes()
     if not data.strip():
-        raise PromptFormatError(f"{path}: the file is empty; expected one JSON object per line, e.g. {EXAMPLE_ROW}")
+        raise PromptFormatError(f"{path}: the file is empty; expected one JSON object per line, e.g. {schema.example}")
     if data.lstrip()[:1] == b"[":
-        return _prevalidate_array(path, data)
+        return _prevalidate_array(path, data, schema)
     locations = []
     for number, line in enumerate(data.split(b"\n"), start=1):
         if line.strip():
             where = f"{path}, line {number}"
-            _check_record(_parse_json(line, where), where)
+            schema.check(_parse_json(line, where, schema.example), where)
             locations.append(where)
     return locations
 
 
-def _prevalidate_array(path: Path, data: bytes) -> list[str]:
+def _prevalidate_array(path: Path, data: bytes, schema: _RowSchema) -> list[str]:
     """Check a ``.json`` file holding one JSON array of rows; locations are 0-based element indices."""
-    records = _parse_json(data, str(path))
+    records = _parse_json(data, str(path), schema.example)
     if not isinstance(records, list) or not records:
-        raise PromptFormatError(f"{path}: expected a non-empty JSON array of rows such as {EXAMPLE_ROW}")
+        raise PromptFormatError(f"{path}: expected a non-empty JSON array of rows such as {schema.example}")
     locations = [f"{path}, element {index} (0-based)" for index in range(len(records))]
     for record, where in zip(records, locations, strict=True):
-        _check_record(record, where)
+        schema.check(record, where)
     return locations
 
 
-def _parse_json(raw: bytes, where: str) -> Any:
+def _parse_json(raw: bytes, where: str, example: str = EXAMPLE_ROW) -> Any:
     """Decode UTF-8 and parse JSON, raising PromptFormatError with the column and the nearest field."""
     try:
         text = raw.decode("utf-8")
@@ -331,7 +483,7 @@ def _parse_json(raw: bytes, where: str) -> Any:
         else:
             position, fix = (
                 f"column {error.colno}",
-                f"each row must be one complete JSON object on one line, e.g. {EXAMPLE_ROW}",
+                f"each row must be one complete JSON object on one line, e.g. {example}",
             )
         raise PromptFormatError(f"{where}: invalid JSON at {position}{near} ({error.msg}); {fix}") from None
 
@@ -472,17 +624,12 @@ def _filter_fields(
     return rows
 
 
-def _normalise(text: str) -> str:
-    """Instruction key for deduplication: NFKC, case-folded, whitespace runs collapsed to one space."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
-
-
 def _dedupe(rows: list[PromptRow], report: LoadReport) -> list[PromptRow]:
     """Keep the first row of each normalised instruction."""
     seen: set[str] = set()
     kept = []
     for row in rows:
-        key = _normalise(row.instruction)
+        key = instruction_key(row.instruction)
         if key not in seen:
             seen.add(key)
             kept.append(row)
@@ -497,11 +644,22 @@ def prompt_token_counts(instructions: Sequence[str], tokenizer: PreTrainedTokeni
     template's default system prompt is counted. Raises what ``apply_chat_template`` raises, e.g.
     ValueError for a tokenizer without a chat template.
     """
+    return chat_token_counts([[{"role": "user", "content": text}] for text in instructions], tokenizer)
+
+
+def chat_token_counts(conversations: Sequence[Sequence[Message]], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Length in tokens of each chat-templated conversation plus the generation prompt.
+
+    Tokenised in batches of :data:`TOKENIZE_BATCH` through ``tokenizer.apply_chat_template``. Raises
+    what ``apply_chat_template`` raises.
+    """
     counts: list[int] = []
-    for start in range(0, len(instructions), TOKENIZE_BATCH):
-        conversations = [[{"role": "user", "content": text}] for text in instructions[start : start + TOKENIZE_BATCH]]
+    for start in range(0, len(conversations), TOKENIZE_BATCH):
         encoded = tokenizer.apply_chat_template(
-            conversations, add_generation_prompt=True, tokenize=True, return_dict=True
+            [list(c) for c in conversations[start : start + TOKENIZE_BATCH]],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
         )
         counts.extend(len(ids) for ids in encoded["input_ids"])
     return counts
@@ -515,3 +673,115 @@ def _drop_over_budget(
     kept = [row for row, count in zip(rows, counts, strict=True) if count <= max_prompt_tokens]
     report.over_token_budget = len(rows) - len(kept)
     return kept
+
+
+# ---- offline dialogues ------------------------------------------------------------------------
+
+
+def _check_object(record: object, where: str) -> None:
+    """An offline-dialogue row must at least be a JSON object (its dialogue is checked later, leniently)."""
+    if not isinstance(record, dict):
+        raise PromptFormatError(
+            f"{where}: expected a JSON object such as {EXAMPLE_DIALOGUE}, got a JSON {_json_type(record)}"
+        )
+
+
+def _raw_dialogue(record: dict[str, Any]) -> Any:
+    """The row's ``messages``, else its ``trajectory`` as ``{role, content}`` dicts (``None`` if neither)."""
+    if record.get("messages") is not None:
+        return record["messages"]
+    trajectory = record.get("trajectory")
+    if not isinstance(trajectory, list):
+        return trajectory
+    return [
+        {"role": turn.get("from"), "content": turn.get("value")} if isinstance(turn, dict) else turn
+        for turn in trajectory
+    ]
+
+
+def _dialogue_problem(raw: Any) -> str | None:
+    """The LoadReport reason a raw dialogue is unusable for, or ``None`` when it is a valid dialogue."""
+    if raw is None or (isinstance(raw, list) and not raw):
+        return "empty"
+    well_typed = isinstance(raw, list) and all(
+        isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in raw
+    )
+    if not well_typed:
+        return "malformed"
+    if any(not m["content"].strip() for m in raw) or count_turns(raw) == 0:
+        return "empty"
+    try:
+        validate_messages(raw)
+    except MessageFormatError:
+        return "roles_not_alternating"
+    return None
+
+
+def _cut(messages: list[Message], max_turns: int | None) -> tuple[Message, ...]:
+    """The messages up to and including the last (or the ``max_turns``-th) user message, as ``{role, content}``."""
+    turns = count_turns(messages) if max_turns is None else min(max_turns, count_turns(messages))
+    cut: list[Message] = []
+    for message in messages:
+        if message["role"] == "user":
+            if turns == 0:
+                break
+            turns -= 1
+        cut.append({"role": message["role"], "content": message["content"]})
+    while cut[-1]["role"] != "user":
+        cut.pop()
+    return tuple(cut)
+
+
+def _prompt_id_of(
+    record: dict[str, Any], messages: tuple[Message, ...], by_id: set[str], by_key: dict[str, str]
+) -> str | None:
+    """The id of the prompt row a dialogue belongs to, or ``None`` (see :func:`load_offline_dialogues`)."""
+    named = record.get("prompt_id")
+    if isinstance(named, str) and named:
+        return named if named in by_id else None
+    first_user = next(m["content"] for m in messages if m["role"] == "user")
+    return by_key.get(instruction_key(first_user))
+
+
+def _dialogues_from_records(
+    records: list[dict[str, Any]], prompts: Sequence[PromptRow], max_turns: int | None, report: LoadReport
+) -> list[OfflineDialogue]:
+    """Check, cut, deduplicate and map every row; count the drops in ``report``."""
+    by_id = {row.id for row in prompts}
+    by_key: dict[str, str] = {}
+    for row in prompts:
+        by_key.setdefault(instruction_key(row.instruction), row.id)
+    seen: set[tuple[tuple[str, str], ...]] = set()
+    ids: set[str] = set()
+    dialogues = []
+    for index, record in enumerate(records):
+        raw = _raw_dialogue(record)
+        problem = _dialogue_problem(raw)
+        if problem is not None:
+            setattr(report, problem, getattr(report, problem) + 1)
+            continue
+        messages = _cut(raw, max_turns)
+        key = tuple((m["role"], m["content"]) for m in messages)
+        if key in seen:
+            report.duplicate += 1
+            continue
+        seen.add(key)
+        prompt_id = _prompt_id_of(record, messages, by_id, by_key)
+        if prompt_id is None:
+            report.no_prompt_row += 1
+            continue
+        dialogue_id = _dialogue_id(record, index, ids)
+        ids.add(dialogue_id)
+        dialogues.append(OfflineDialogue(dialogue_id, prompt_id, messages))
+    return dialogues
+
+
+def _dialogue_id(record: dict[str, Any], index: int, taken: set[str]) -> str:
+    """The row's string ``id`` (else ``row-<index>``), with ``#<index>`` appended if already taken."""
+    named = record.get("id")
+    dialogue_id = named if isinstance(named, str) and named else f"row-{index}"
+    return f"{dialogue_id}#{index}" if dialogue_id in taken else dialogue_id
+
+
+PROMPT_ROWS = _RowSchema(_check_record, EXAMPLE_ROW)
+DIALOGUE_ROWS = _RowSchema(_check_object, EXAMPLE_DIALOGUE)

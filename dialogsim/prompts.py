@@ -1,9 +1,12 @@
-"""The prompt row: one UltraInteract-format prompt that starts a dialogue."""
+"""The prompt row (one UltraInteract-format prompt that starts a dialogue) and the offline dialogue."""
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
+
+from dialogsim.messages import Message, count_turns
 
 
 @dataclass(frozen=True)
@@ -28,3 +31,52 @@ class PromptRow:
     reference: str | None = None
     split: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+def instruction_key(text: str) -> str:
+    """Key under which two instructions are the same prompt: NFKC, case-folded, whitespace runs collapsed.
+
+    Used to deduplicate prompts and to match an offline dialogue's first user message to its prompt row.
+    """
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+@dataclass(frozen=True)
+class OfflineDialogue:
+    """A dialogue from a dataset whose prefixes serve as reset states (DR-PO-style dataset resets).
+
+    The prefix s_k is the dialogue up to and including its k-th user message; a dataset reset
+    restores s_k in the environment, the learner replies at turn h = k and the simulated user goes on
+    from there. Load these with :func:`dialogsim.data.load_offline_dialogues`.
+
+    Attributes:
+        id: the dialogue's id (the source row's ``id``, else ``row-<index>``), recorded in the pairs.
+        prompt_id: id of the prompt row it belongs to (the reward model scores against that row's
+            ``reference``); the simulator's prompt table must hold it.
+        messages: the longest usable prefix: an optional system message, then alternating user /
+            assistant messages, ending with a user message (``turns`` user messages).
+    """
+
+    id: str
+    prompt_id: str
+    messages: tuple[Message, ...]
+
+    @property
+    def turns(self) -> int:
+        """K: the number of user messages, i.e. the largest reset turn k this dialogue offers."""
+        return count_turns(list(self.messages))
+
+    def prefix(self, turn: int) -> list[Message]:
+        """s_k: the messages up to and including the ``turn``-th user message (a fresh copy).
+
+        Raises:
+            ValueError: ``turn`` outside 1..turns.
+        """
+        if not 1 <= turn <= self.turns:
+            raise ValueError(f"offline dialogue {self.id!r} has {self.turns} user messages; turn {turn} is not one")
+        users = 0
+        for index, message in enumerate(self.messages):
+            users += message["role"] == "user"
+            if users == turn:
+                return [dict(m) for m in self.messages[: index + 1]]  # type: ignore[misc]
+        raise AssertionError("unreachable: turn <= turns")

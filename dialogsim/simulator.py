@@ -14,7 +14,8 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from dialogsim.dialogue import DialogueState, SnapshotError, fingerprint
-from dialogsim.prompts import PromptRow
+from dialogsim.messages import Message, count_turns, validate_messages
+from dialogsim.prompts import PromptRow, instruction_key
 from dialogsim.rewards.base import RewardModel
 from dialogsim.user import UserSimulator
 
@@ -97,27 +98,43 @@ class DialogueSimulator:
         )
 
     def new_state(self, rng: np.random.Generator, options: dict[str, Any] | None = None) -> DialogueState:
-        """Start a dialogue: the prompt's instruction is the first user message (state s_1).
+        """Start a dialogue: the prompt's instruction is the first user message (state s_1), or a given prefix.
 
-        ``options`` may hold ``prompt_id`` (else drawn uniformly) and ``horizon`` (else the config's).
+        ``options`` may hold ``prompt_id`` (else drawn uniformly), ``horizon`` (else the config's) and
+        ``prefix``: a dialogue s_k to start from instead of s_1 (e.g. an offline dialogue's first k user
+        messages, see :class:`dialogsim.prompts.OfflineDialogue`): an optional system message, then
+        alternating user / assistant messages ending with a user message, whose first user message is
+        the prompt's instruction (up to :func:`~dialogsim.prompts.instruction_key`). It needs
+        ``prompt_id`` (the row whose reference scores the dialogue); the episode goes on at turn
+        h = k, and without ``horizon`` H is drawn uniformly from k..max_horizon. The user RNG is
+        seeded from ``rng`` as for a fresh start.
 
         Raises:
             KeyError: unknown ``prompt_id``.
-            ValueError: ``horizon`` outside 1..max_horizon.
+            ValueError: ``horizon`` outside 1..max_horizon; a ``prefix`` without ``prompt_id``, not a
+                valid dialogue ending with a user message, of another prompt, or with more user
+                messages than ``horizon``.
         """
         options = options or {}
+        prefix = options.get("prefix")
         prompt_id = options.get("prompt_id")
+        if prompt_id is None and prefix is not None:
+            raise ValueError("options['prefix'] needs options['prompt_id']: the prompt row whose reference scores it")
         if prompt_id is None:
             prompt_id = self.prompt_ids[int(rng.integers(len(self.prompt_ids)))]
         elif prompt_id not in self.prompts:
             raise KeyError(f"unknown prompt_id {prompt_id!r}; it is not among the env's {len(self.prompts)} prompts")
+        instruction = self.prompts[prompt_id].instruction
+        messages = [{"role": "user", "content": instruction}] if prefix is None else _check_prefix(prefix, instruction)
         horizon = options.get("horizon", self.config.horizon)
         if horizon is None:
-            horizon = int(rng.integers(1, self.config.max_horizon + 1))
-        if not isinstance(horizon, int) or not 1 <= horizon <= self.config.max_horizon:
-            raise ValueError(f"options['horizon'] must be an int in 1..{self.config.max_horizon}, got {horizon!r}")
+            horizon = int(rng.integers(count_turns(messages), self.config.max_horizon + 1))
+        if not isinstance(horizon, int) or not count_turns(messages) <= horizon <= self.config.max_horizon:
+            raise ValueError(
+                f"options['horizon'] must be an int in {count_turns(messages)}..{self.config.max_horizon} "
+                f"(the start has {count_turns(messages)} user messages), got {horizon!r}"
+            )
         seed = int(rng.integers(2**63))
-        messages = [{"role": "user", "content": self.prompts[prompt_id].instruction}]
         return DialogueState(prompt_id, messages, horizon, np.random.Generator(np.random.PCG64(seed)))
 
     def restore(self, snapshot: Any) -> DialogueState:
@@ -189,3 +206,21 @@ class DialogueSimulator:
         for i, user_turn in zip(going_on, turns, strict=True):
             states[i].messages.append({"role": "user", "content": user_turn.text})
             outcomes[i].info["user_parsed"] = user_turn.parsed
+
+
+def _check_prefix(prefix: Any, instruction: str) -> list[Message]:
+    """A copy of a start prefix s_k, checked (see :meth:`DialogueSimulator.new_state`).
+
+    Raises:
+        ValueError: (a :class:`~dialogsim.messages.MessageFormatError` for the format) naming the problem.
+    """
+    messages = validate_messages(prefix, where="options['prefix']")
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError("options['prefix'] must end with a user message (the state s_k the policy answers)")
+    first_user = next(m["content"] for m in messages if m["role"] == "user")
+    if instruction_key(first_user) != instruction_key(instruction):
+        raise ValueError(
+            f"options['prefix'] starts with the user message {first_user!r:.60}, which is not the instruction "
+            f"{instruction!r:.60} of options['prompt_id']; pair each prefix with its own prompt row"
+        )
+    return messages

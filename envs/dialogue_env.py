@@ -43,6 +43,10 @@ class DialogueEnv(gym.Env):
     by ``horizon`` or drawn uniformly from 1..``max_horizon`` (or ``options["horizon"]``).
     ``reset(options={"snapshot": s})`` restores the state s_h saved by :meth:`snapshot`: the same
     messages, turn, horizon and user RNG, so the next user message is the same for the same reply.
+    ``reset(options={"prefix": messages, "prompt_id": id})`` starts from a message prefix s_k instead
+    of s_1 (e.g. the first k user messages of an offline dialogue, ending with a user message; H is
+    ``options["horizon"]`` or drawn from k..max_horizon): the policy answers turn k and the simulated
+    user continues the dialogue from there (see :meth:`DialogueSimulator.new_state`).
 
     ## Episode End
     Terminated after the assistant reply of turn H. Truncated when the chat-templated dialogue
@@ -91,7 +95,15 @@ class DialogueEnv(gym.Env):
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[tuple[dict[str, str], ...], dict[str, Any]]:
-        """Start a dialogue, or restore ``options["snapshot"]``; see the class docstring."""
+        """Start a dialogue (from s_1 or ``options["prefix"]``), or restore ``options["snapshot"]``.
+
+        See the class docstring, ``## Starting State``.
+
+        Raises:
+            KeyError: unknown ``options["prompt_id"]``.
+            ValueError: a bad ``horizon`` or ``prefix`` (see :meth:`DialogueSimulator.new_state`).
+            SnapshotError: a corrupted or foreign snapshot.
+        """
         super().reset(seed=seed)
         options = options or {}
         if "snapshot" in options:

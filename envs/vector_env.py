@@ -32,8 +32,10 @@ class VectorDialogueEnv(VectorEnv):
       two roll-outs from one roll-in.
 
     ``reset(options=...)`` accepts ``{"snapshots": [s_0, ..., s_{N-1}]}`` (restore each
-    sub-environment), ``{"prompt_ids": [...]}``, ``{"horizons": [...]}`` (entries may be ``None``) and
-    ``{"reset_mask": bool array [N]}`` (reset only those; the default resets all). ``infos`` holds
+    sub-environment), ``{"prompt_ids": [...]}``, ``{"horizons": [...]}``, ``{"prefixes": [...]}``
+    (start from a message prefix s_k, e.g. of an offline dialogue, with its ``prompt_ids`` entry; see
+    :meth:`DialogueSimulator.new_state`) (entries may be ``None``) and ``{"reset_mask": bool array
+    [N]}`` (reset only those; the default resets all). A snapshot wins over the other entries. ``infos`` holds
     per-env arrays of ``turn``, ``horizon``, ``prompt_id`` and ``active`` (a dialogue is in progress)
     and a list of ``snapshot`` values (``None`` where no dialogue is in progress). A sub-environment
     that was never started observes an empty dialogue ``()``.
@@ -80,19 +82,22 @@ class VectorDialogueEnv(VectorEnv):
         """Start (or restore) the N dialogues, or the masked ones; see the class docstring for ``options``.
 
         Raises:
-            ValueError: an ``options`` list or mask whose length is not ``num_envs``.
+            ValueError: an ``options`` list or mask whose length is not ``num_envs``; a bad prefix or
+                horizon (see :meth:`DialogueSimulator.new_state`).
+            KeyError: an unknown prompt id.
         """
         super().reset(seed=seed if isinstance(seed, int) or seed is None else int(seed[0]))
         options = options or {}
         snapshots = self._per_env(options, "snapshots")
         prompt_ids = self._per_env(options, "prompt_ids")
         horizons = self._per_env(options, "horizons")
+        prefixes = self._per_env(options, "prefixes")
         mask = self._per_env(options, "reset_mask") if "reset_mask" in options else [True] * self.num_envs
         for i in (i for i in range(self.num_envs) if mask[i]):
             if snapshots[i] is not None:
                 self.states[i] = self.simulator.restore(snapshots[i])
             else:
-                start = {"prompt_id": prompt_ids[i], "horizon": horizons[i]}
+                start = {"prompt_id": prompt_ids[i], "horizon": horizons[i], "prefix": prefixes[i]}
                 self.states[i] = self.simulator.new_state(
                     self.np_random, {key: value for key, value in start.items() if value is not None}
                 )

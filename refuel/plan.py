@@ -323,6 +323,11 @@ def make_plan(
     policy_engine = config.backend + (
         f" (tensor parallel {config.vllm_tensor_parallel_size})" if config.backend == "vllm" else ""
     )
+    objective = {
+        "refuel": f"REFUEL regression, η = {config.eta:g}",
+        "rebel_lt": f"REBEL-LT regression on last-turn pairs rolled in with π_0, η = {config.eta:g}",
+        "dpo_lt": f"DPO-LT on last-turn pairs rolled in with π_0, β = {getattr(config, 'dpo_beta', float('nan')):g}",
+    }.get(getattr(config, "method", "refuel"), str(getattr(config, "method", "refuel")))
     tasks = "all" if config.tasks is None else ", ".join(config.tasks)
     datasets = "all" if config.datasets is None else ", ".join(config.datasets)
     plan.lines += [
@@ -344,7 +349,7 @@ def make_plan(
         f"≤ {steps * config.iterations} in all",
         f"optimizer      AdamW lr {config.learning_rate:g}, β ({config.adam_beta1}, {config.adam_beta2}), "
         f"weight decay {config.weight_decay:g}, gradient clipping {config.max_grad_norm}",
-        f"REFUEL loss    η = {config.eta:g}; π_t log-probs once per iteration before the steps (no reference model)",
+        f"objective      {objective}; π_t log-probs once per iteration before the steps (no reference model)",
         f"memory         {', '.join(memory)}",
         f"output         {config.output_dir}/iteration_<t>/policy (π_(t+1), a plain save_pretrained folder)",
     ]

@@ -169,7 +169,11 @@ def split_validation(rows: list[dict[str, Any]], fraction: float, seed: int) -> 
 def train_iteration(
     config: RefuelConfig, rows: list[dict[str, Any]], policy_path: str, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[RefuelTrainer, dict[str, Any]]:
-    """Gradient steps π_t → π_{t+1} with validation before and after."""
+    """Gradient steps π_t → π_{t+1} with validation before and after.
+
+    π_t is loaded as a plain fp32 model (master weights; ``mixed_precision`` sets the compute precision),
+    also with LoRA: merged adapter updates would be rounded away in 16-bit weights.
+    """
     train_rows, val_rows = split_validation(rows, config.validation_fraction, config.seed)
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
     trainer = RefuelTrainer(config, model, tokenizer, train_rows, val_rows)
@@ -183,6 +187,8 @@ def train_iteration(
         "validation_after": after["validation"],
         "train_fit_before": before["train"],
         "train_fit_after": after["train"],
+        "processes": trainer.accelerator.num_processes,
+        "effective_batch_size": trainer.effective_batch_size,
         "steps": log,
     }
     return trainer, metrics

@@ -38,7 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_sc
 
 from refuel.config import RefuelConfig
 from refuel.logprobs import masked_sequence_logprobs
-from refuel.loss import refuel_loss, sign_agreement
+from refuel.loss import dpo_loss, refuel_loss, sign_agreement
 from refuel.pairs import pad_pairs, reference_logprobs
 from refuel.plan import check_memory_options
 
@@ -94,7 +94,7 @@ def apply_memory_options(model: PreTrainedModel, config: RefuelConfig) -> torch.
 
 
 class RefuelTrainer:
-    """Fits π_{t+1} to the REFUEL least-squares objective on one iteration's pairs.
+    """Fits π_{t+1} to the REFUEL least-squares objective on one iteration's pairs (DPO's for ``dpo_lt``).
 
     Args:
         config: run configuration (optimizer, schedule, batch sizes, η, temperature, memory options).
@@ -114,6 +114,7 @@ class RefuelTrainer:
         ValueError: no training pairs; invalid memory options; the launch gives another accumulation
             or effective batch than the config; LoRA with a sharded engine (DeepSpeed, FSDP).
         ImportError: LoRA without ``peft``.
+        RuntimeError: ``accelerate`` sharded the pairs otherwise than the step count assumes.
     """
 
     def __init__(
@@ -231,14 +232,20 @@ class RefuelTrainer:
         return pad_pairs(rows, self.pad_id)
 
     def _pair_terms(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Loss, relative log-ratio ``[B]`` and relative reward ``[B]`` of a batch of pairs."""
+        """Loss, relative log-ratio ``[B]`` and relative reward ``[B]`` of a batch of pairs.
+
+        The loss is REFUEL's regression (also REBEL-LT's, on last-turn pairs), or DPO's for ``dpo_lt``.
+        """
         logp = masked_sequence_logprobs(
             self.model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], self.config.temperature
         )  # [2B]
         logp_y, logp_y_prime = torch.tensor_split(logp, 2)  # [B], [B]
         ref_y, ref_y_prime = torch.tensor_split(batch["ref_logp"].to(logp.dtype), 2)
         reward, reward_prime = torch.tensor_split(batch["reward"].to(logp.dtype), 2)
-        loss = refuel_loss(logp_y, logp_y_prime, ref_y, ref_y_prime, reward, reward_prime, self.config.eta)
+        if self.config.method == "dpo_lt":
+            loss = dpo_loss(logp_y, logp_y_prime, ref_y, ref_y_prime, reward, reward_prime, self.config.dpo_beta)
+        else:
+            loss = refuel_loss(logp_y, logp_y_prime, ref_y, ref_y_prime, reward, reward_prime, self.config.eta)
         return loss, (logp_y - ref_y) - (logp_y_prime - ref_y_prime), reward - reward_prime
 
     @torch.no_grad()

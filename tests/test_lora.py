@@ -112,8 +112,8 @@ def test_iteration_1_starts_from_the_merged_iteration_0_policy(
     collected_with: list[str] = []
     starts: list[torch.Tensor] = []
 
-    def fake_prepare_pairs(config: RefuelConfig, simulator: Any, policy_path: str, iteration: int, stats: dict):
-        collected_with.append(policy_path)
+    def fake_prepare_pairs(config: RefuelConfig, simulator: Any, policy: Any, iteration: int, stats: dict):
+        collected_with.append(stats["policy_in"])  # the π_t that run() collects with
         return make_pairs(tokenizer, 8)
 
     class RecordingTrainer(RefuelTrainer):

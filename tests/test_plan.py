@@ -69,7 +69,7 @@ def test_gpu_recipe_dry_run_command_exits_0() -> None:
         "2 pairs/device × 8 accumulation × 8 processes = 128 pairs per optimizer step",
         "≤ 465 per iteration (1 epoch(s), warm-up 46, cosine to 0); ≤ 930 in all",
         "AdamW lr 3e-07, β (0.9, 0.95), weight decay 1e-06",
-        "η = 1000",
+        "objective      REFUEL regression, η = 1000",
         "bf16 mixed precision, gradient checkpointing, full fine-tuning",
         "OK: the configuration is valid",
     ):

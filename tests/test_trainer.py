@@ -276,3 +276,15 @@ def test_the_launch_must_match_the_configured_batch(
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "3")  # what `accelerate launch` may set
     with pytest.raises(ValueError, match="accelerate runs 3 accumulation steps"):
         RefuelTrainer(_config(tmp_path, **batch), load_model(), tokenizer, rows, [])
+
+
+def test_dpo_lt_trains_with_the_dpo_loss(
+    tokenizer: PreTrainedTokenizerBase, load_model: Callable[[], PreTrainedModel], tmp_path: Path
+) -> None:
+    """method dpo_lt: the step loss is DPO's, ln 2 at π = π_t (every pair has r ≠ r'), and it decreases."""
+    rows = make_pairs(tokenizer, 8)
+    config = _config(tmp_path, method="dpo_lt", dpo_beta=0.5, epochs=4, per_device_batch_size=8)
+    trainer = RefuelTrainer(config, load_model(), tokenizer, rows, [])
+    log = trainer.train()
+    assert log[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)
+    assert log[-1]["loss"] < log[0]["loss"]
