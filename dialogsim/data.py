@@ -249,12 +249,13 @@ def load_offline_dialogues(
     (else ``over_token_budget``); shuffle with ``seed``; keep the first ``limit``. Bad rows are counted
     in the report and skipped, never raised. The report is logged at INFO.
 
-    Mapping to a prompt row (the reward scores a dialogue against its row's ``reference``): a row's
-    own string field ``prompt_id`` names the row when present; otherwise the first user message is
-    matched to a row's ``instruction`` by :func:`dialogsim.prompts.instruction_key` (NFKC, case and
-    whitespace folded). So pass the simulator's prompt rows (``list(simulator.prompts.values())``);
-    to use a chat dataset whose prompts are not in the prompt file, add its first user messages to
-    the prompt file as rows (with references where the reward needs them).
+    Mapping to a prompt row (the reward scores a dialogue against its row's ``reference``): a dialogue
+    belongs to the prompt row whose ``instruction`` is its first user message, compared by
+    :func:`dialogsim.prompts.instruction_key` (NFKC, case and whitespace folded), the same rule by
+    which :meth:`DialogueSimulator.new_state` accepts a prefix. So pass the simulator's prompt rows
+    (``list(simulator.prompts.values())``); UltraInteract_pair trajectories match the rows of the same
+    UltraInteract prompt. To use a chat dataset whose prompts are not in the prompt file, add its first
+    user messages to the prompt file as rows (with references where the reward needs them).
 
     Args:
         source: a ``.jsonl`` / ``.json`` / ``.parquet`` file, a local dataset folder or a hub dataset id
@@ -732,22 +733,10 @@ def _cut(messages: list[Message], max_turns: int | None) -> tuple[Message, ...]:
     return tuple(cut)
 
 
-def _prompt_id_of(
-    record: dict[str, Any], messages: tuple[Message, ...], by_id: set[str], by_key: dict[str, str]
-) -> str | None:
-    """The id of the prompt row a dialogue belongs to, or ``None`` (see :func:`load_offline_dialogues`)."""
-    named = record.get("prompt_id")
-    if isinstance(named, str) and named:
-        return named if named in by_id else None
-    first_user = next(m["content"] for m in messages if m["role"] == "user")
-    return by_key.get(instruction_key(first_user))
-
-
 def _dialogues_from_records(
     records: list[dict[str, Any]], prompts: Sequence[PromptRow], max_turns: int | None, report: LoadReport
 ) -> list[OfflineDialogue]:
     """Check, cut, deduplicate and map every row; count the drops in ``report``."""
-    by_id = {row.id for row in prompts}
     by_key: dict[str, str] = {}
     for row in prompts:
         by_key.setdefault(instruction_key(row.instruction), row.id)
@@ -766,7 +755,7 @@ def _dialogues_from_records(
             report.duplicate += 1
             continue
         seen.add(key)
-        prompt_id = _prompt_id_of(record, messages, by_id, by_key)
+        prompt_id = by_key.get(instruction_key(next(m["content"] for m in messages if m["role"] == "user")))
         if prompt_id is None:
             report.no_prompt_row += 1
             continue

@@ -30,6 +30,7 @@ def build_simulator(
     user_backend: str = "transformers",
     user_base_url: str | None = None,
     reward: str = "math",
+    trust_remote_code: bool = False,
     max_horizon: int = 3,
     horizon: int | None = None,
     max_dialogue_tokens: int = 2048,
@@ -50,7 +51,9 @@ def build_simulator(
         user_template: ``"student"`` (small models) or ``"paper"`` (the REFUEL paper's prompt).
         user_backend / user_base_url: engine of the user model (see
             :func:`dialogsim.backends.factory.build_backend`); ``openai`` runs it on a server.
-        reward: ``"math"`` (verifier + MiniLM similarity) or a sequence-classification RM id/path.
+        reward: a :func:`dialogsim.rewards.factory.build_reward_model` spec (``"math"``: verifier + MiniLM
+            similarity; or a sequence-classification RM id/path).
+        trust_remote_code: let a hub reward model run its own code (ArmoRM-style heads need it).
         max_horizon / horizon / max_dialogue_tokens / reward_per_turn: see :class:`EpisodeConfig`.
         max_prompt_tokens: prompts longer than this (policy chat template, tokens) are dropped.
     """
@@ -71,7 +74,9 @@ def build_simulator(
         max_dialogue_tokens=max_dialogue_tokens,
         reward_per_turn=reward_per_turn,
     )
-    return DialogueSimulator(rows, user, build_reward_model(reward), config, tokenizer)
+    return DialogueSimulator(
+        rows, user, build_reward_model(reward, trust_remote_code=trust_remote_code), config, tokenizer
+    )
 
 
 SHARED_FIELDS = (
@@ -83,6 +88,7 @@ SHARED_FIELDS = (
     "user_model",
     "user_template",
     "reward",
+    "trust_remote_code",
     "max_dialogue_tokens",
     "max_prompt_tokens",
 )

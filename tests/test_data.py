@@ -17,11 +17,14 @@ from dialogsim.data import (
     LoadReport,
     PromptFormatError,
     _prevalidate_json,
+    chat_token_counts,
     default_prompt_file,
+    load_offline_dialogues,
     load_prompts,
     prompt_token_counts,
     split_train_eval,
 )
+from dialogsim.prompts import PromptRow
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "ultrainteract"
 GOOD_ROWS = [
@@ -324,3 +327,104 @@ def test_split_train_eval_rejects_bad_sizes(gsm8k_rows: list, kwargs: dict, matc
 def test_split_train_eval_rejects_duplicate_ids(gsm8k_rows: list) -> None:
     with pytest.raises(ValueError, match="unique row ids"):
         split_train_eval([*gsm8k_rows[:5], gsm8k_rows[0]], eval_count=1)
+
+
+# ---- offline dialogues (dataset resets) ---------------------------------------------------------
+
+PROMPTS = [
+    PromptRow(**{key: row[key] for key in ("id", "task", "dataset", "instruction", "reference")}) for row in GOOD_ROWS
+]
+
+
+def _chat(*turns: str, system: str | None = None) -> list[dict[str, str]]:
+    """Messages alternating user / assistant from the given texts (after an optional system message)."""
+    head = [{"role": "system", "content": system}] if system else []
+    return head + [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(turns)]
+
+
+OFFLINE_ROWS = [
+    {"id": "good", "messages": _chat("What is 2+2?", "5", "Are you sure?", "Yes.")},  # cut after "Are you sure?"
+    {"id": "system", "messages": _chat("what is 3+3? ", "6", "Why?", system="Be brief.")},  # matched up to case/space
+    {"id": "two_users", "messages": [*_chat("What is 2+2?"), *_chat("Hello?")]},
+    {"id": "assistant_first", "messages": [{"role": "assistant", "content": "Hi"}, *_chat("What is 2+2?")]},
+    {"id": "empty_list", "messages": []},
+    {"id": "blank_message", "messages": _chat("What is 2+2?", "  ", "And?")},
+    {"id": "system_only", "messages": [{"role": "system", "content": "Be brief."}]},
+    {"id": "no_messages"},
+    {"id": "content_number", "messages": [{"role": "user", "content": 4}]},
+    {"id": "unknown_role", "messages": [{"role": "robot", "content": "What is 2+2?"}]},
+    {"id": "not_a_list", "messages": "What is 2+2?"},
+    {"id": "missing_content", "messages": [{"role": "user"}]},
+    {"id": "good_again", "messages": _chat("What is 2+2?", "5", "Are you sure?", "Sure.")},  # same cut prefix
+    {"id": "unknown_prompt", "messages": _chat("What is 9+9?", "18", "Why?")},
+]
+EXPECTED_DROPS = {"roles_not_alternating": 2, "empty": 4, "malformed": 4, "duplicate": 1, "no_prompt_row": 1}
+
+
+def test_offline_dialogues_skip_and_count_bad_rows(tmp_path: Path) -> None:
+    """Malformed, non-alternating, empty, duplicate and unmatched rows are counted and skipped, never raised."""
+    path = write_jsonl(tmp_path / "chats.jsonl", OFFLINE_ROWS)
+    dialogues, report = load_offline_dialogues(path, PROMPTS, cache_dir=str(tmp_path / "hf-cache"))
+    assert [(d.id, d.prompt_id, d.turns) for d in dialogues] == [("good", "a", 2), ("system", "b", 2)]
+    assert dialogues[0].messages == tuple(_chat("What is 2+2?", "5", "Are you sure?"))  # ends with a user message
+    assert dialogues[1].messages[0] == {"role": "system", "content": "Be brief."}
+    assert {name: getattr(report, name) for name in EXPECTED_DROPS} == EXPECTED_DROPS
+    assert (report.rows_read, report.rows_kept) == (len(OFFLINE_ROWS), 2)
+    assert report.rows_read == report.rows_kept + report.dropped
+    text = str(report)
+    assert "\n" not in text and "kept 2 of 13 dialogues" in text and "roles not alternating 2" in text
+
+
+def test_offline_prefixes_and_max_turns(tmp_path: Path) -> None:
+    """prefix(k) is the dialogue up to its k-th user message; max_turns keeps at most that many user messages."""
+    path = write_jsonl(tmp_path / "chats.jsonl", OFFLINE_ROWS[:1])
+    (full,), _ = load_offline_dialogues(path, PROMPTS, cache_dir=str(tmp_path / "hf-cache"))
+    assert full.prefix(1) == _chat("What is 2+2?") and full.prefix(2) == _chat("What is 2+2?", "5", "Are you sure?")
+    with pytest.raises(ValueError, match="turn 3"):
+        full.prefix(3)
+    (cut,), _ = load_offline_dialogues(path, PROMPTS, max_turns=1, cache_dir=str(tmp_path / "hf-cache"))
+    assert cut.messages == tuple(_chat("What is 2+2?")) and cut.turns == 1
+
+
+def test_offline_dialogues_from_the_pair_trajectory(tmp_path: Path) -> None:
+    """UltraInteract_pair's multi-turn trajectory ({from, value}) loads as messages, mapped to its prompt row."""
+    source = DATA_DIR / "pair_readme_example.jsonl"
+    (raw,) = read_jsonl(source)
+    prompts, _ = load_prompts(source, cache_dir=str(tmp_path / "hf-cache"))
+    (dialogue,), report = load_offline_dialogues(source, prompts, cache_dir=str(tmp_path / "hf-cache"))
+    trajectory = [{"role": turn["from"], "content": turn["value"]} for turn in raw["trajectory"]]
+    assert list(dialogue.messages) == trajectory and dialogue.turns == 3 and trajectory[-1]["role"] == "user"
+    assert (dialogue.id, dialogue.prompt_id, report.rows_kept) == (raw["id"], prompts[0].id, 1)
+    parquet = tmp_path / "pair.parquet"
+    pd.DataFrame([raw]).to_parquet(parquet)
+    assert load_offline_dialogues(parquet, prompts, cache_dir=str(tmp_path / "hf-cache"))[0] == [dialogue]
+
+
+def test_offline_token_budget(tmp_path: Path, smollm2_path: str) -> None:
+    """Dialogues whose cut prefix (chat template + generation prompt) exceeds the budget are counted and dropped."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    path = write_jsonl(tmp_path / "chats.jsonl", OFFLINE_ROWS[:2])
+    dialogues, _ = load_offline_dialogues(path, PROMPTS, cache_dir=str(tmp_path / "hf-cache"))
+    lengths = chat_token_counts([d.messages for d in dialogues], tokenizer)
+    assert lengths[0] == len(
+        tokenizer.apply_chat_template(list(dialogues[0].messages), add_generation_prompt=True, tokenize=True)[
+            "input_ids"
+        ]
+    )
+    budget = min(lengths)
+    kept, report = load_offline_dialogues(
+        path, PROMPTS, tokenizer=tokenizer, max_dialogue_tokens=budget, cache_dir=str(tmp_path / "hf-cache")
+    )
+    assert [d.id for d in kept] == [d.id for d, n in zip(dialogues, lengths, strict=True) if n <= budget]
+    assert report.over_token_budget == sum(n > budget for n in lengths) > 0
+
+
+def test_offline_source_errors(tmp_path: Path, shared_prompts: Path) -> None:
+    """A source without a dialogue column, or one whose every row is dropped, raises saying what to do."""
+    with pytest.raises(PromptFormatError, match="'messages' column"):
+        load_offline_dialogues(shared_prompts, PROMPTS)
+    path = write_jsonl(tmp_path / "bad.jsonl", OFFLINE_ROWS[2:5])
+    with pytest.raises(ValueError, match=r"no offline dialogues left.*kept 0 of 3"):
+        load_offline_dialogues(path, PROMPTS, cache_dir=str(tmp_path / "hf-cache"))
+    with pytest.raises(ValueError, match="max_turns must be >= 1"):
+        load_offline_dialogues(path, PROMPTS, max_turns=0)

@@ -15,6 +15,7 @@ import refuel.train
 from dialogsim.backends.transformers_backend import load_tokenizer
 from refuel.config import RefuelConfig
 from refuel.pairs import reference_logprobs
+from refuel.storage import write_json, write_rows
 from refuel.trainer import RefuelTrainer
 
 pytest.importorskip("peft", reason="LoRA needs peft: pip install 'dialogsim[lora]'")
@@ -114,7 +115,9 @@ def test_iteration_1_starts_from_the_merged_iteration_0_policy(
 
     def fake_prepare_pairs(config: RefuelConfig, simulator: Any, policy: Any, iteration: int, stats: dict):
         collected_with.append(stats["policy_in"])  # the π_t that run() collects with
-        return make_pairs(tokenizer, 8)
+        iteration_dir = Path(config.output_dir) / f"iteration_{iteration}"
+        write_rows(make_pairs(tokenizer, 8), iteration_dir / "pairs.jsonl")
+        write_json(stats, iteration_dir / "collection.json")
 
     class RecordingTrainer(RefuelTrainer):
         def __init__(self, config: RefuelConfig, model: PreTrainedModel, *args: Any, **kwargs: Any) -> None:
