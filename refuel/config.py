@@ -67,6 +67,9 @@ class RefuelConfig:
     weight_decay: float = field(default=1e-6, metadata=_help("AdamW weight decay"))
     warmup_ratio: float = field(default=0.1, metadata=_help("fraction of steps of linear warm-up before cosine"))
     epochs: int = field(default=1, metadata=_help("passes over an iteration's pairs"))
+    checkpoint_every: int = field(
+        default=10, metadata=_help("optimizer steps between resumable training checkpoints (0: none)")
+    )
     per_device_batch_size: int = field(default=4, metadata=_help("pairs per micro-batch"))
     gradient_accumulation_steps: int = field(default=2, metadata=_help("micro-batches per optimizer step"))
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm"))

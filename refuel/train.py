@@ -3,7 +3,9 @@
 Run directory layout (every file written atomically; a re-run resumes after the last finished stage)::
 
     <output_dir>/config.json
+    <output_dir>/provenance.json                package versions, model weight and data file SHA-256
     <output_dir>/iteration_<t>/shards/          collection in progress: one shard per batch + manifest.json
+    <output_dir>/iteration_<t>/checkpoints/     training in progress: the latest resumable training state
     <output_dir>/iteration_<t>/pairs.jsonl      collected pairs with token ids, masks (and π_t log-probs)
     <output_dir>/iteration_<t>/collection.json  drops by reason, user parse rate, tokenisation checks
     <output_dir>/iteration_<t>/metrics.json     drops by reason, validation before/after, step log
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -38,6 +41,7 @@ from refuel.cli import parse_config
 from refuel.collect import iter_pair_batches
 from refuel.config import RefuelConfig
 from refuel.pairs import tokenize_pair
+from refuel.provenance import run_provenance
 from refuel.shards import PairShards
 from refuel.storage import read_rows, write_json, write_rows
 from refuel.trainer import RefuelTrainer
@@ -166,7 +170,11 @@ def split_validation(rows: list[dict[str, Any]], fraction: float, seed: int) -> 
 
 
 def train_iteration(
-    config: RefuelConfig, rows: list[dict[str, Any]], policy_path: str, tokenizer: PreTrainedTokenizerBase
+    config: RefuelConfig,
+    rows: list[dict[str, Any]],
+    policy_path: str,
+    tokenizer: PreTrainedTokenizerBase,
+    checkpoints: Path | None = None,
 ) -> tuple[RefuelTrainer, dict[str, Any]]:
     """Gradient steps π_t → π_{t+1} with validation before and after.
 
@@ -177,7 +185,7 @@ def train_iteration(
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
     trainer = RefuelTrainer(config, model, tokenizer, train_rows, val_rows)
     before = {split: asdict(trainer.validate(split)) for split in ("train", "validation")}
-    log = trainer.train()
+    log = trainer.train(checkpoints, config.checkpoint_every)
     after = {split: asdict(trainer.validate(split)) for split in ("train", "validation")}
     metrics = {
         "train_pairs": len(train_rows),
@@ -204,6 +212,8 @@ def run(config: RefuelConfig) -> str:
     run_dir = Path(config.output_dir)
     if state.is_main_process:
         write_json(asdict(config), run_dir / "config.json")
+        models = {"policy": config.policy_model, "user": config.user_model, "reward": config.reward}
+        write_json(run_provenance(models, [config.prompts]), run_dir / "provenance.json")
     simulator: DialogueSimulator | None = None
     tokenizer = load_tokenizer(config.policy_model)
     policy_path = resolve_model(config.policy_model)
@@ -221,9 +231,10 @@ def run(config: RefuelConfig) -> str:
         state.wait_for_everyone()
         rows = read_rows(iteration_dir / "pairs.jsonl")
         stats |= json.loads((iteration_dir / "collection.json").read_text()) | {"pairs": len(rows)}
-        trainer, metrics = train_iteration(config, rows, policy_path, tokenizer)
+        trainer, metrics = train_iteration(config, rows, policy_path, tokenizer, iteration_dir / "checkpoints")
         trainer.save(iteration_dir / "policy", tokenizer)
         if state.is_main_process:
+            shutil.rmtree(iteration_dir / "checkpoints", ignore_errors=True)
             write_rows(rows, iteration_dir / "pairs.jsonl")  # now with the π_t log-probs
             write_json(stats | metrics, iteration_dir / "metrics.json")
             _report(iteration_dir, stats | metrics)

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
+from refuel.checkpoints import latest_training_state, save_training_state
 from refuel.config import RefuelConfig
 from refuel.logprobs import masked_sequence_logprobs
 from refuel.loss import dpo_loss, refuel_loss, sign_agreement
@@ -285,32 +286,55 @@ class RefuelTrainer:
             self.optimizer.zero_grad()
         return loss.detach()
 
-    def train(self) -> list[dict[str, float]]:
+    def train(self, checkpoints: Path | None = None, checkpoint_every: int = 0) -> list[dict[str, float]]:
         """Run ``epochs`` passes of gradient steps; returns the per-optimizer-step log.
 
         Each entry has ``loss`` (the step's mean micro-batch loss over all processes, nats²) and ``lr``
         (the learning rate of the next step).
+
+        Args:
+            checkpoints: folder of resumable training state (see :mod:`refuel.checkpoints`). If it holds
+                a checkpoint, training resumes from it: weights, optimizer, scheduler and RNG states are
+                restored and the micro-batches already trained on are skipped (the seeded data order is
+                replayed, so the rest comes in the same order as in an uninterrupted run).
+            checkpoint_every: write a checkpoint every this many optimizer steps (0: never).
 
         Raises:
             RuntimeError: called after :meth:`save` merged LoRA adapters into the weights.
         """
         if self._merged:
             raise RuntimeError("save() merged the LoRA adapters into π_{t+1}; start a new RefuelTrainer to train on")
-        log: list[dict[str, float]] = []
+        resumed = latest_training_state(checkpoints) if checkpoints is not None else None
+        done, log = (-1, -1), []
+        if resumed is not None:
+            self.accelerator.load_state(str(resumed[0]))
+            position = resumed[1]
+            done, log = (position["epoch"], position["batch"]), position["log"]
+            self.accelerator.step = position["accelerate_step"]
         progress = tqdm(
-            total=self.total_steps, desc="REFUEL steps", unit="step", disable=not self.accelerator.is_local_main_process
+            total=self.total_steps,
+            initial=len(log),
+            desc="REFUEL steps",
+            unit="step",
+            disable=not self.accelerator.is_local_main_process,
         )
-        for _ in range(self.config.epochs):
+        for epoch in range(self.config.epochs):
             self.model.train()
             losses: list[torch.Tensor] = []
-            for batch in self.train_loader:
+            for index, batch in enumerate(self.train_loader):
+                if (epoch, index) <= done:
+                    continue  # trained on before the checkpoint; iterating keeps the data order
                 losses.append(self.training_step(batch))
-                if self.accelerator.sync_gradients:
-                    loss = self.accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
-                    losses = []
-                    log.append({"loss": loss, "lr": self.scheduler.get_last_lr()[0]})
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{loss:.4f}")
+                if not self.accelerator.sync_gradients:
+                    continue
+                loss = self.accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+                losses = []
+                log.append({"loss": loss, "lr": self.scheduler.get_last_lr()[0]})
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.4f}")
+                if checkpoints is not None and checkpoint_every and len(log) % checkpoint_every == 0:
+                    position = {"epoch": epoch, "batch": index, "accelerate_step": self.accelerator.step, "log": log}
+                    save_training_state(self.accelerator, checkpoints, len(log), position)
         progress.close()
         return log
 

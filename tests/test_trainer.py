@@ -288,3 +288,37 @@ def test_dpo_lt_trains_with_the_dpo_loss(
     log = trainer.train()
     assert log[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)
     assert log[-1]["loss"] < log[0]["loss"]
+
+
+class Crash(RuntimeError):
+    """Stands for the process dying in the middle of training."""
+
+
+def test_resume_from_a_checkpoint_gives_the_uninterrupted_weights(
+    tokenizer: PreTrainedTokenizerBase, load_model: Callable[[], PreTrainedModel], tmp_path: Path
+) -> None:
+    """Crash after 3 optimizer steps; a new trainer resumes from the checkpoint to the same weights and log."""
+    config = _config(tmp_path, epochs=2, per_device_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-3)
+    rows = make_pairs(tokenizer, 10)  # 5 micro-batches per epoch: the odd one out syncs at the epoch's end
+    uninterrupted = RefuelTrainer(config, load_model(), tokenizer, rows, [])
+    expected_log = uninterrupted.train()
+    assert len(expected_log) == 6
+
+    class CrashingTrainer(RefuelTrainer):
+        def training_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == 7:  # mid-way into the 4th optimizer step, after the 3rd step's checkpoint
+                raise Crash
+            return super().training_step(batch)
+
+    checkpoints = tmp_path / "checkpoints"
+    with pytest.raises(Crash):
+        CrashingTrainer(config, load_model(), tokenizer, rows, []).train(checkpoints, checkpoint_every=1)
+    assert [path.name for path in checkpoints.iterdir()] == ["checkpoint-3"]
+    resumed = RefuelTrainer(config, load_model(), tokenizer, rows, [])
+    log = resumed.train(checkpoints, checkpoint_every=1)
+    assert log == pytest.approx(expected_log, rel=1e-5)
+    for (name, expected), actual in zip(
+        uninterrupted.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=name)
