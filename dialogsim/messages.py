@@ -36,7 +36,7 @@ def validate_messages(messages: object, where: str = "dialogue") -> list[Message
         raise MessageFormatError(f"{where}: expected a list of messages, got {type(messages).__name__}")
     checked: list[Message] = []
     for index, message in enumerate(messages):
-        if not isinstance(message, dict) or set(message) < {"role", "content"}:
+        if not isinstance(message, dict) or not {"role", "content"} <= set(message):
             raise MessageFormatError(
                 f"{where}: message {index} must be a dict with keys 'role' and 'content', got {message!r:.80}"
             )
