@@ -10,7 +10,7 @@ METHODS = ("refuel", "rebel_lt", "dpo_lt")
 
 
 def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+    return {"help": text.replace("%", "%%")}  # argparse %-formats help strings
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import fields
 from pathlib import Path
@@ -152,3 +153,13 @@ def test_evaluate_config_parsing(tmp_path: Path) -> None:
     path.write_text("holdout: 8\nhorizon: 4\nbaseline: some/model\n")
     config = parse_config(EvaluateConfig, ["--config", str(path), "--horizon", "5"], description="test")
     assert (config.holdout, config.horizon, config.baseline) == (8, 5, "some/model")
+
+
+@pytest.mark.parametrize("module", ["refuel.train", "refuel.evaluate", "refuel.plan"])
+def test_help_prints_every_flag(module: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """--help renders (argparse %-formats help lines, so a literal % must be escaped) and exits 0."""
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--output_dir" in capsys.readouterr().out
