@@ -12,20 +12,13 @@ from envs.vector_env import VectorDialogueEnv
 ENV_ID = "dialogsim/UltraInteract-v0"
 TABULAR_ENV_ID = "dialogsim/TabularDialogue-v0"
 
-if ENV_ID not in gym.registry:
-    gym.register(
-        id=ENV_ID,
-        entry_point="envs.dialogue_env:DialogueEnv",
-        vector_entry_point="envs.vector_env:VectorDialogueEnv",
-        disable_env_checker=False,
-    )
-
-if TABULAR_ENV_ID not in gym.registry:
-    gym.register(
-        id=TABULAR_ENV_ID,
-        entry_point="envs.tabular:TabularDialogueEnv",
-        vector_entry_point="envs.tabular:TabularVectorDialogueEnv",
-        disable_env_checker=False,
-    )
+# id → (single env, native vector env)
+ENTRY_POINTS = {
+    ENV_ID: ("envs.dialogue_env:DialogueEnv", "envs.vector_env:VectorDialogueEnv"),
+    TABULAR_ENV_ID: ("envs.tabular:TabularDialogueEnv", "envs.tabular:TabularVectorDialogueEnv"),
+}
+for env_id, (entry_point, vector_entry_point) in ENTRY_POINTS.items():
+    if env_id not in gym.registry:
+        gym.register(id=env_id, entry_point=entry_point, vector_entry_point=vector_entry_point)
 
 __all__ = ["ENV_ID", "TABULAR_ENV_ID", "DialogueEnv", "VectorDialogueEnv"]
