@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from dataclasses import dataclass
@@ -62,7 +61,7 @@ class DialogueState:
             "version": SNAPSHOT_VERSION,
             "config_fingerprint": config_fingerprint,
             "prompt_id": self.prompt_id,
-            "messages": copy.deepcopy(self.messages),
+            "messages": [dict(message) for message in self.messages],  # flat str dicts: a full copy, fast
             "turn": self.turn,
             "horizon": self.horizon,
             "rng_state": self.rng.bit_generator.state,

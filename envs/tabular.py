@@ -868,7 +868,9 @@ class TabularDialogueEnv(DialogueEnv):
 
     ## Starting State
     The prompt ``mdp.prompt``; H fixed by ``horizon`` or drawn uniformly from 1..max_horizon;
-    ``reset(options={"snapshot": s})`` restores a state as in :class:`DialogueEnv`.
+    ``reset(options={"snapshot": s})`` restores a state, and ``reset(options={"prefix": messages,
+    "prompt_id": "tabular-0"})`` starts from a dialogue prefix s_k (a dataset reset), as in
+    :class:`DialogueEnv`.
 
     ## Episode End
     Terminated after the reply of turn H (never truncated).

@@ -91,13 +91,13 @@ class ResetDistribution:
         TypeError: an ``offline`` entry that is not an :class:`~dialogsim.prompts.OfflineDialogue`.
 
     >>> ResetDistribution("reference", beta=0.5)
-    ResetDistribution(rollin='reference', beta=0.5, dataset_weight=0.0, offline=())
+    ResetDistribution(rollin='reference', beta=0.5, dataset_weight=0.0)
     """
 
     rollin: str = "current"
     beta: float = 0.0
     dataset_weight: float = 0.0
-    offline: tuple[OfflineDialogue, ...] = ()
+    offline: tuple[OfflineDialogue, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         if self.rollin not in ROLLINS:
@@ -468,6 +468,8 @@ def sample_offline_dialogues(
     states = [simulator.new_state(rng, {"horizon": horizon}) for _ in range(n_dialogues)]
     for _ in range(horizon - 1):
         live = [state for state in states if not state.done]
+        if not live:
+            break
         completions = policy.chat([state.messages for state in live], sampling.with_seed(draw_seed(rng)))
         simulator.step(live, [completion.text for completion in completions])
     return [

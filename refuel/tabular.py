@@ -28,7 +28,10 @@ q-weighted objective (π_{t+1} = π_t only where Q^{π_t}(s, ·) is constant on 
 KL anchor moves with t, this is the unregularised optimum, not the optimum of a KL penalty to a fixed
 π_ref (that one is :func:`envs.tabular.kl_regularized_optimum`). The roll-in distribution only weighs
 the states in the regression: with exact expectations on a table every state with positive weight gets
-the same update, so where to reset (current policy, π_ref, a dataset) matters only through sampling.
+the same update, so where to reset (current policy, π_ref, a dataset) matters only through sampling:
+a state the roll-in rarely reaches gets few pairs. :func:`compare_resets` measures this with the
+collector's reset distributions (``refuel.collect.ResetDistribution``), e.g. dataset resets to an
+optimal demonstrator's prefixes (:func:`demonstrations`).
 
 On a softmax table the regression is exactly solvable: ln π(y|s) − ln π(y'|s) is the logit
 difference θ[s, y] − θ[s, y'], so the loss is quadratic in θ, and with exact expectations (every pair
@@ -45,17 +48,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from dialogsim.prompts import OfflineDialogue
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
 from envs.tabular import (
     DTYPE,
     TabularDialogueMDP,
     TabularPolicy,
+    greedy_policy,
+    horizon_probs,
+    optimal_q_values,
+    policy_value,
     q_values,
     state_distribution,
     stop_probs,
 )
-from refuel.collect import RESET_TURNS, collect_pairs
+from refuel.collect import RESET_TURNS, ResetDistribution, collect_pairs, sample_offline_dialogues
 from refuel.loss import refuel_loss
 
 TABLE_SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=1)
@@ -372,3 +380,78 @@ def train_refuel_table(
             policy.logits = fit_refuel_table(policy.logits, pairs_to_tensors(result.pairs, mdp), eta)
         run.logits.append(policy.logits.clone())
     return run
+
+
+# --- where to reset: comparing reset distributions ------------------------------------------------
+
+
+def optimum_fraction(
+    mdp: TabularDialogueMDP, policy: torch.Tensor, base: torch.Tensor, horizon_distribution: torch.Tensor
+) -> float:
+    """(V(π) − V(π_0)) / (V* − V(π_0)): the share of the possible improvement over ``base`` that π reached.
+
+    V is the expected episode reward under ``horizon_distribution`` (``envs.tabular.horizon_probs``);
+    π and π_0 = ``base`` are probabilities ``[n_states, n_replies]``. Stricter than V(π) / V*.
+    """
+    _, v_star = optimal_q_values(mdp, stop_probs(horizon_distribution))
+    v_base = policy_value(mdp, base, horizon_distribution)
+    return (policy_value(mdp, policy, horizon_distribution) - v_base) / (float(v_star[0]) - v_base)
+
+
+def first_iteration_reaching(fractions: Sequence[float], threshold: float = 0.95) -> int | None:
+    """The first iteration t whose π_t reached ``threshold`` of the optimum (:func:`optimum_fraction`), or None."""
+    return next((t for t, fraction in enumerate(fractions) if fraction >= threshold), None)
+
+
+def demonstrations(simulator: DialogueSimulator, n_dialogues: int, seed: int) -> list[OfflineDialogue]:
+    """Offline dialogues of an optimal demonstrator on a tabular simulator (greedy in Q*), to turn max_horizon.
+
+    Q* is taken under the simulator's horizon distribution; the demonstrator is a
+    :class:`~envs.tabular.TabularPolicy` that plays the optimal reply with probability 1 − 2e-12.
+    Returns :class:`~dialogsim.prompts.OfflineDialogue` values for ``ResetDistribution("dataset", ...)``.
+    """
+    mdp: TabularDialogueMDP = simulator.user.mdp  # type: ignore[attr-defined]
+    q_star, _ = optimal_q_values(mdp, stop_probs(horizon_probs(simulator.config)))
+    demonstrator = TabularPolicy(mdp, greedy_policy(q_star).clamp_min(1e-12).log(), name="demonstrator")
+    return sample_offline_dialogues(simulator, demonstrator, n_dialogues, TABLE_SAMPLING, seed)
+
+
+def compare_resets(
+    simulator: DialogueSimulator,
+    base_logits: torch.Tensor,
+    resets: dict[str, ResetDistribution],
+    seeds: Sequence[int],
+    iterations: int,
+    n_pairs: int,
+    eta: float,
+    batch_size: int = 16,
+) -> dict[str, list[list[float]]]:
+    """REFUEL from π_0 = softmax(``base_logits``) with each reset distribution, per seed.
+
+    A ``rollin="reference"`` distribution rolls in with π_ref = π_0 (fixed). Every run uses the same
+    collection seeds per (seed, iteration) (:func:`train_refuel_table`), so the variants differ only
+    in where pairs start.
+
+    Returns:
+        For each name in ``resets``, per seed, :func:`optimum_fraction` of π_0 .. π_T over π_0.
+    """
+    mdp: TabularDialogueMDP = simulator.user.mdp  # type: ignore[attr-defined]
+    base, horizons = torch.softmax(base_logits, -1), horizon_probs(simulator.config)
+    curves: dict[str, list[list[float]]] = {}
+    for name, reset in resets.items():
+        reference = TabularPolicy(mdp, base_logits, name="reference") if reset.rollin == "reference" else None
+        curves[name] = []
+        for seed in seeds:
+            run = train_refuel_table(
+                simulator,
+                TabularPolicy(mdp, base_logits),
+                iterations,
+                n_pairs,
+                eta,
+                seed,
+                batch_size,
+                rollin_policy=reference,
+                reset=reset,
+            )
+            curves[name].append([optimum_fraction(mdp, policy, base, horizons) for policy in run.policies()])
+    return curves

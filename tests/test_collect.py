@@ -27,7 +27,7 @@ SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=8)
 Parts = tuple[list[PromptRow], UserSimulator, MathAnswerReward]
 
 
-def _gsm8k_rows(path: Path, count: int) -> list[PromptRow]:
+def gsm8k_rows(path: Path, count: int) -> list[PromptRow]:
     """The first ``count`` GSM8K rows of the shared prompt file."""
     rows: list[PromptRow] = []
     with path.open() as handle:
@@ -61,7 +61,7 @@ def parts(tiny_model_path: str, shared_prompts: Path) -> Parts:
         "student",
         sampling=SamplingParams(temperature=0.01, max_new_tokens=8, repetition_penalty=1.2, stop=("?",)),
     )
-    return _gsm8k_rows(shared_prompts, 6), user, MathAnswerReward()
+    return gsm8k_rows(shared_prompts, 6), user, MathAnswerReward()
 
 
 def _simulator(parts: Parts, tokenizer: PreTrainedTokenizerBase, max_horizon: int) -> DialogueSimulator:
@@ -93,6 +93,7 @@ def test_collected_pairs_share_s_h_and_differ_at_turn_h(
     for pair in collected.pairs:
         h, horizon = pair["turn"], pair["horizon"]
         assert 1 <= h <= horizon <= MAX_HORIZON
+        assert (pair["reset_source"], pair["offline_id"]) == ("current", "")  # the default: roll-in with π_t
         dialogue, dialogue_prime = pair["dialogue"], pair["dialogue_prime"]
         state = dialogue[: 2 * h - 1]
         assert dialogue_prime[: 2 * h - 1] == state  # the shared state s_h
@@ -190,6 +191,7 @@ def test_rollin_policy_generates_turns_before_h_only(simulator: DialogueSimulato
     assert turns, "some pair should have h > 1"
     for pair in result.pairs:
         assert pair["turn"] == pair["horizon"]  # reset at the last turn
+        assert pair["reset_source"] == "reference"  # reset=None with a rollin_policy: π_ref roll-ins
     assert len(learner.calls) >= 1 and all(len(call) % 2 == 0 for call in learner.calls), "y and y' together"
     assert max(turns) < max(turn for call in learner.calls for turn in call)
 

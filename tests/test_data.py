@@ -372,7 +372,7 @@ def test_offline_dialogues_skip_and_count_bad_rows(tmp_path: Path) -> None:
     assert (report.rows_read, report.rows_kept) == (len(OFFLINE_ROWS), 2)
     assert report.rows_read == report.rows_kept + report.dropped
     text = str(report)
-    assert "\n" not in text and "kept 2 of 13 dialogues" in text and "roles not alternating 2" in text
+    assert "\n" not in text and "kept 2 of 14 dialogues" in text and "roles not alternating 2" in text
 
 
 def test_offline_prefixes_and_max_turns(tmp_path: Path) -> None:

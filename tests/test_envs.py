@@ -448,3 +448,76 @@ def test_vector_env_rejects_same_step_autoreset(sim: DialogueSimulator) -> None:
     """Only NEXT_STEP and DISABLED autoreset are implemented; others are refused at construction."""
     with pytest.raises(ValueError, match="autoreset_mode"):
         VectorDialogueEnv(2, simulator=sim, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+
+
+# ---- starting from a message prefix (dataset resets) -----------------------------------------------
+
+
+def _prefix(sim: DialogueSimulator, prompt_id: str) -> list[Message]:
+    """An offline-style prefix s_2 of the prompt: instruction, an assistant reply, a follow-up question."""
+    return [
+        {"role": "user", "content": sim.prompts[prompt_id].instruction},
+        {"role": "assistant", "content": "She sold 24 clips in May."},
+        {"role": "user", "content": "OFFLINE follow-up: and in April?"},
+    ]
+
+
+def test_prefix_reset_restores_it_and_the_simulated_user_continues(
+    sim: DialogueSimulator, user_backend: RecordingBackend
+) -> None:
+    """reset(options={"prefix": s_k, "prompt_id": id}) observes exactly s_k at turn k; after the reply the
+    next user message is the simulator's, from the rendered prefix + reply."""
+    prompt_id = sim.prompt_ids[0]
+    prefix = _prefix(sim, prompt_id)
+    env = DialogueEnv(simulator=sim)
+    obs, info = env.reset(seed=0, options={"prefix": prefix, "prompt_id": prompt_id})
+    assert list(obs) == prefix and (info["turn"], info["horizon"], info["prompt_id"]) == (2, 3, prompt_id)
+    assert DialogueEnv(simulator=sim).reset(options={"snapshot": info["snapshot"]})[0] == obs
+    user_backend.calls.clear()
+    obs, reward, terminated, _, info = env.step(REPLY_A)
+    assert (reward, terminated, info["turn"]) == (0.0, False, 3)
+    assert list(obs[:3]) == prefix and obs[3] == {"role": "assistant", "content": REPLY_A}
+    (call,) = user_backend.calls
+    assert call.conversations == [render_user_prompt(sim.user.template, [*prefix, obs[3]])]
+    assert obs[4]["role"] == "user" and obs[4]["content"].strip()
+    prefix[0]["content"] = "changed"  # the env holds a copy
+    assert env.state is not None and env.state.messages[0]["content"] == sim.prompts[prompt_id].instruction
+
+
+def test_vector_env_prefixes(make_simulator: Callable[..., DialogueSimulator]) -> None:
+    """options["prefixes"] starts the sub-environments that have one from it, the others from their prompt;
+    without a horizon, H is drawn from k..max_horizon."""
+    sim = make_simulator(max_horizon=3)
+    ids = sim.prompt_ids[:3]
+    venv = VectorDialogueEnv(3, simulator=sim)
+    prefixes = [_prefix(sim, ids[0]), None, _prefix(sim, ids[2])[:1]]
+    obs, infos = venv.reset(seed=0, options={"prefixes": prefixes, "prompt_ids": ids, "horizons": [2, None, None]})
+    assert list(obs[0]) == prefixes[0] and list(obs[2]) == prefixes[2]
+    assert obs[1] == ({"role": "user", "content": sim.prompts[ids[1]].instruction},)
+    assert infos["turn"].tolist() == [2, 1, 1] and infos["horizon"][0] == 2
+    horizons = {
+        VectorDialogueEnv(1, simulator=sim).reset(
+            seed=seed, options={"prefixes": [prefixes[0]], "prompt_ids": ids[:1]}
+        )[1]["horizon"][0]
+        for seed in range(20)
+    }
+    assert horizons == {2, 3}
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        (lambda options: options.pop("prompt_id"), ValueError, "needs options\\['prompt_id'\\]"),
+        (lambda options: options["prefix"].pop(), ValueError, "must end with a user message"),
+        (lambda options: options.__setitem__("prompt_id", "other"), KeyError, "other"),
+        (lambda options: options["prefix"][0].__setitem__("content", "Hi"), ValueError, "not the instruction"),
+        (lambda options: options["prefix"][1].__setitem__("role", "user"), ValueError, "alternate"),
+        (lambda options: options.__setitem__("horizon", 1), ValueError, "horizon"),
+    ],
+)
+def test_bad_prefix_is_rejected(sim: DialogueSimulator, change: Callable, error: type, message: str) -> None:
+    """A prefix without its prompt, of another prompt, ending with a reply, out of order or too long is refused."""
+    options: dict[str, Any] = {"prefix": _prefix(sim, sim.prompt_ids[0]), "prompt_id": sim.prompt_ids[0]}
+    change(options)
+    with pytest.raises(error, match=message):
+        DialogueEnv(simulator=sim).reset(seed=0, options=options)

@@ -23,6 +23,7 @@ from gymnasium.utils.env_checker import check_env
 
 from dialogsim.simulator import DialogueSimulator
 from envs.tabular import (
+    PROMPT_ID,
     TabularDialogueEnv,
     TabularDialogueError,
     TabularDialogueMDP,
@@ -37,16 +38,20 @@ from envs.tabular import (
     q_values,
     reference_logits,
     regularized_value,
+    state_distribution,
     stop_probs,
     turn_values,
     turn_win_rates,
 )
-from refuel.collect import collect_pairs
+from refuel.collect import ResetDistribution, collect_pairs
 from refuel.pairs import tokenize_pair
 from refuel.tabular import (
     TABLE_SAMPLING,
     TableTraining,
+    compare_resets,
+    demonstrations,
     enumerate_pairs,
+    first_iteration_reaching,
     fit_refuel_table,
     mirror_descent,
     mirror_descent_step,
@@ -358,3 +363,47 @@ def test_rebel_last_turn_is_worse_at_later_turns(
         assert (refuel_values[1:] - lt_values[1:] > 0.25).all(), (refuel_values, lt_values)
         lt_wins, refuel_wins = turn_win_rates(mdp, lt_policy, base), turn_win_rates(mdp, refuel_policy, base)
         assert lt_wins[0] > refuel_wins[0] and (refuel_wins[1:] > lt_wins[1:] + 0.1).all(), (refuel_wins, lt_wins)
+
+
+# ---- (d) where to reset: dataset resets at a good state the learner rarely visits --------------------
+
+RARELY_ASKS = (0.02, 0.18, 0.8)  # π_0: asks a0 with 0.02, answers a1 with 0.18, generic a2 with 0.8
+RESET_SEEDS = range(10)
+RESET_ITERATIONS = 6
+RESET_PAIRS = 80  # reset points per iteration: fewer than (b), so the test stays fast
+DATASET_WEIGHT = 0.75  # w: share of reset points at demonstrator prefixes
+
+
+def test_dataset_resets_at_a_rarely_visited_good_state_speed_learning() -> None:
+    """(d) DR-PO-style resets to a demonstrator's prefixes speed REFUEL up where π_0 rarely goes.
+
+    On the 43-state tree, the good state s = (u0, a0, u1) (asked at turn 1, got the details) is reached
+    by π_0 with probability 0.018, so REFUEL rolling in with π_t rarely trains there; asking at turn 1
+    then looks worse than answering and often dies out (a myopic local optimum at ~60 % of the
+    optimum). Resetting w = 75 % of the pairs to prefixes of an optimal demonstrator's dialogues
+    (``ResetDistribution("dataset", ...)``, the environment's prefix reset, the simulated user) trains s
+    from the first iteration. Statistic: the learning-curve area, i.e. the mean over iterations 1..6 of
+    the share of the possible improvement reached (``optimum_fraction``), averaged over 10 seeds; both
+    variants use the same collection seeds. Measured outside CI over 48 seeds (η = 10, 80 reset points):
+    per-seed area 0.51 ± 0.09 rolling in with π_t against 0.69 ± 0.16 with dataset resets; the mean
+    paired difference over 10 seeds exceeds the asserted 0.03 in 99.9 % of 50,000 resamples (1 %
+    quantile 0.069). 95 % of the optimum within 6 iterations: 6 / 48 seeds against 31 / 48.
+    """
+    mdp = TabularDialogueMDP.clarify_first(memory="dialogue")
+    simulator = build_tabular_simulator(mdp)
+    base = reference_logits(mdp, RARELY_ASKS)
+    good = mdp.state_index(
+        [{"role": "user", "content": "u0"}, {"role": "assistant", "content": "a0"}, {"role": "user", "content": "u1"}]
+    )
+    offline = demonstrations(simulator, 64, seed=123)
+    assert float(state_distribution(mdp, torch.softmax(base, -1))[good]) < 0.02  # rarely visited by π_0 ...
+    covering = [d for d in offline if mdp.state_index(d.prefix(2)) == good]
+    assert len(covering) > 0.8 * len(offline) and {d.prompt_id for d in offline} == {PROMPT_ID}  # ... covered
+    resets = {
+        "current": ResetDistribution(),
+        "dataset": ResetDistribution("dataset", dataset_weight=DATASET_WEIGHT, offline=offline),
+    }
+    curves = compare_resets(simulator, base, resets, RESET_SEEDS, RESET_ITERATIONS, RESET_PAIRS, ETA, BATCH_SIZE)
+    area = {name: float(np.mean([np.mean(curve[1:]) for curve in runs])) for name, runs in curves.items()}
+    reached = {name: [first_iteration_reaching(curve) for curve in runs] for name, runs in curves.items()}
+    assert area["dataset"] >= area["current"] + 0.03, (area, reached)
