@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from dialogsim.backends.factory import BACKENDS
 
 METHODS = ("refuel", "rebel_lt", "dpo_lt")
+ROLLINS = ("current", "reference", "dataset")  # as refuel.collect.ROLLINS
 
 
 def _help(text: str) -> dict[str, str]:
@@ -60,6 +61,26 @@ class RefuelConfig:
         ),
     )
     dpo_beta: float = field(default=0.1, metadata=_help("β of the DPO loss (method dpo_lt)"))
+    rollin: str = field(
+        default="current",
+        metadata=_help(
+            "where REFUEL pairs start: current (roll in with π_t) | reference (π_ref; PPO++ idea) | "
+            "dataset (prefixes of offline dialogues; DR-PO idea)"
+        ),
+    )
+    rollin_beta: float = field(
+        default=0.0, metadata=_help("β: share of pairs starting at the prompt (h = 1) with --rollin reference")
+    )
+    dataset_weight: float = field(
+        default=0.5, metadata=_help("w: share of pairs reset to an offline-dialogue prefix with --rollin dataset")
+    )
+    offline_dialogues: str | None = field(
+        default=None,
+        metadata=_help("offline dialogues for --rollin dataset: .jsonl/.parquet with 'messages', or a hub id"),
+    )
+    offline_limit: int | None = field(
+        default=None, metadata=_help("keep at most this many offline dialogues (seeded shuffle)")
+    )
     eta: float = field(default=10.0, metadata=_help("η in the REFUEL loss (paper: 1e3 with raw ArmoRM scores)"))
     learning_rate: float = field(default=1e-6, metadata=_help("AdamW learning rate (paper: 3e-7 for 8B)"))
     adam_beta1: float = field(default=0.9, metadata=_help("AdamW β1"))
@@ -102,6 +123,8 @@ class RefuelConfig:
             "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
             "backend": self.backend in ("transformers", "vllm"),
             "method": self.method in METHODS,
+            "rollin": self.rollin in ROLLINS and (self.rollin == "current" or self.method == "refuel"),
+            "offline_dialogues": self.rollin != "dataset" or bool(self.offline_dialogues),
             "dpo_beta": self.dpo_beta > 0,
             "user_backend": self.user_backend in BACKENDS,
             "user_base_url": self.user_backend != "openai" or bool(self.user_base_url),

@@ -2,7 +2,7 @@
 
 Layout of one iteration's collection folder::
 
-    <folder>/manifest.json       settings fingerprint and, per finished batch, its shard file and drop counts
+    <folder>/manifest.json       settings fingerprint and, per finished batch, its shard file, drops, sources
     <folder>/shard-<b>.jsonl     the kept pairs of batch b (absent when every pair of the batch was dropped)
 
 A batch counts as done only once the manifest lists it; the manifest is rewritten atomically after
@@ -63,7 +63,12 @@ class PairShards:
 
     def write(self, index: int, batch: CollectionResult) -> None:
         """Store batch ``index``: its shard first (atomic), then the manifest entry (atomic)."""
-        entry: dict[str, Any] = {"pairs": len(batch.pairs), "dropped": dict(batch.dropped), "file": None}
+        entry: dict[str, Any] = {
+            "pairs": len(batch.pairs),
+            "dropped": dict(batch.dropped),
+            "sources": dict(batch.sources),
+            "file": None,
+        }
         if batch.pairs:
             entry["file"] = f"shard-{index:05d}.jsonl"
             write_rows(batch.pairs, self.folder / entry["file"])
@@ -80,6 +85,7 @@ class PairShards:
         for index in sorted(self.done()):
             entry = self.manifest["batches"][str(index)]
             result.dropped.update(Counter(entry["dropped"]))
+            result.sources.update(Counter(entry["sources"]))
             if entry["file"] is None:
                 continue
             rows = read_rows(self.folder / entry["file"])

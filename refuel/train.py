@@ -32,13 +32,14 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, set_seed
 from dialogsim.backends.base import WeightSyncBackend
 from dialogsim.backends.factory import build_backend
 from dialogsim.backends.transformers_backend import load_tokenizer
+from dialogsim.data import load_offline_dialogues
 from dialogsim.dialogue import fingerprint
 from dialogsim.models import resolve_model
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
 from envs.build import SHARED_FIELDS, build_simulator_from
 from refuel.cli import parse_config
-from refuel.collect import iter_pair_batches
+from refuel.collect import ResetDistribution, iter_pair_batches
 from refuel.config import RefuelConfig
 from refuel.pairs import tokenize_pair
 from refuel.provenance import run_provenance
@@ -79,8 +80,11 @@ class PolicyEngine:
         self.reference: WeightSyncBackend | None = None
 
     def rollin_policy(self) -> WeightSyncBackend | None:
-        """π_ref's engine (the initial policy, never updated) for the last-turn baselines; ``None`` for REFUEL."""
-        if self.config.method == "refuel":
+        """π_ref's engine (the initial policy, never updated) for the LT baselines and ``--rollin reference``.
+
+        ``None`` when π_t rolls in (REFUEL with ``--rollin current`` or ``dataset``).
+        """
+        if self.config.method == "refuel" and self.config.rollin != "reference":
             return None
         if self.reference is None:
             self.reference = self._build(resolve_model(self.config.policy_model))
@@ -115,8 +119,41 @@ COLLECTION_FIELDS = (
     "generation_batch_size",
     "backend",
     "method",
+    "rollin",
+    "rollin_beta",
+    "dataset_weight",
+    "offline_dialogues",
+    "offline_limit",
     "seed",
 )
+
+
+def build_reset(config: RefuelConfig, simulator: DialogueSimulator, stats: dict[str, Any]) -> ResetDistribution | None:
+    """Where pairs start (``--rollin``); ``None`` for the LT baselines (π_ref roll-ins to h = H).
+
+    Raises:
+        ValueError: ``--rollin dataset`` and no offline dialogue survives loading (the load report says why).
+    """
+    if config.method != "refuel":
+        return None
+    if config.rollin == "reference":
+        return ResetDistribution("reference", beta=config.rollin_beta)
+    if config.rollin == "dataset":
+        offline, report = load_offline_dialogues(
+            config.offline_dialogues,
+            list(simulator.prompts.values()),
+            tokenizer=simulator.tokenizer,
+            max_dialogue_tokens=config.max_dialogue_tokens,
+            max_turns=config.max_horizon,
+            limit=config.offline_limit,
+            shuffle=True,
+            seed=config.seed,
+        )
+        stats["offline_dialogues"] = str(report)
+        if not offline:
+            raise ValueError(f"--offline_dialogues {config.offline_dialogues}: no usable dialogue ({report})")
+        return ResetDistribution("dataset", dataset_weight=config.dataset_weight, offline=tuple(offline))
+    return ResetDistribution()
 
 
 def prepare_pairs(
@@ -147,12 +184,14 @@ def prepare_pairs(
         rollin_policy=engine.rollin_policy(),
         reset_turn="uniform" if config.method == "refuel" else "last",
         skip=shards.done(),
+        reset=build_reset(config, simulator, stats),
     )
     for index, batch in batches:
         shards.write(index, batch)
     result = shards.read()
     stats["collection_seconds"] = time.perf_counter() - started
     stats["dropped"] = dict(result.dropped)
+    stats["reset_sources"] = dict(result.sources)
     stats["user_parse_rate"] = simulator.user.parse_rate
     tokenizer = load_tokenizer(policy_path)
     token_stats: Counter[str] = Counter()

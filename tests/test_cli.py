@@ -163,3 +163,20 @@ def test_help_prints_every_flag(module: str, capsys: pytest.CaptureFixture[str])
         main(["--help"])
     assert exit_info.value.code == 0
     assert "--output_dir" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        (["--method", "ppo"], "method"),
+        (["--rollin", "somewhere"], "rollin"),
+        (["--method", "dpo_lt", "--rollin", "reference"], "rollin"),  # the LT baselines roll in with π_ref only
+        (["--rollin", "dataset"], "offline_dialogues"),
+        (["--backend", "openai"], "backend"),
+        (["--user_backend", "openai"], "user_base_url"),
+    ],
+)
+def test_invalid_combinations_name_the_field(argv: list[str], field: str) -> None:
+    """Settings that cannot work together are refused when the config is built, naming the field."""
+    with pytest.raises(ValueError, match=field):
+        parse_config(RefuelConfig, argv, description="test")
