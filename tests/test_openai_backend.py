@@ -480,4 +480,5 @@ def test_vllm_backs_the_user_simulator(served: OpenAIChatBackend) -> None:
     print([turn.text for turn in turns])
     assert len(turns) == 2
     assert all(turn.text.strip().endswith("?") for turn in turns)
-    assert simulator.next_questions(dialogues, seed=0) == turns  # the same seed gives the same questions
+    # No reproducibility check here: requests sent concurrently share vLLM batches, and vLLM's CPU
+    # kernels give batch-dependent results (test_vllm_seed_makes_sampling_reproducible sends one at a time).
