@@ -244,7 +244,9 @@ def test_malformed_answer_raises_without_retry(scripted: ScriptedServer, scenari
         OpenAIChatBackend(base_url, "m", max_retries=3).chat([conversation("ok"), conversation("bad")], GREEDY)
     assert base_url in str(caught.value) and "conversation 1" in str(caught.value)
     assert caught.value.conversation_index == 1
-    assert len(scripted.requests[run_id]) == 2  # one request per conversation, none retried
+    bad_requests = [r for r in scripted.requests[run_id] if r["messages"][-1]["content"] == "bad"]
+    assert len(bad_requests) == 1  # a malformed answer is not retried
+    # (the "ok" request runs concurrently and may still be in flight when the batch is abandoned)
 
 
 def test_timeout_raises_within_bounded_time(scripted: ScriptedServer) -> None:
