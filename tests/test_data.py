@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -109,10 +108,8 @@ def test_shared_file_has_one_duplicate_instruction_and_keeps_the_first(shared_pr
     assert len(rows) == 499
 
 
-def test_prevalidation_of_the_shared_file_is_fast(shared_prompts: Path) -> None:
-    start = time.perf_counter()
+def test_prevalidation_locates_every_line_of_the_shared_file(shared_prompts: Path) -> None:
     locations = _prevalidate_json(shared_prompts)
-    assert time.perf_counter() - start < 1.0  # measured ~0.06 s for 3,888 lines
     assert len(locations) == 3888 and locations[-1].endswith("line 3888")
 
 

@@ -203,13 +203,10 @@ def test_batch_runs_concurrently_and_keeps_order(scripted: ScriptedServer) -> No
     base_url, _ = scripted.url("echo")
     backend = OpenAIChatBackend(base_url, "m", max_concurrency=4)
     scripted.max_in_flight = 0
-    started = time.perf_counter()
     completions = backend.chat([conversation(f"number {i}") for i in range(8)], GREEDY)
-    elapsed = time.perf_counter() - started
     assert [c.text for c in completions] == [f"echo: number {i}" for i in range(8)]
     assert all(c.finish_reason == "stop" and c.token_ids == (1, 2) and c.prompt_token_ids == () for c in completions)
-    assert scripted.max_in_flight == 4
-    assert elapsed < 0.05 * sum(8 - i for i in range(8))  # serial would take 1.8 s
+    assert scripted.max_in_flight == 4  # concurrent up to the limit, never beyond
 
 
 def test_retries_5xx_then_succeeds(scripted: ScriptedServer) -> None:
