@@ -3,6 +3,7 @@
 Usage (the README's numbers)::
 
     python bench/collection_throughput.py --pairs 32 --repeats 3
+    python bench/collection_throughput.py --tables bc --pairs 16 --horizon 3  # (b) and (c) only
 
 Prints three tables, each figure the median over ``--repeats`` runs made in this one invocation:
 
@@ -80,6 +81,12 @@ class Setup:
         rows, reward, tokenizer = parts
         return DialogueSimulator(rows, UserSimulator(self.user, "student"), reward, EpisodeConfig(**episode), tokenizer)
 
+    def forget_prefixes(self) -> None:
+        """Empty the vLLM engines' prefix caches, so that one timed run cannot warm the next."""
+        for backend in (self.policy.inner, self.user.inner):
+            if hasattr(backend, "reset_prefix_cache"):
+                backend.reset_prefix_cache()
+
     def tokens(self) -> int:
         """Tokens generated so far by the policy and the user."""
         return self.policy.tokens + self.user.tokens
@@ -121,7 +128,9 @@ def run_dialogues(
 def pair_cost(setup: Setup, parts: Any, count: int, horizon: int, sampling: SamplingParams, seed: int) -> float:
     """Wall time of ``count`` REFUEL pairs over that of ``count`` full dialogues, horizon H fixed."""
     simulator = setup.simulator(parts, max_horizon=horizon, horizon=horizon)
+    setup.forget_prefixes()
     dialogues = timed(lambda: run_dialogues(simulator, setup.policy, count, sampling, seed))
+    setup.forget_prefixes()
     pairs = timed(lambda: collect_pairs(simulator, setup.policy, count, sampling, seed=seed, batch_size=count))
     return pairs / dialogues
 
@@ -145,10 +154,44 @@ def weight_sync_seconds(engine: Any, model: str) -> float:
         return engine.load_weights(Path(folder))
 
 
+def print_collection_rates(
+    setups: dict[str, Setup], parts: Any, args: argparse.Namespace, sampling: SamplingParams
+) -> None:
+    """Table (a): median dialogue tokens/s per configuration and its ratios."""
+    rates = {}
+    for name, setup in setups.items():
+        pairs = args.sequential_pairs if setup.policy.sequential else args.pairs
+        rates[name] = median_over(
+            args.repeats, lambda seed, s=setup, p=pairs: collection_rate(s, parts, p, args.max_horizon, sampling, seed)
+        )
+    table = pd.DataFrame({"tokens/s": rates})
+    table["× sequential"] = table["tokens/s"] / rates["sequential transformers"]
+    table["× batched transformers"] = table["tokens/s"] / rates["batched transformers"]
+    print(
+        f"\n(a) REFUEL collection, batch {args.pairs} pairs, H ~ U{{1..{args.max_horizon}}}, median of {args.repeats}"
+    )
+    print(table.round(2).to_string())
+
+
+def print_pair_costs(setups: dict[str, Setup], parts: Any, args: argparse.Namespace, sampling: SamplingParams) -> None:
+    """Table (b): median wall time of a pair over that of a full dialogue, per engine configuration."""
+    costs = {
+        name: median_over(
+            args.repeats, lambda seed, s=setup: pair_cost(s, parts, args.pairs, args.horizon, sampling, seed)
+        )
+        for name, setup in setups.items()
+        if not setup.policy.sequential
+    }
+    print(f"\n(b) wall time of one REFUEL pair / one full dialogue, H = {args.horizon}, batch {args.pairs}")
+    print(f"median of {args.repeats}; h ~ U{{1..H}}")
+    print(pd.DataFrame({"pair / dialogue": costs}).round(2).to_string())
+
+
 def main() -> None:
-    """Parse flags, run every configuration, print the three tables."""
+    """Parse flags, build the engines the chosen tables need, print the tables."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--tables", default="abc", help="which tables to print, e.g. 'bc'")
     parser.add_argument("--pairs", type=int, default=32, help="pairs per batch (64 conversations in the roll-outs)")
     parser.add_argument("--sequential-pairs", type=int, default=4, help="pairs of the sequential loop (it is slow)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -164,8 +207,7 @@ def main() -> None:
     )
     parts = (rows[:256], build_reward_model("math"), tokenizer)
 
-    started = {}
-    started["transformers"] = timed(lambda: TransformersBackend(args.model))
+    started = {"transformers": timed(lambda: TransformersBackend(args.model))}
     policy, user = TransformersBackend(args.model), TransformersBackend(args.model)
     setups = {
         "sequential transformers": Setup(policy, user, sequential=True),
@@ -178,40 +220,17 @@ def main() -> None:
         sync["vllm"] = weight_sync_seconds(engines[0], args.model)
         setups["batched vLLM"] = Setup(*engines)
 
-    rates = {}
-    for name, setup in setups.items():
-        pairs = args.sequential_pairs if setup.policy.sequential else args.pairs
-        rates[name] = median_over(
-            args.repeats, lambda seed, s=setup, p=pairs: collection_rate(s, parts, p, args.max_horizon, sampling, seed)
-        )
-    table_a = pd.DataFrame({"tokens/s": rates})
-    table_a["× sequential"] = table_a["tokens/s"] / rates["sequential transformers"]
-    table_a["× batched transformers"] = table_a["tokens/s"] / rates["batched transformers"]
-    print(
-        f"\n(a) REFUEL collection, batch {args.pairs} pairs, H ~ U{{1..{args.max_horizon}}}, median of {args.repeats}"
-    )
-    print(table_a.round(2).to_string())
-
-    costs = {
-        "transformers": median_over(
-            args.repeats,
-            lambda seed: pair_cost(setups["batched transformers"], parts, args.pairs, args.horizon, sampling, seed),
-        )
-    }
-    if not args.skip_vllm:
-        costs["vLLM, prefix caching"] = median_over(
-            args.repeats,
-            lambda seed: pair_cost(setups["batched vLLM"], parts, args.pairs, args.horizon, sampling, seed),
-        )
-        plain = Setup(*(vllm_engine(args.model, prefix_caching=False) for _ in range(2)))
-        costs["vLLM, no prefix caching"] = median_over(
-            args.repeats, lambda seed: pair_cost(plain, parts, args.pairs, args.horizon, sampling, seed)
-        )
-    print(f"\n(b) wall time of one REFUEL pair / one full dialogue, H = {args.horizon}, batch {args.pairs}")
-    print(pd.DataFrame({"pair / dialogue": costs}).round(2).to_string())
-
-    print("\n(c) engine start and live weight sync (seconds)")
-    print(pd.DataFrame({"start": started, "weight sync": sync}).round(2).to_string())
+    if "a" in args.tables:
+        print_collection_rates(setups, parts, args, sampling)
+    if "b" in args.tables:
+        if not args.skip_vllm:
+            setups["batched vLLM, no prefix caching"] = Setup(
+                *(vllm_engine(args.model, prefix_caching=False) for _ in range(2))
+            )
+        print_pair_costs(setups, parts, args, sampling)
+    if "c" in args.tables:
+        print("\n(c) engine start and live weight sync (seconds)")
+        print(pd.DataFrame({"start": started, "weight sync": sync}).round(2).to_string())
 
 
 if __name__ == "__main__":

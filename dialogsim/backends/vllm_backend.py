@@ -178,6 +178,10 @@ class VLLMBackend:
             raise FileNotFoundError(f"{folder} holds no *.safetensors weights; save the policy with save_pretrained")
         started = time.perf_counter()
         self.engine.collective_rpc("load_policy_weights", args=(str(folder),))
-        self.engine.reset_prefix_cache()
+        self.reset_prefix_cache()
         self.name = str(folder)
         return time.perf_counter() - started
+
+    def reset_prefix_cache(self) -> None:
+        """Drop every cached KV block, so that the next request computes its prompt from scratch."""
+        self.engine.reset_prefix_cache()
