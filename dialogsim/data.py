@@ -433,6 +433,10 @@ def _row_location(source: str, index: int) -> str:
     return f"{source}, row {index} (0-based)"
 
 
+# Whitespace as JSON defines it (RFC 8259); bytes.strip() would also drop \x0b and \x0c, which JSON readers reject.
+JSON_WHITESPACE = b" \t\r\n"
+
+
 def _prevalidate_json(path: Path, schema: _RowSchema | None = None) -> list[str]:
     """Check every row of a JSON Lines file (or JSON array); return each row's location, in order.
 
@@ -440,13 +444,13 @@ def _prevalidate_json(path: Path, schema: _RowSchema | None = None) -> list[str]
     """
     schema = schema or PROMPT_ROWS
     data = path.read_bytes()
-    if not data.strip():
+    if not data.strip(JSON_WHITESPACE):
         raise PromptFormatError(f"{path}: the file is empty; expected one JSON object per line, e.g. {schema.example}")
-    if data.lstrip()[:1] == b"[":
+    if data.lstrip(JSON_WHITESPACE)[:1] == b"[":
         return _prevalidate_array(path, data, schema)
     locations = []
     for number, line in enumerate(data.split(b"\n"), start=1):
-        if line.strip():
+        if line.strip(JSON_WHITESPACE):
             where = f"{path}, line {number}"
             schema.check(_parse_json(line, where, schema.example), where)
             locations.append(where)

@@ -29,6 +29,8 @@ def build_simulator(
     user_template: str = "student",
     user_backend: str = "transformers",
     user_base_url: str | None = None,
+    vllm_kv_cache_gib: float = 4.0,
+    vllm_tensor_parallel_size: int = 1,
     reward: str = "math",
     trust_remote_code: bool = False,
     max_horizon: int = 3,
@@ -51,6 +53,7 @@ def build_simulator(
         user_template: ``"student"`` (small models) or ``"paper"`` (the REFUEL paper's prompt).
         user_backend / user_base_url: engine of the user model (see
             :func:`dialogsim.backends.factory.build_backend`); ``openai`` runs it on a server.
+        vllm_kv_cache_gib / vllm_tensor_parallel_size: the user's engine settings when ``user_backend="vllm"``.
         reward: a :func:`dialogsim.rewards.factory.build_reward_model` spec (``"math"``: verifier + MiniLM
             similarity; or a sequence-classification RM id/path).
         trust_remote_code: let a hub reward model run its own code (ArmoRM-style heads need it).
@@ -67,7 +70,14 @@ def build_simulator(
         max_prompt_tokens=max_prompt_tokens,
     )
     rows = select_partition(rows, holdout, partition)[:limit]
-    user = UserSimulator(build_backend(user_backend, user_model, base_url=user_base_url), user_template)
+    engine = build_backend(
+        user_backend,
+        user_model,
+        base_url=user_base_url,
+        kv_cache_gib=vllm_kv_cache_gib,
+        tensor_parallel_size=vllm_tensor_parallel_size,
+    )
+    user = UserSimulator(engine, user_template)
     config = EpisodeConfig(
         max_horizon=max_horizon,
         horizon=horizon,

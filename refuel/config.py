@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dialogsim.backends.factory import BACKENDS
+from dialogsim.backends.serving import ServingEngine
 
 METHODS = ("refuel", "rebel_lt", "dpo_lt")
 ROLLINS = ("current", "reference", "dataset")  # as refuel.collect.ROLLINS
@@ -121,7 +122,7 @@ class RefuelConfig:
             "validation_fraction": 0 <= self.validation_fraction < 1,
             "per_device_batch_size": self.per_device_batch_size >= 1,
             "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
-            "backend": self.backend in ("transformers", "vllm"),
+            "backend": self.backend in ServingEngine.SYNCABLE,
             "method": self.method in METHODS,
             "rollin": self.rollin in ROLLINS and (self.rollin == "current" or self.method == "refuel"),
             "offline_dialogues": self.rollin != "dataset" or bool(self.offline_dialogues),

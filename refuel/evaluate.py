@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dialogsim.backends.transformers_backend import TransformersBackend
+from dialogsim.backends.serving import ServingEngine
 from dialogsim.dialogue import fingerprint
 from dialogsim.judges.base import JudgePair, PairwiseJudge
 from dialogsim.judges.factory import build_judge
@@ -80,8 +80,19 @@ class EvaluateConfig:
     max_new_tokens: int = field(default=160, metadata={"help": "cap on policy reply tokens"})
     temperature: float = field(default=0.8, metadata={"help": "policy sampling temperature"})
     top_p: float = field(default=1.0, metadata={"help": "policy nucleus sampling mass"})
+    backend: str = field(
+        default="transformers",
+        metadata={"help": "policy engine: 'transformers' or 'vllm' (one engine; later policies' weights swapped in)"},
+    )
     user_model: str = field(default="smollm2-135m-instruct", metadata={"help": "simulated-user model"})
     user_template: str = field(default="student", metadata={"help": "'student' or 'paper'"})
+    user_backend: str = field(
+        default="transformers", metadata={"help": "simulated-user engine: 'transformers', 'vllm' or 'openai'"}
+    )
+    user_base_url: str | None = field(
+        default=None, metadata={"help": "OpenAI-compatible server of the user model (user_backend=openai)"}
+    )
+    vllm_kv_cache_gib: float = field(default=4.0, metadata={"help": "vLLM KV-cache space per engine on CPU (GiB)"})
     max_dialogue_tokens: int = field(default=2048, metadata={"help": "token budget per dialogue"})
     max_prompt_tokens: int = field(default=384, metadata={"help": "drop prompts longer than this (tokens)"})
     seed: int = field(default=0, metadata={"help": "seed of prompt choice, user and policy sampling"})
@@ -152,12 +163,14 @@ def dialogue_cache(config: EvaluateConfig, policy: str, name: str) -> Path:
 
 
 def generate_dialogues(
-    config: EvaluateConfig, simulator: DialogueSimulator, policy: str, cache: Path
+    config: EvaluateConfig, simulator: DialogueSimulator, engine: ServingEngine, policy: str, cache: Path
 ) -> list[dict[str, Any]]:
     """Dialogues of one policy on the held-out prompts (cached in ``cache``).
 
     Every policy starts from identical states (same prompt, horizon and user RNG per prompt) and the
-    same policy-sampling seed sequence, so the only difference between methods is the policy.
+    same policy-sampling seed sequence, so the only difference between methods is the policy. The
+    policy runs on ``engine``, which is started or given the policy's weights only when the cache
+    misses.
 
     Returns:
         One row per prompt: ``prompt_id``, ``horizon``, ``truncated`` and ``messages``.
@@ -172,9 +185,8 @@ def generate_dialogues(
         for index, prompt_id in enumerate(simulator.prompt_ids)
     ]
     sampling = SamplingParams(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens)
-    run_policy(
-        simulator, TransformersBackend(resolve_model(policy)), states, sampling, np.random.default_rng(config.seed)
-    )
+    backend = engine.serve(resolve_model(policy))
+    run_policy(simulator, backend, states, sampling, np.random.default_rng(config.seed))
     rows = [
         {"prompt_id": s.prompt_id, "horizon": s.horizon, "truncated": s.truncated, "messages": s.messages}
         for s in states
@@ -240,12 +252,16 @@ def evaluate(config: EvaluateConfig) -> dict[str, Path]:
         policy_model=config.baseline,
         max_horizon=config.horizon,
         horizon=config.horizon,
+        user_backend=config.user_backend,
+        user_base_url=config.user_base_url,
+        vllm_kv_cache_gib=config.vllm_kv_cache_gib,
     )
+    engine = ServingEngine(config.backend, kv_cache_gib=config.vllm_kv_cache_gib)
     names = method_names([config.baseline, *config.candidates])
     dialogues = {
         name: {
             row["prompt_id"]: row["messages"]
-            for row in generate_dialogues(config, simulator, policy, dialogue_cache(config, policy, name))
+            for row in generate_dialogues(config, simulator, engine, policy, dialogue_cache(config, policy, name))
         }
         for policy, name in names.items()
     }
@@ -313,7 +329,8 @@ def _report_settings(config: EvaluateConfig, judge_name: str, prompts: int) -> d
         "horizon": config.horizon,
         "policy sampling": f"temperature {config.temperature}, top_p {config.top_p}, "
         f"{config.max_new_tokens} new tokens",
-        "simulated user": f"{config.user_model}, template '{config.user_template}'",
+        "policy engine": config.backend,
+        "simulated user": f"{config.user_model}, template '{config.user_template}', engine {config.user_backend}",
         "seed": config.seed,
     }
 

@@ -30,7 +30,7 @@ from accelerate import PartialState
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, set_seed
 
 from dialogsim.backends.base import WeightSyncBackend
-from dialogsim.backends.factory import build_backend
+from dialogsim.backends.serving import ServingEngine
 from dialogsim.backends.transformers_backend import load_tokenizer
 from dialogsim.data import load_offline_dialogues
 from dialogsim.dialogue import fingerprint
@@ -64,11 +64,13 @@ def build_training_simulator(config: RefuelConfig) -> DialogueSimulator:
         max_horizon=config.max_horizon,
         user_backend=config.user_backend,
         user_base_url=config.user_base_url,
+        vllm_kv_cache_gib=config.vllm_kv_cache_gib,
+        vllm_tensor_parallel_size=config.vllm_tensor_parallel_size,
     )
 
 
 class PolicyEngine:
-    """π_t's roll-out engine for a whole run: started at the first collection, then weight-synced.
+    """The run's policy engines: π_t's, started at the first collection and then weight-synced, and π_ref's.
 
     With ``backend="vllm"`` the engine (and its prefix cache) stays up across iterations; after each
     iteration π_{t+1}'s saved weights are loaded into it live instead of restarting it.
@@ -76,8 +78,9 @@ class PolicyEngine:
 
     def __init__(self, config: RefuelConfig) -> None:
         self.config = config
-        self.backend: WeightSyncBackend | None = None
-        self.reference: WeightSyncBackend | None = None
+        settings = {"kv_cache_gib": config.vllm_kv_cache_gib, "tensor_parallel_size": config.vllm_tensor_parallel_size}
+        self.current = ServingEngine(config.backend, **settings)
+        self.reference = ServingEngine(config.backend, **settings)
 
     def rollin_policy(self) -> WeightSyncBackend | None:
         """π_ref's engine (the initial policy, never updated) for the LT baselines and ``--rollin reference``.
@@ -86,27 +89,11 @@ class PolicyEngine:
         """
         if self.config.method == "refuel" and self.config.rollin != "reference":
             return None
-        if self.reference is None:
-            self.reference = self._build(resolve_model(self.config.policy_model))
-        return self.reference
-
-    def _build(self, policy_path: str) -> WeightSyncBackend:
-        return build_backend(
-            self.config.backend,
-            policy_path,
-            kv_cache_gib=self.config.vllm_kv_cache_gib,
-            tensor_parallel_size=self.config.vllm_tensor_parallel_size,
-        )
+        return self.reference.serve(resolve_model(self.config.policy_model))
 
     def serving(self, policy_path: str, stats: dict[str, Any]) -> WeightSyncBackend:
         """The engine with π_t = the weights in ``policy_path``; records start or sync time (seconds) in ``stats``."""
-        started = time.perf_counter()
-        if self.backend is None:
-            self.backend = self._build(policy_path)
-            stats["engine_start_seconds"] = time.perf_counter() - started
-        elif self.backend.name != policy_path:
-            stats["weight_sync_seconds"] = self.backend.load_weights(policy_path)
-        return self.backend
+        return self.current.serve(policy_path, stats)
 
 
 COLLECTION_FIELDS = (
