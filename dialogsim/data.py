@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from datasets import load_dataset
 
@@ -209,14 +209,9 @@ def load_prompts(
     rows = _filter_fields(rows, {"task": tasks, "dataset": datasets, "split": splits}, report)
     rows = _dedupe(rows, report)
     if tokenizer is not None and max_prompt_tokens is not None:
-        rows = _drop_over_budget(rows, tokenizer, max_prompt_tokens, report)
-    if shuffle:
-        random.Random(seed).shuffle(rows)
-    if limit is not None:
-        report.over_limit = max(0, len(rows) - limit)
-        rows = rows[:limit]
-    report.rows_kept = len(rows)
-    logger.info("%s", report)
+        counts = prompt_token_counts([row.instruction for row in rows], tokenizer)
+        rows = _within_budget(rows, counts, max_prompt_tokens, report)
+    rows = _shuffle_and_limit(rows, seed if shuffle else None, limit, report)
     if not rows:
         raise ValueError(f"no prompts left: {report}; loosen tasks/datasets/splits or raise max_prompt_tokens")
     return rows, report
@@ -292,14 +287,8 @@ def load_offline_dialogues(
     dialogues = _dialogues_from_records(records, prompts, max_turns, report)
     if tokenizer is not None and max_dialogue_tokens is not None:
         counts = chat_token_counts([d.messages for d in dialogues], tokenizer)
-        kept = [d for d, count in zip(dialogues, counts, strict=True) if count <= max_dialogue_tokens]
-        report.over_token_budget, dialogues = len(dialogues) - len(kept), kept
-    if shuffle:
-        random.Random(seed).shuffle(dialogues)
-    if limit is not None:
-        report.over_limit, dialogues = max(0, len(dialogues) - limit), dialogues[:limit]
-    report.rows_kept = len(dialogues)
-    logger.info("%s", report)
+        dialogues = _within_budget(dialogues, counts, max_dialogue_tokens, report)
+    dialogues = _shuffle_and_limit(dialogues, seed if shuffle else None, limit, report)
     if not dialogues:
         raise ValueError(f"no offline dialogues left: {report}; see LoadReport for what each reason means")
     return dialogues, report
@@ -670,14 +659,25 @@ def chat_token_counts(conversations: Sequence[Sequence[Message]], tokenizer: Pre
     return counts
 
 
-def _drop_over_budget(
-    rows: list[PromptRow], tokenizer: PreTrainedTokenizerBase, max_prompt_tokens: int, report: LoadReport
-) -> list[PromptRow]:
-    """Drop rows whose templated prompt exceeds ``max_prompt_tokens`` tokens."""
-    counts = prompt_token_counts([row.instruction for row in rows], tokenizer)
-    kept = [row for row, count in zip(rows, counts, strict=True) if count <= max_prompt_tokens]
-    report.over_token_budget = len(rows) - len(kept)
+Item = TypeVar("Item")
+
+
+def _within_budget(items: list[Item], counts: list[int], budget: int, report: LoadReport) -> list[Item]:
+    """Keep the items whose token count (``counts``, aligned) is at most ``budget``; count the others."""
+    kept = [item for item, count in zip(items, counts, strict=True) if count <= budget]
+    report.over_token_budget = len(items) - len(kept)
     return kept
+
+
+def _shuffle_and_limit(items: list[Item], seed: int | None, limit: int | None, report: LoadReport) -> list[Item]:
+    """Shuffle with ``seed`` (``None``: keep the order), keep the first ``limit``; record and log the report."""
+    if seed is not None:
+        random.Random(seed).shuffle(items)
+    if limit is not None:
+        report.over_limit, items = max(0, len(items) - limit), items[:limit]
+    report.rows_kept = len(items)
+    logger.info("%s", report)
+    return items
 
 
 # ---- offline dialogues ------------------------------------------------------------------------
