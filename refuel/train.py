@@ -180,9 +180,8 @@ def prepare_pairs(
     stats["dropped"] = dict(result.dropped)
     stats["reset_sources"] = dict(result.sources)
     stats["user_parse_rate"] = simulator.user.parse_rate
-    tokenizer = load_tokenizer(policy_path)
     token_stats: Counter[str] = Counter()
-    rows = [record | tokenize_pair(record, tokenizer, token_stats) for record in result.pairs]
+    rows = [record | tokenize_pair(record, simulator.tokenizer, token_stats) for record in result.pairs]
     stats["tokenization"] = dict(token_stats)
     write_json(stats, path.with_name("collection.json"))
     write_rows(rows, path)
