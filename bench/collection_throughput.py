@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from gymnasium.vector import AutoresetMode
 from transformers import AutoModelForCausalLM
 
 from dialogsim.backends.base import ChatBackend, Completion
@@ -48,9 +47,8 @@ from dialogsim.rewards.factory import build_reward_model
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator, EpisodeConfig
 from dialogsim.user import UserSimulator
-from envs.vector_env import VectorDialogueEnv
 from refuel.collect import collect_pairs
-from refuel.rollout import draw_seed
+from refuel.rollout import run_policy
 
 
 class CountingBackend:
@@ -112,17 +110,10 @@ def collection_rate(
 def run_dialogues(
     simulator: DialogueSimulator, policy: ChatBackend, count: int, sampling: SamplingParams, seed: int
 ) -> None:
-    """Run ``count`` full dialogues together on the vector env to their (fixed) horizon."""
-    env = VectorDialogueEnv(count, simulator=simulator, autoreset_mode=AutoresetMode.DISABLED)
+    """Run ``count`` full dialogues together to their (fixed) horizon: one policy and one user call per turn."""
     rng = np.random.default_rng(seed)
-    observations, infos = env.reset(seed=seed)
-    while infos["active"].any():
-        active = np.flatnonzero(infos["active"])
-        replies = policy.chat([list(observations[i]) for i in active], sampling.with_seed(draw_seed(rng)))
-        actions = [""] * count
-        for i, reply in zip(active, replies, strict=True):
-            actions[i] = reply.text
-        observations, _, _, _, infos = env.step(actions)
+    states = [simulator.new_state(rng) for _ in range(count)]
+    run_policy(simulator, policy, states, sampling, rng)
 
 
 def pair_cost(setup: Setup, parts: Any, count: int, horizon: int, sampling: SamplingParams, seed: int) -> float:
