@@ -133,10 +133,10 @@ class RefuelTrainer:
         self.accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision
         )
-        self._check_launch()
         processes = self.accelerator.num_processes
         accumulation = config.gradient_accumulation_steps
         self.effective_batch_size = config.per_device_batch_size * accumulation * processes
+        self._check_launch()
         self.pad_id = tokenizer.pad_token_id
         self._merged = False
         model = apply_memory_options(model, config)
@@ -194,7 +194,7 @@ class RefuelTrainer:
                 "ACCELERATE_GRADIENT_ACCUMULATION_STEPS or the accelerate config), the run config "
                 f"{config.gradient_accumulation_steps}; set gradient_accumulation_steps in the run config only"
             )
-        effective = config.per_device_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+        effective = self.effective_batch_size
         if config.effective_batch_size is not None and effective != config.effective_batch_size:
             raise ValueError(
                 f"effective batch {config.per_device_batch_size} pairs per device × "
