@@ -8,6 +8,7 @@ from dialogsim.backends.factory import BACKENDS
 from dialogsim.backends.serving import ServingEngine
 
 METHODS = ("refuel", "rebel_lt", "dpo_lt")
+PAIR_LAYOUTS = ("shared_prefix", "separate")
 ROLLINS = ("current", "reference", "dataset")  # as refuel.collect.ROLLINS
 
 
@@ -97,6 +98,16 @@ class RefuelConfig:
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm"))
     validation_fraction: float = field(default=0.2, metadata=_help("share of pairs held out for validation"))
     mixed_precision: str = field(default="no", metadata=_help("accelerate mixed precision: no | bf16 | fp16"))
+    pair_layout: str = field(
+        default="shared_prefix",
+        metadata=_help(
+            "how a pair's log-probs are computed: shared_prefix (s_h once, y and y' after it under a block "
+            "mask, logits at reply positions only) | separate (two padded sequences, logits everywhere)"
+        ),
+    )
+    length_buckets: bool = field(
+        default=True, metadata=_help("put pairs of similar length in one micro-batch (less padding)")
+    )
     # memory and scale-out
     gradient_checkpointing: bool = field(
         default=False, metadata=_help("recompute activations in the backward pass: less memory, ~30 % more time")
@@ -124,6 +135,7 @@ class RefuelConfig:
             "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
             "backend": self.backend in ServingEngine.SYNCABLE,
             "method": self.method in METHODS,
+            "pair_layout": self.pair_layout in PAIR_LAYOUTS,
             "rollin": self.rollin in ROLLINS and (self.rollin == "current" or self.method == "refuel"),
             "offline_dialogues": self.rollin != "dataset" or bool(self.offline_dialogues),
             "dpo_beta": self.dpo_beta > 0,

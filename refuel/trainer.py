@@ -3,19 +3,24 @@
 The same code runs in one process or under ``accelerate launch`` (DDP, DeepSpeed ZeRO-2/3, FSDP; the
 configs are in ``configs/accelerate/``). What makes P processes × b pairs equal 1 process × P·b pairs:
 
-- **Data**: every process shuffles the pairs with the same seeded generator; ``accelerate`` gives
-  process p the micro-batches p, p + P, p + 2P, … of that order, so one optimizer step sees the same
-  P·b·accumulation pairs as a single process with P times the batch (``even_batches``: a short last
-  round is filled with pairs from the start of the epoch).
+- **Data**: the pairs are cut once into step groups of P·b·accumulation pairs and those into micro-batches
+  of b (:mod:`refuel.batching`); every process draws the same seeded order of groups each epoch, and
+  ``accelerate`` gives process p the micro-batches p, p + P, p + 2P, … of that order, so one optimizer
+  step sees the same pairs as a single process with P times the batch (``even_batches``: a short last
+  round is filled with micro-batches from the start of the epoch).
 - **Loss normalisation**: the REFUEL loss is the mean over the local micro-batch; ``accelerate``
   divides it by the accumulation steps and DDP (or the sharded engine) averages gradients over the
   processes, so the gradient is that of the mean over the global batch. Equal local batch sizes are
   what makes the mean of means the global mean.
 - **Schedule**: warm-up and cosine are counted in optimizer steps. ``accelerate`` steps a prepared
   scheduler P times per optimizer step, so it is built with P × the step counts.
-- **π_t log-probs**: computed once, before any gradient step, in :class:`RefuelTrainer`'s constructor;
-  each process computes an equal share (padded, so that sharded engines run their forward passes
-  in lock-step) and the shares are all-gathered, so no reference model stays resident.
+- **π_t log-probs**: computed once, before any gradient step, in :class:`RefuelTrainer`'s constructor,
+  on the same fixed micro-batches that training uses (:mod:`refuel.batching`), so the computation is
+  identical and the relative log-ratio at π = π_t is exactly 0; each process computes an equal share of
+  the micro-batches (sharded engines run their forward passes in lock-step) and the shares are
+  all-gathered, so no reference model stays resident.
+- **Pair layout**: ``shared_prefix`` (default) computes s_h once per pair and logits at the reply
+  positions only (:mod:`refuel.packing`); ``separate`` runs two padded sequences per pair.
 - **Saving**: only the main process writes; DeepSpeed ZeRO-3 and FSDP first gather the full weights.
 """
 
@@ -25,6 +30,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,11 +42,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
+from refuel.batching import StepGroupSampler, plan_micro_batches
 from refuel.checkpoints import latest_training_state, save_training_state
 from refuel.config import RefuelConfig
 from refuel.logprobs import masked_sequence_logprobs
 from refuel.loss import dpo_loss, refuel_loss, sign_agreement
-from refuel.pairs import pad_pairs, reference_logprobs
+from refuel.packing import PackedPairs, pack_pairs, packed_pair_logprobs
+from refuel.pairs import pad_pairs
 from refuel.plan import check_memory_options
 
 SHARDED_ENGINES = (DistributedType.DEEPSPEED, DistributedType.FSDP)
@@ -140,12 +148,15 @@ class RefuelTrainer:
         self.pad_id = tokenizer.pad_token_id
         self._merged = False
         model = apply_memory_options(model, config)
-        generator = torch.Generator().manual_seed(config.seed)
+        group = config.per_device_batch_size * accumulation * processes  # pairs per optimizer step
+        self.plans = {
+            split: plan_micro_batches(rows, config.per_device_batch_size, group, config.seed, config.length_buckets)
+            for split, rows in (("train", train_rows), ("validation", val_rows))
+        }
         train_loader = DataLoader(
-            train_rows,
-            batch_size=config.per_device_batch_size,
-            shuffle=True,
-            generator=generator,
+            _micro_batch_rows(train_rows, self.plans["train"]),
+            batch_size=1,
+            sampler=StepGroupSampler(len(self.plans["train"]), group // config.per_device_batch_size, config.seed),
             collate_fn=self._collate,
         )
         optimizer = torch.optim.AdamW(
@@ -154,8 +165,8 @@ class RefuelTrainer:
             betas=(config.adam_beta1, config.adam_beta2),
             weight_decay=config.weight_decay,
         )
-        # accelerate's sharding (even_batches): each process gets ceil(batches / P) micro-batches.
-        batches_per_process = math.ceil(math.ceil(len(train_rows) / config.per_device_batch_size) / processes)
+        # accelerate's sharding (even_batches): each process gets ceil(micro-batches / P) micro-batches.
+        batches_per_process = math.ceil(len(self.plans["train"]) / processes)
         steps = config.epochs * math.ceil(batches_per_process / accumulation)
         # Floor, so that short iterations do not spend their first step at learning rate 0 (the warm-up
         # of transformers' schedules starts from 0). × P: accelerate steps the scheduler P times per step.
@@ -176,14 +187,15 @@ class RefuelTrainer:
             )
         self.total_steps = steps
         self.eval_loaders = {
-            name: self.accelerator.prepare(
-                DataLoader(rows, batch_size=config.per_device_batch_size, collate_fn=self._collate)
+            split: self.accelerator.prepare(
+                DataLoader(_micro_batch_rows(rows, self.plans[split]), batch_size=1, collate_fn=self._collate)
             )
             if rows
             else None
-            for name, rows in (("train", train_rows), ("validation", val_rows))
+            for split, rows in (("train", train_rows), ("validation", val_rows))
         }
-        self._attach_reference_logprobs(train_rows + val_rows)
+        for split, rows in (("train", train_rows), ("validation", val_rows)):
+            self._attach_reference_logprobs(split, rows)
 
     def _check_launch(self) -> None:
         """The launch agrees with the config: accumulation, effective batch, LoRA only where it can be merged."""
@@ -210,39 +222,69 @@ class RefuelTrainer:
                 "(configs/accelerate/ddp.yaml) or set lora_r 0"
             )
 
-    def _attach_reference_logprobs(self, rows: list[dict[str, Any]]) -> None:
-        """Store ln π_t(y|s_h), ln π_t(y'|s_h) in each row (in place), before any gradient step.
+    @torch.no_grad()
+    def _attach_reference_logprobs(self, split: str, rows: list[dict[str, Any]]) -> None:
+        """Store ln π_t(y|s_h), ln π_t(y'|s_h) in each row of ``split`` (in place), before any gradient step.
 
-        Process p computes rows ``[p·k, (p+1)·k)`` with k = ceil(len(rows) / P), padded with the last row
-        to k, so every process runs the same number of forward passes; the shares are all-gathered.
+        They are computed on the very micro-batches that training and validation use (same pairs, same
+        padding, same precision), so at π = π_t the relative log-ratio is exactly 0, in bf16 too.
         """
-        processes, index = self.accelerator.num_processes, self.accelerator.process_index
-        share = math.ceil(len(rows) / processes)
-        mine = rows[index * share : (index + 1) * share]
-        mine = mine + [rows[-1]] * (share - len(mine))
-        with self.accelerator.autocast():
-            values = reference_logprobs(
-                self.model, mine, self.pad_id, self.config.temperature, self.config.per_device_batch_size
-            )
-        if processes > 1:
-            values = gather_object(values)  # shares in process order; the padding sits after the last row
-        for row, (ref_logp, ref_logp_prime) in zip(rows, values[: len(rows)], strict=True):
-            row["ref_logp"], row["ref_logp_prime"] = ref_logp, ref_logp_prime
+        loader = self.eval_loaders[split]
+        if loader is None:
+            return
+        self.model.eval()
+        logp = self._per_micro_batch(loader, lambda batch: self._logprobs(batch).float())
+        for index, micro_batch in enumerate(self.plans[split]):
+            values = logp[index].tolist()  # [2B]: the B replies y, then the B replies y'
+            for k, row_index in enumerate(micro_batch):
+                rows[row_index]["ref_logp"] = values[k]
+                rows[row_index]["ref_logp_prime"] = values[len(micro_batch) + k]
 
-    def _collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return pad_pairs(rows, self.pad_id)
+    def _per_micro_batch(self, loader: DataLoader, compute: Callable[[Any], torch.Tensor]) -> dict[int, torch.Tensor]:
+        """``compute`` of every micro-batch of ``loader``, keyed by micro-batch index, in every process.
 
-    def _pair_terms(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        Each process computes its share (``accelerate`` repeats micro-batches from the start to give every
+        process as many); the shares are all-gathered and the repeats dropped by index.
+        """
+        results = [(index, compute(batch).cpu()) for index, batch in loader]
+        if self.accelerator.num_processes > 1:
+            results = gather_object(results)
+        return dict(results)
+
+    def _collate(self, items: list[tuple[int, list[dict[str, Any]]]]) -> tuple[int, Any]:
+        """A loader item (one micro-batch: its index and its pairs) in the configured pair layout."""
+        ((index, rows),) = items
+        if self.config.pair_layout == "shared_prefix":
+            return index, pack_pairs(rows, self.pad_id)
+        return index, pad_pairs(rows, self.pad_id)
+
+    def _logprobs(self, batch: PackedPairs | dict[str, torch.Tensor]) -> torch.Tensor:
+        """ln π(y|s_h) of a micro-batch's B replies y, then of its B replies y', ``[2B]`` nats."""
+        if isinstance(batch, PackedPairs):
+            return packed_pair_logprobs(self.model, batch, self.config.temperature)
+        return masked_sequence_logprobs(
+            self.model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], self.config.temperature
+        )
+
+    def _pair_terms(
+        self, batch: PackedPairs | dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Loss, relative log-ratio ``[B]`` and relative reward ``[B]`` of a batch of pairs.
 
         The loss is REFUEL's regression (also REBEL-LT's, on last-turn pairs), or DPO's for ``dpo_lt``.
         """
-        logp = masked_sequence_logprobs(
-            self.model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], self.config.temperature
-        )  # [2B]
+        logp = self._logprobs(batch)  # [2B]
+        ref, reward = (
+            (batch.ref_logp, batch.reward)
+            if isinstance(batch, PackedPairs)
+            else (
+                batch["ref_logp"],
+                batch["reward"],
+            )
+        )
         logp_y, logp_y_prime = torch.tensor_split(logp, 2)  # [B], [B]
-        ref_y, ref_y_prime = torch.tensor_split(batch["ref_logp"].to(logp.dtype), 2)
-        reward, reward_prime = torch.tensor_split(batch["reward"].to(logp.dtype), 2)
+        ref_y, ref_y_prime = torch.tensor_split(ref.to(logp.dtype), 2)
+        reward, reward_prime = torch.tensor_split(reward.to(logp.dtype), 2)
         if self.config.method == "dpo_lt":
             loss = dpo_loss(logp_y, logp_y_prime, ref_y, ref_y_prime, reward, reward_prime, self.config.dpo_beta)
         else:
@@ -253,24 +295,19 @@ class RefuelTrainer:
     def validate(self, split: str = "validation") -> ValidationMetrics:
         """REFUEL loss and sign agreement of the current policy on the ``"validation"`` or ``"train"`` pairs.
 
-        Each process scores its share; the terms of all pairs are gathered (duplicates of the padded
-        last round dropped), so every process returns the metrics of the whole split.
+        Each process scores its share of the micro-batches; the terms of all pairs are gathered (repeats of
+        the padded last round dropped), so every process returns the metrics of the whole split.
         """
         loader = self.eval_loaders[split]
         if loader is None:
             return ValidationMetrics(float("nan"), float("nan"))
         self.model.eval()
-        ratios, rewards = [], []
-        for batch in loader:
-            _, ratio, reward = self._pair_terms(batch)
-            ratio, reward = self.accelerator.gather_for_metrics((ratio, reward))
-            ratios.append(ratio)
-            rewards.append(reward)
-        ratio, reward = torch.cat(ratios), torch.cat(rewards)  # [N], [N]
+        terms = self._per_micro_batch(loader, lambda batch: torch.stack(self._pair_terms(batch)[1:]))  # [2, B] each
+        ratio, reward = torch.cat([terms[index] for index in sorted(terms)], dim=1)  # [N], [N]
         loss = ((ratio - self.config.eta * reward) ** 2).mean().item()  # refuel_loss over all N pairs
         return ValidationMetrics(loss, sign_agreement(ratio, reward))
 
-    def training_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def training_step(self, batch: PackedPairs | dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward and backward of one micro-batch of pairs; an optimizer step when accumulation is complete.
 
         Returns:
@@ -321,7 +358,7 @@ class RefuelTrainer:
         for epoch in range(self.config.epochs):
             self.model.train()
             losses: list[torch.Tensor] = []
-            for index, batch in enumerate(self.train_loader):
+            for index, (_, batch) in enumerate(self.train_loader):
                 if (epoch, index) <= done:
                     continue  # trained on before the checkpoint; iterating keeps the data order
                 losses.append(self.training_step(batch))
@@ -380,3 +417,8 @@ def save_pretrained_atomic(
         os.replace(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _micro_batch_rows(rows: list[dict[str, Any]], plan: list[list[int]]) -> list[tuple[int, list[dict[str, Any]]]]:
+    """Loader items: each micro-batch's index and its pairs (the row dicts themselves)."""
+    return [(index, [rows[i] for i in micro_batch]) for index, micro_batch in enumerate(plan)]

@@ -1,0 +1,176 @@
+"""The shared-prefix pair layout equals the separate one; fixed micro-batches make π_t's log-ratio exactly 0."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from dialogsim.backends.transformers_backend import chat_prompt_ids, load_tokenizer
+from refuel.batching import StepGroupSampler, pair_length, plan_micro_batches
+from refuel.config import RefuelConfig
+from refuel.logprobs import masked_sequence_logprobs
+from refuel.packing import pack_pairs, packed_pair_logprobs, split_pair
+from refuel.pairs import pad_pairs
+from refuel.trainer import RefuelTrainer
+
+TEMPERATURE = 0.8
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_path: str) -> PreTrainedTokenizerBase:
+    return load_tokenizer(tiny_model_path)
+
+
+def _pairs(tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
+    """Four pairs whose s_h (1 to 3 turns) and replies (1 to 14 tokens) all differ in length."""
+    rows = []
+    for index in range(4):
+        state: list[dict[str, str]] = []
+        for turn in range(index % 3 + 1):
+            state.append({"role": "user", "content": f"Question {turn} of pair {index}: what is {turn} + {index}?"})
+            if turn < index % 3:
+                state.append({"role": "assistant", "content": f"It is {turn + index}."})
+        prompt = chat_prompt_ids(tokenizer, state)
+        replies = [
+            f"{index}",
+            f"Let me think: {index} plus one more is {index + 1}, so it is {index + 1}." * (index % 2),
+        ]
+        ids = [[*tokenizer(reply, add_special_tokens=False).input_ids, tokenizer.eos_token_id] for reply in replies]
+        rows.append(
+            {
+                "input_ids": prompt + ids[0],
+                "loss_mask": [0] * len(prompt) + [1] * len(ids[0]),
+                "input_ids_prime": prompt + ids[1],
+                "loss_mask_prime": [0] * len(prompt) + [1] * len(ids[1]),
+                "reward": float(index),
+                "reward_prime": -0.5 * index,
+            }
+        )
+    return rows
+
+
+def _load(path: str, attention: str = "sdpa") -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention)
+
+
+def _separate(model: PreTrainedModel, rows: list[dict[str, Any]], pad_id: int) -> torch.Tensor:
+    batch = pad_pairs(rows, pad_id)
+    return masked_sequence_logprobs(
+        model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], TEMPERATURE
+    )  # [2B]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prefix_logprobs_equal_the_separate_computation(
+    tiny_model_path: str, tokenizer: PreTrainedTokenizerBase, attention: str
+) -> None:
+    """fp32: every ln π(y|s_h) and ln π(y'|s_h) agrees within 1e-4 nats, with s_h and replies of unequal lengths."""
+    model = _load(tiny_model_path, attention).eval()
+    rows = _pairs(tokenizer)
+    assert len({len(split_pair(row)[0]) for row in rows}) > 1 and len({pair_length(row) for row in rows}) > 1
+    with torch.no_grad():
+        separate = _separate(model, rows, tokenizer.pad_token_id)
+        packed = packed_pair_logprobs(model, pack_pairs(rows, tokenizer.pad_token_id), TEMPERATURE)
+    assert packed.shape == separate.shape == (8,)
+    torch.testing.assert_close(packed, separate, rtol=0, atol=1e-4)
+    assert len(set(separate.tolist())) == 8  # y and y' are not mixed up
+
+
+def test_shared_prefix_gradients_equal_the_separate_computation(
+    tiny_model_path: str, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """The gradient of Σ (ln π(y) − 2 ln π(y')) flows through the single copy of s_h exactly as through two."""
+    rows = _pairs(tokenizer)
+    weights = torch.tensor([1.0] * 4 + [-2.0] * 4)
+    gradients = []
+    for compute in (
+        lambda model: _separate(model, rows, tokenizer.pad_token_id),
+        lambda model: packed_pair_logprobs(model, pack_pairs(rows, tokenizer.pad_token_id), TEMPERATURE),
+    ):
+        model = _load(tiny_model_path)
+        (compute(model) * weights).sum().backward()
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    assert gradients[0].keys() == gradients[1].keys()
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+    assert any(g.abs().max() > 0 for g in gradients[0].values())
+
+
+def test_pack_pairs_layout(tokenizer: PreTrainedTokenizerBase) -> None:
+    """[B, P + 2R]: s_h left-padded, y and y' in right-padded blocks, positions restart, y' never sees y."""
+    rows = _pairs(tokenizer)
+    packed = pack_pairs(rows, tokenizer.pad_token_id)
+    prefix, reply = packed.prefix_length, packed.reply_length
+    assert packed.input_ids.shape == (4, prefix + 2 * reply)
+    for b, row in enumerate(rows):
+        s_h, y, y_prime = split_pair(row)
+        assert packed.input_ids[b, prefix - len(s_h) : prefix].tolist() == s_h
+        assert packed.input_ids[b, prefix : prefix + len(y)].tolist() == y
+        assert packed.input_ids[b, prefix + reply : prefix + reply + len(y_prime)].tolist() == y_prime
+        assert packed.position_ids[b, prefix + reply].item() == len(s_h) == packed.position_ids[b, prefix].item()
+        mask = packed.block_mask[b, 0]  # [T, T]
+        last_y_prime = prefix + reply + len(y_prime) - 1
+        assert mask[last_y_prime, prefix - len(s_h) : prefix].all()  # y' attends to all of s_h
+        assert not mask[last_y_prime, prefix : prefix + reply].any()  # … and to nothing of y
+        start = prefix - len(s_h)
+        assert not mask[start:, :start].any()  # real tokens never attend to the left padding
+        assert packed.target_mask[b, 0].sum() == len(y) and packed.target_mask[b, 1].sum() == len(y_prime)
+    assert packed.reward.tolist() == [0.0, 1.0, 2.0, 3.0, -0.0, -0.5, -1.0, -1.5]
+    assert packed.ref_logp is None
+
+
+def test_pairs_that_do_not_share_s_h_are_rejected(tokenizer: PreTrainedTokenizerBase) -> None:
+    row = _pairs(tokenizer)[0]
+    with pytest.raises(ValueError, match="same s_h"):
+        split_pair(row | {"input_ids_prime": [7, *row["input_ids_prime"][1:]]})
+    with pytest.raises(ValueError, match="loss_mask"):
+        split_pair(row | {"loss_mask": [1] * len(row["loss_mask"])})
+
+
+def test_micro_batches_form_step_groups_sorted_by_length() -> None:
+    """Groups of 4 pairs in micro-batches of 2, longest first; every epoch visits each group once, in a new order."""
+    rows = [{"input_ids": [0] * n, "input_ids_prime": [0] * n} for n in (5, 9, 1, 7, 3, 8, 2, 6, 4, 10)]
+    plan = plan_micro_batches(rows, per_device=2, group_size=4, seed=0, by_length=True)
+    assert [len(m) for m in plan] == [2, 2, 2, 2, 2]
+    lengths = [pair_length(rows[i]) for micro_batch in plan for i in micro_batch]
+    assert lengths == sorted(lengths, reverse=True)
+    assert sorted(i for m in plan for i in m) == list(range(10))
+    unsorted = plan_micro_batches(rows, per_device=2, group_size=4, seed=0, by_length=False)
+    assert sorted(i for m in unsorted for i in m) == list(range(10)) and unsorted != plan
+    sampler = StepGroupSampler(len(plan), per_group=2, seed=0)
+    orders = [list(sampler) for _ in range(4)]
+    for order in orders:
+        assert sorted(order) == list(range(5))
+        group_ids = [index // 2 for index in order]  # groups {0, 1}, {2, 3}, {4}
+        runs = [g for k, g in enumerate(group_ids) if k == 0 or g != group_ids[k - 1]]
+        assert sorted(runs) == [0, 1, 2]  # each group's micro-batches come together
+    assert len({tuple(order) for order in orders}) > 1
+    with pytest.raises(ValueError, match="multiple"):
+        plan_micro_batches(rows, per_device=3, group_size=4, seed=0, by_length=True)
+
+
+@pytest.mark.parametrize("layout", ["shared_prefix", "separate"])
+def test_bf16_relative_log_ratio_is_exactly_zero_before_the_first_step(
+    tiny_model_path: str, tokenizer: PreTrainedTokenizerBase, tmp_path: Path, layout: str
+) -> None:
+    """bf16 autocast: π_t's log-probs come from the training micro-batches, so the REFUEL loss at π = π_t is
+    exactly η²(r − r')² on both splits, whatever the micro-batch's padding."""
+    rows = [dict(row) for row in _pairs(tokenizer) * 2]  # distinct dicts: each split gets its own log-probs
+    config = RefuelConfig(
+        output_dir=str(tmp_path),
+        eta=2.0,
+        temperature=TEMPERATURE,
+        per_device_batch_size=3,
+        gradient_accumulation_steps=1,
+        mixed_precision="bf16",
+        pair_layout=layout,
+    )
+    trainer = RefuelTrainer(config, _load(tiny_model_path), tokenizer, rows[:6], rows[6:])
+    for split, split_rows in (("train", rows[:6]), ("validation", rows[6:])):
+        expected = sum((2.0 * (r["reward"] - r["reward_prime"])) ** 2 for r in split_rows) / len(split_rows)
+        assert trainer.validate(split).loss == pytest.approx(expected, rel=1e-6)
+        assert trainer.validate(split).sign_agreement == 0.0  # every ratio is exactly 0
