@@ -1,6 +1,6 @@
 """``refuel-evaluate``: per-turn win rates of candidate policies against a baseline policy.
 
-Two separate steps:
+Three separate steps:
 
 1. **Generate** (cached). For each held-out prompt, every policy talks to the same simulated user with
    the same seeds for H turns. Each policy's dialogues are written once to
@@ -10,10 +10,15 @@ Two separate steps:
    (``--judge reward``: the ``--reward`` model scores both dialogues truncated at h, ties ½; ``--judge
    llm``: a chat model on any backend compares them in both orders) gives P(candidate is better).
 
+3. **Diagnose** every policy's own cached dialogues (baseline included) at every turn h, independently of the
+   judge (:mod:`refuel.diagnostics`): mean ``--reward`` score, final-answer accuracy, test pass rate, requested
+   format followed, reply length in tokens, prompt copying and the simulated user's fallback rate.
+
 Outputs in ``<output_dir>/<judge name>/``: the win rate per turn h with bootstrap 95 % intervals, printed in
 the paper's layout (rows = methods, columns = h=1..H, avg) with the judged pairs per turn and the judge's
-tie / position-bias / invalid rates; ``win_rates.csv``, ``win_rates.png``, ``judgements.csv``,
-``judge_stats.csv`` and ``report.html`` (every dialogue pair side by side with its judgements).
+tie / position-bias / invalid rates, then the diagnostics table; ``win_rates.csv``, ``win_rates.png``,
+``judgements.csv``, ``judge_stats.csv``, ``diagnostics.csv``, ``diagnostics.png`` and ``report.html`` (the
+tables and plots, and every dialogue pair side by side with its judgements).
 """
 
 from __future__ import annotations
@@ -28,17 +33,21 @@ import numpy as np
 import pandas as pd
 
 from dialogsim.backends.serving import ServingEngine
+from dialogsim.backends.transformers_backend import load_tokenizer
 from dialogsim.dialogue import fingerprint
 from dialogsim.judges.base import JudgePair, PairwiseJudge
 from dialogsim.judges.factory import build_judge
+from dialogsim.judges.reward_judge import RewardModelJudge
 from dialogsim.messages import Message
 from dialogsim.models import resolve_model
 from dialogsim.prompts import PromptRow
-from dialogsim.rewards.factory import NO_REWARD_SPEC
+from dialogsim.rewards.code_verifier import CodeTestReward
+from dialogsim.rewards.factory import NO_REWARD_SPEC, build_reward_model
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
 from envs.build import build_simulator_from
 from refuel.cli import parse_config
+from refuel.diagnostics import diagnostics_frame, policy_diagnostics, save_diagnostics
 from refuel.report import write_html_report
 from refuel.rollout import run_policy
 from refuel.storage import read_rows, write_rows
@@ -239,11 +248,11 @@ def judge_dialogues(
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Path]:
-    """Generate (or reuse) dialogues, judge every turn, print the tables and write the reports.
+    """Generate (or reuse) dialogues, judge every turn, diagnose every policy, print the tables, write the reports.
 
     Returns:
-        Paths of ``csv`` (win rates), ``png``, ``judgements``, ``judge_stats`` and ``html``, all in
-        ``<output_dir>/<judge name>/``.
+        Paths of ``csv`` (win rates), ``png``, ``judgements``, ``judge_stats``, ``diagnostics`` (CSV),
+        ``diagnostics_png`` and ``html``, all in ``<output_dir>/<judge name>/``.
     """
     simulator = build_simulator_from(
         replace(config, reward=NO_REWARD_SPEC),  # generation needs no reward; the judge brings its own
@@ -276,7 +285,51 @@ def evaluate(config: EvaluateConfig) -> dict[str, Path]:
         template=config.judge_template,
     )
     judgements = judge_dialogues(judge, dialogues, names[config.baseline], simulator.prompts, config.horizon)
-    return write_reports(config, judge.name, names[config.baseline], judgements, dialogues)
+    diagnostics = diagnose_policies(config, judge, names, dialogues, simulator.prompts)
+    return write_reports(config, judge.name, names[config.baseline], judgements, dialogues, diagnostics)
+
+
+def diagnose_policies(
+    config: EvaluateConfig,
+    judge: PairwiseJudge,
+    names: Mapping[str, str],
+    dialogues: Mapping[str, Mapping[str, list[Message]]],
+    prompts: Mapping[str, PromptRow],
+) -> pd.DataFrame:
+    """The :mod:`refuel.diagnostics` of every policy's cached dialogues at every turn h = 1..H.
+
+    A reward judge's reward model scores the diagnostics too (loaded once); with an LLM judge the ``--reward``
+    model is built for them. Each policy's reply lengths are counted with its own tokenizer.
+
+    Args:
+        config: the evaluation's settings (``reward``, ``trust_remote_code``, ``horizon``).
+        judge: the judge of this evaluation.
+        names: policy (name or path) → method name, baseline included.
+        dialogues: method name → prompt id → messages.
+        prompts: prompt id → prompt row.
+
+    Returns:
+        :func:`refuel.diagnostics.diagnostics_frame`, one row per (method, turn), methods in ``names`` order.
+    """
+    reward = (
+        judge.reward
+        if isinstance(judge, RewardModelJudge)
+        else build_reward_model(config.reward, trust_remote_code=config.trust_remote_code)
+    )
+    code_tests = CodeTestReward()
+    return diagnostics_frame(
+        record
+        for policy, name in names.items()
+        for record in policy_diagnostics(
+            name,
+            dialogues[name],
+            prompts,
+            config.horizon,
+            reward=reward,
+            tokenizer=load_tokenizer(policy),
+            code_tests=code_tests,
+        )
+    )
 
 
 def write_reports(
@@ -285,8 +338,14 @@ def write_reports(
     baseline: str,
     judgements: pd.DataFrame,
     dialogues: Mapping[str, Mapping[str, list[Message]]],
+    diagnostics: pd.DataFrame,
 ) -> dict[str, Path]:
-    """Print the win-rate, count and judge tables; write CSVs, PNG and HTML into ``<output_dir>/<judge_name>``."""
+    """Print the win-rate, count, judge and diagnostics tables; write CSVs, PNGs and HTML into
+    ``<output_dir>/<judge_name>``.
+
+    Args:
+        diagnostics: :func:`refuel.diagnostics.diagnostics_frame` of every policy, baseline included.
+    """
     out = Path(config.output_dir) / judge_name
     rates = per_turn_win_rates(judgements, seed=config.seed)
     table, counts, stats = paper_table(rates), count_table(rates), judge_statistics(judgements)
@@ -296,8 +355,11 @@ def write_reports(
     print(counts.to_string())
     print("judge behaviour (rates in %)")
     print(stats.to_string(index=False, float_format="{:.1f}".format))
+    print(f"per-turn diagnostics of each policy's own dialogues (reward {config.reward}; rates in %)")
+    print(diagnostics.to_string(index=False, float_format="{:.1f}".format, formatters={"reward": "{:.3f}".format}))
     title = f"per-turn win rate vs {baseline} (judge {judge_name})"
     paths = save_report(rates, out, title=f"per-turn win rate vs {baseline}\njudge {judge_name}")
+    paths |= save_diagnostics(diagnostics, out, title=f"per-turn diagnostics (reward {config.reward})")
     paths["judgements"] = out / "judgements.csv"
     judgements.to_csv(paths["judgements"], index=False)
     paths["judge_stats"] = out / "judge_stats.csv"
@@ -313,6 +375,8 @@ def write_reports(
         judgements=judgements,
         dialogues=dialogues,
         plot=paths["png"],
+        diagnostics=diagnostics,
+        diagnostics_plot=paths["diagnostics_png"],
     )
     for name, path in paths.items():
         print(f"  {name}: {path}")

@@ -1,4 +1,4 @@
-"""A self-contained HTML report of a win-rate evaluation: the tables, the plot and every judged dialogue pair.
+"""A self-contained HTML report of a win-rate evaluation: the tables, the plots and every judged dialogue pair.
 
 Per candidate method and held-out prompt, the candidate's and the baseline's dialogues are shown side by side,
 turn by turn, each turn followed by the judge's verdict on the two dialogues truncated there (scores for a reward
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,12 @@ details.prompt > summary { cursor: pointer; }
 <h2>Judged pairs per turn</h2>{{ counts }}
 <h2>Judge behaviour</h2>{{ judge_stats }}
 {% if plot %}<img alt="win rate per turn" src="data:image/png;base64,{{ plot }}">{% endif %}
+{% if diagnostics %}
+<h2>Per-turn diagnostics of each policy's own dialogues (rates in %)</h2>{{ diagnostics }}
+{% if diagnostics_plot %}
+<img alt="diagnostics per turn" src="data:image/png;base64,{{ diagnostics_plot }}" style="max-width: 100%">
+{% endif %}
+{% endif %}
 {% for method in methods %}
 <h2>{{ method.name }} (left) vs {{ baseline }} (right)</h2>
 {% for prompt in method.prompts %}
@@ -105,6 +111,8 @@ def write_html_report(
     judgements: pd.DataFrame,
     dialogues: Mapping[str, Mapping[str, list[Message]]],
     plot: Path | None = None,
+    diagnostics: pd.DataFrame | None = None,
+    diagnostics_plot: Path | None = None,
 ) -> Path:
     """Write the report (atomically) and return ``path``.
 
@@ -118,6 +126,9 @@ def write_html_report(
             judge detail columns (``score_first``, ``verdict_ab``, ``comparison_ab``, ...; first = candidate).
         dialogues: method name → prompt id → messages, for the baseline and every method in ``judgements``.
         plot: PNG to embed (e.g. ``win_rates.png``), or ``None``.
+        diagnostics: :func:`refuel.diagnostics.diagnostics_frame` (one row per method and turn), shown after the
+            judge's tables; ``None`` leaves the section out.
+        diagnostics_plot: PNG of the diagnostics (``diagnostics.png``) to embed below them, or ``None``.
 
     Raises:
         KeyError: a judged (method, prompt id) has no dialogue in ``dialogues``; the message names it.
@@ -130,7 +141,11 @@ def write_html_report(
         win_rates=_frame_html(rates, index=True),
         counts=_frame_html(counts, index=True),
         judge_stats=_frame_html(judge_stats, index=False),
-        plot=base64.b64encode(plot.read_bytes()).decode() if plot is not None else None,
+        plot=_png(plot),
+        diagnostics=_frame_html(diagnostics, index=False, formatters={"reward": _three_decimals})
+        if diagnostics is not None
+        else None,
+        diagnostics_plot=_png(diagnostics_plot),
         methods=[
             {"name": method, "prompts": _prompt_views(frame, dialogues, str(method), baseline)}
             for method, frame in judgements.groupby("method", sort=False)
@@ -141,9 +156,30 @@ def write_html_report(
     return Path(path)
 
 
-def _frame_html(frame: pd.DataFrame, index: bool) -> Markup:
-    """A pandas table as escaped HTML (``to_html`` escapes cell text), numbers to one decimal."""
-    return Markup(frame.to_html(classes="frame", border=0, index=index, na_rep="–", float_format="{:.1f}".format))
+def _png(path: Path | None) -> str | None:
+    """A PNG file as base64 text for a data URI; ``None`` for no file."""
+    return base64.b64encode(path.read_bytes()).decode() if path is not None else None
+
+
+def _frame_html(
+    frame: pd.DataFrame, index: bool, formatters: Mapping[str, Callable[[float], str]] | None = None
+) -> Markup:
+    """A pandas table as escaped HTML (``to_html`` escapes cell text), numbers to one decimal unless
+    ``formatters`` (column → formatter) says otherwise."""
+    return Markup(
+        frame.to_html(
+            classes="frame",
+            border=0,
+            index=index,
+            na_rep="–",
+            float_format="{:.1f}".format,
+            formatters=dict(formatters or {}),
+        )
+    )
+
+
+def _three_decimals(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.3f}"
 
 
 def _prompt_views(

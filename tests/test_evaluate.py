@@ -15,6 +15,7 @@ from dialogsim.judges import LLMJudge, RewardModelJudge
 from dialogsim.messages import Message
 from dialogsim.prompts import PromptRow
 from dialogsim.sampling import SamplingParams
+from refuel.diagnostics import DIAGNOSTIC_COLUMNS
 from refuel.evaluate import EvaluateConfig, dialogue_cache, evaluate, judge_dialogues
 from refuel.report import write_html_report
 from refuel.winrate import count_table, judge_statistics, paper_table, per_turn_win_rates
@@ -181,3 +182,17 @@ def test_evaluate_with_each_judge_reuses_the_dialogues(
     for paths in (reward_paths, llm_paths):
         assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert list(pd.read_csv(paths["csv"], dtype={"turn": str})["turn"]) == ["1", "2", "avg"]
+        # diagnostics of both policies' own dialogues at every turn, from the cached dialogues, whatever the judge
+        assert paths["diagnostics"] == paths["html"].parent / "diagnostics.csv"
+        diagnostics = pd.read_csv(paths["diagnostics"])
+        assert tuple(diagnostics.columns) == DIAGNOSTIC_COLUMNS
+        assert set(zip(diagnostics["method"], diagnostics["turn"], strict=True)) == {
+            (method, turn) for method in ("iteration_0", Path(tiny_model_path).name) for turn in (1, 2)
+        }
+        assert (diagnostics["math_dialogues"] == diagnostics["dialogues"]).all()  # GSM8K rows: all Math_CoT
+        assert diagnostics["accuracy"].between(0, 100).all() and diagnostics["reward_nan"].eq(0).all()
+        assert diagnostics[["reward", "reply_tokens", "copy_rate", "format_rate"]].notna().all().all()
+        assert diagnostics.loc[diagnostics["turn"] == 2, "fallback_rate"].isna().all()  # h = H: no user turn follows
+        assert paths["diagnostics_png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "Per-turn diagnostics" in paths["html"].read_text()
+    assert diagnostics.loc[diagnostics["turn"] == 1, "dialogues"].tolist() == [2, 2]
