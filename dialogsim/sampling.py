@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+
+SEED_LIMIT = 2**31
+"""Seeds of single conversations lie in ``[0, SEED_LIMIT)``: every engine and OpenAI-compatible server takes them."""
+
+
+def request_seed(seed: int, index: int) -> int:
+    """Seed of conversation ``index`` of a call seeded with ``seed`` (one value, see :attr:`SamplingParams.seed`).
+
+    A hash (not ``seed + index``), so that call seeds 0 and 1 do not share seeds across
+    conversations. The value is in ``[0, SEED_LIMIT)``.
+    """
+    digest = hashlib.sha256(f"dialogsim/{seed}/{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") >> 1
 
 
 @dataclass(frozen=True)
@@ -16,7 +31,18 @@ class SamplingParams:
         repetition_penalty: CTRL-style penalty (1.0 = off), as in ``transformers`` generation.
         stop: strings that end the reply early; the text is cut right after the first one, which is
             kept (vLLM's ``include_stop_str_in_output=True``).
-        seed: seed of the sampling RNG for this call; ``None`` draws from the global RNG.
+        seed: one seed for the whole call: conversation i is sampled with :func:`request_seed`
+            (``seed``, i), so a call is reproducible for the same batch; ``None`` (and no ``seeds``)
+            draws from the global RNG.
+        seeds: one seed per conversation of the call, each in ``[0, SEED_LIMIT)`` (vLLM's per-request
+            ``SamplingParams.seed``): conversation i's reply depends only on (conversation i,
+            ``seeds[i]``) and these settings, not on the other conversations of the call (up to the
+            batch's floating-point numerics, see each backend). Common random numbers: two copies of
+            a dialogue with the same seed draw the same sample. Exclusive with ``seed``.
+
+    Raises:
+        ValueError: a setting out of range, both ``seed`` and ``seeds``, or a seed of ``seeds``
+            outside ``[0, SEED_LIMIT)``.
     """
 
     temperature: float = 0.8
@@ -25,6 +51,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = field(default_factory=tuple)
     seed: int | None = None
+    seeds: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -33,7 +60,40 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.seed is not None and self.seeds is not None:
+            raise ValueError(
+                "SamplingParams takes seed (one for the call) or seeds (one per conversation), not both; "
+                "use with_seed or with_seeds, which clear the other"
+            )
+        for index, seed in enumerate(self.seeds or ()):
+            if not 0 <= seed < SEED_LIMIT:
+                raise ValueError(f"SamplingParams.seeds[{index}] must be in [0, 2**31), got {seed}")
 
     def with_seed(self, seed: int | None) -> SamplingParams:
-        """A copy of these settings with another seed."""
-        return replace(self, seed=seed)
+        """A copy of these settings with one seed for the call (and no per-conversation ``seeds``)."""
+        return replace(self, seed=seed, seeds=None)
+
+    def with_seeds(self, seeds: Sequence[int]) -> SamplingParams:
+        """A copy of these settings with one seed per conversation (and no call ``seed``)."""
+        return replace(self, seed=None, seeds=tuple(int(seed) for seed in seeds))
+
+    def conversation_seeds(self, n_conversations: int) -> list[int] | None:
+        """The seed of each conversation of a call with ``n_conversations``: ``seeds``, else derived from ``seed``.
+
+        Returns:
+            ``list(seeds)``; else ``[request_seed(seed, i) for i in range(n_conversations)]``; else
+            ``None`` (unseeded).
+
+        Raises:
+            ValueError: ``seeds`` does not hold exactly one seed per conversation.
+        """
+        if self.seeds is not None:
+            if len(self.seeds) != n_conversations:
+                raise ValueError(
+                    f"SamplingParams.seeds holds {len(self.seeds)} seeds for a call with {n_conversations} "
+                    "conversations; give one seed per conversation"
+                )
+            return list(self.seeds)
+        if self.seed is None:
+            return None
+        return [request_seed(self.seed, index) for index in range(n_conversations)]

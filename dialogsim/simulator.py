@@ -17,6 +17,7 @@ from dialogsim.dialogue import DialogueState, SnapshotError, fingerprint
 from dialogsim.messages import Message, count_turns, validate_messages
 from dialogsim.prompts import PromptRow, instruction_key
 from dialogsim.rewards.base import RewardModel
+from dialogsim.sampling import SEED_LIMIT
 from dialogsim.user import UserSimulator
 
 MAX_HORIZON = 5
@@ -197,12 +198,12 @@ class DialogueSimulator:
             states[i].done = i not in going_on
             if states[i].done:
                 states[i].final_reward = outcome.reward
-        # One backend call serves the batch, so its seed combines every dialogue's own draw: the next
-        # user message is reproducible for the same batch (a single env restored from a snapshot
-        # included), not across different batch compositions.
-        seeds = [int(states[i].rng.integers(2**63)) for i in going_on]
-        batch_seed = int(np.random.SeedSequence(seeds).generate_state(1)[0]) if seeds else None
-        turns = self.user.next_questions([states[i].messages for i in going_on], batch_seed)
+        # One backend call serves the batch, but each dialogue's user turn is sampled with its own seed,
+        # drawn from its own RNG: the next user message depends only on the dialogue and its RNG state,
+        # whatever else is in the batch. Two branches restored from one snapshot thus draw common random
+        # numbers, which takes the user's sampling noise out of r − r'.
+        seeds = [int(states[i].rng.integers(SEED_LIMIT)) for i in going_on]
+        turns = self.user.next_questions([states[i].messages for i in going_on], seeds=seeds)
         for i, user_turn in zip(going_on, turns, strict=True):
             states[i].messages.append({"role": "user", "content": user_turn.text})
             outcomes[i].info["user_parsed"] = user_turn.parsed

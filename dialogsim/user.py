@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dialogsim.backends.base import ChatBackend
@@ -149,12 +150,30 @@ class UserSimulator:
         self.sampling = sampling or template.sampling
         self.stats: Counter[str] = Counter()
 
-    def next_questions(self, dialogues: list[list[Message]], seed: int | None) -> list[UserTurn]:
-        """One user turn per dialogue (each ending with an assistant reply), from one batched call."""
+    def next_questions(
+        self, dialogues: list[list[Message]], seed: int | None = None, *, seeds: Sequence[int] | None = None
+    ) -> list[UserTurn]:
+        """One user turn per dialogue (each ending with an assistant reply), from one batched call.
+
+        Args:
+            dialogues: the dialogues, each ending with an assistant reply.
+            seed: one seed for the call (:attr:`SamplingParams.seed`): reproducible for the same batch.
+            seeds: one seed per dialogue, in ``[0, 2**31)`` (:attr:`SamplingParams.seeds`): dialogue i's
+                turn depends only on (dialogue i, ``seeds[i]``), whatever else is in the batch (common
+                random numbers; the simulator passes these). Exclusive with ``seed``.
+
+        Raises:
+            ValueError: both ``seed`` and ``seeds``, or not one seed per dialogue.
+        """
+        if seed is not None and seeds is not None:
+            raise ValueError("next_questions takes seed (one for the call) or seeds (one per dialogue), not both")
+        if seeds is not None and len(seeds) != len(dialogues):
+            raise ValueError(f"next_questions got {len(seeds)} seeds for {len(dialogues)} dialogues; give one each")
         if not dialogues:
             return []
         prompts = [render_user_prompt(self.template, dialogue) for dialogue in dialogues]
-        completions = self.backend.chat(prompts, self.sampling.with_seed(seed))
+        sampling = self.sampling.with_seed(seed) if seeds is None else self.sampling.with_seeds(seeds)
+        completions = self.backend.chat(prompts, sampling)
         turns = []
         for completion in completions:
             question = parse_question(completion.text, self.template.answer_marker)

@@ -660,8 +660,8 @@ class TabularPolicy:
 class TabularUser:
     """The simulated user of the tabular MDP, usable as a :class:`~dialogsim.simulator.DialogueSimulator` user.
 
-    The next user message is drawn from ``mdp.user_probs[s_h, a_h]`` (one ``torch.Generator`` per call,
-    seeded with ``seed``). The user is its own backend: :attr:`name` (the tables' fingerprint) enters
+    The next user message is drawn from ``mdp.user_probs[s_h, a_h]`` (one ``torch.Generator`` per
+    dialogue, seeded with its seed). The user is its own backend: :attr:`name` (the tables' fingerprint) enters
     the simulator's config fingerprint, so snapshots do not cross MDPs.
 
     Attributes:
@@ -688,27 +688,34 @@ class TabularUser:
         )
         self.stats: Counter[str] = Counter()
 
-    def next_questions(self, dialogues: list[list[Message]], seed: int | None) -> list[UserTurn]:
-        """The next user message of each dialogue (ending with an assistant reply), from one generator.
+    def next_questions(
+        self, dialogues: list[list[Message]], seed: int | None = None, *, seeds: Sequence[int] | None = None
+    ) -> list[UserTurn]:
+        """The next user message of each dialogue (ending with an assistant reply), one generator per dialogue.
+
+        Dialogue i's generator is seeded ``seeds[i]``, else :func:`~dialogsim.sampling.request_seed`
+        (``seed``, i), else from fresh entropy (see :meth:`dialogsim.user.UserSimulator.next_questions`).
 
         Raises:
             TabularDialogueError: a dialogue is not the MDP's, or it is already at the last turn.
+            ValueError: both ``seed`` and ``seeds``, or not one seed per dialogue.
         """
-        if not dialogues:
-            return []
-        rows = []
-        for dialogue in dialogues:
+        if seed is not None and seeds is not None:
+            raise ValueError("next_questions takes seed (one for the call) or seeds (one per dialogue), not both")
+        sampling = self.sampling.with_seed(seed) if seeds is None else self.sampling.with_seeds(seeds)
+        row_seeds = sampling.conversation_seeds(len(dialogues)) or [None] * len(dialogues)
+        draws = []
+        for dialogue, row_seed in zip(dialogues, row_seeds, strict=True):
             state = self.mdp.state_index(dialogue[:-1])
             if int(self.mdp.state_turns[state]) >= self.mdp.max_horizon:
                 raise TabularDialogueError(f"dialogue is at the last turn {self.mdp.max_horizon}; the user has no move")
             reply = self.mdp.reply_index(dialogue[-1]["content"], where=f"message {len(dialogue) - 1}")
-            rows.append(self.mdp.user_probs[state, reply])
-        generator = torch.Generator()
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed)
-        draws = torch.multinomial(torch.stack(rows), 1, generator=generator).squeeze(1).tolist()  # [B]
+            generator = torch.Generator()
+            if row_seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(row_seed)
+            draws.append(int(torch.multinomial(self.mdp.user_probs[state, reply], 1, generator=generator)))
         self.stats["parsed"] += len(draws)
         return [UserTurn(text=self.mdp.user_messages[u], parsed=True) for u in draws]
 

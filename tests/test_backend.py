@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from dialogsim.backends.base import ChatBackend, Completion
-from dialogsim.backends.transformers_backend import TransformersBackend, chat_prompt_ids
+from dialogsim.backends.transformers_backend import PerRowSampling, TransformersBackend, chat_prompt_ids
 from dialogsim.messages import Message
-from dialogsim.sampling import SamplingParams
+from dialogsim.sampling import SEED_LIMIT, SamplingParams, request_seed
 
 SHORT: list[Message] = [{"role": "user", "content": "What is 2 + 3?"}]
 OTHER_SHORT: list[Message] = [{"role": "user", "content": "Name a colour."}]
@@ -186,6 +186,71 @@ def test_batch_size_splits_calls_and_keeps_order(
 
 
 @pytest.mark.parametrize(
+    "sampling",
+    [
+        SamplingParams(temperature=1.0, max_new_tokens=12),
+        SamplingParams(temperature=0.7, top_p=0.9, repetition_penalty=1.3, max_new_tokens=12),
+    ],
+    ids=["temperature", "top_p-and-penalty"],
+)
+@pytest.mark.parametrize("model", ["default", "context_sensitive"])
+def test_per_conversation_seeds_make_a_reply_independent_of_the_batch(
+    model: str, sampling: SamplingParams, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A conversation with seed s gets the same sampled reply alone, twice in a mixed batch of 5, and split (fp32).
+
+    The default tiny model's next-token distribution is near uniform, so its draws are the noise
+    itself; the context-sensitive one makes left-padding errors visible.
+    """
+    backend: TransformersBackend = request.getfixturevalue(
+        "backend" if model == "default" else "context_sensitive_backend"
+    )
+    (alone,) = backend.chat([SHORT], sampling.with_seeds([11]))
+    batch = backend.chat([LONG, SHORT, DIALOGUE, SHORT, OTHER_SHORT], sampling.with_seeds([1, 11, 2, 11, 3]))
+    assert batch[1] == batch[3] == alone
+    monkeypatch.setattr(backend, "batch_size", 2)
+    assert backend.chat([LONG, DIALOGUE, OTHER_SHORT, SHORT], sampling.with_seeds([1, 2, 3, 11]))[3] == alone
+    # not vacuous: another seed draws another reply, and the draw is not the greedy reply
+    assert backend.chat([SHORT], sampling.with_seeds([12]))[0].token_ids != alone.token_ids
+    greedy = backend.chat([SHORT], replace(sampling, temperature=0.0))[0]
+    assert greedy.token_ids != alone.token_ids and len(set(alone.token_ids)) > 1
+
+
+def test_call_seed_gives_each_conversation_its_request_seed(backend: TransformersBackend) -> None:
+    """A call seed samples conversation i exactly as the per-conversation seed request_seed(seed, i) would."""
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=6)
+    by_call_seed = backend.chat(CONVERSATIONS, sampling.with_seed(5))
+    by_seeds = backend.chat(CONVERSATIONS, sampling.with_seeds([request_seed(5, i) for i in range(3)]))
+    assert by_call_seed == by_seeds
+    with pytest.raises(ValueError, match="2 seeds for a call with 3 conversations"):
+        backend.chat(CONVERSATIONS, sampling.with_seeds([1, 2]))
+
+
+def test_per_row_sampling_draws_the_top_p_softmax() -> None:
+    """The Gumbel-max draw over 4,000 seeded rows follows softmax(logits / T) cut to the top-p nucleus."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    rows = 4_000
+    scores = probs.log().expand(rows, -1).clone()  # [rows, 4]
+    input_ids = torch.zeros(rows, 1, dtype=torch.long)
+    cases = {  # sampling -> expected distribution
+        SamplingParams(temperature=1.0, top_p=0.75): torch.tensor([0.625, 0.375, 0.0, 0.0]),  # nucleus {0.5, 0.3}
+        SamplingParams(temperature=2.0): probs.sqrt() / probs.sqrt().sum(),
+    }
+    for sampling, expected in cases.items():
+        sampler = PerRowSampling(sampling.with_seeds(range(rows)), [0] * rows, "cpu")
+        counts = torch.bincount(sampler(input_ids, scores).argmax(-1), minlength=4).double()  # [4]
+        assert torch.allclose(counts / rows, expected.double(), atol=4 * (0.25 / rows) ** 0.5), (sampling, counts)
+
+
+def test_per_row_repetition_penalty_skips_left_padding() -> None:
+    """The penalty applies to each row's own tokens: the pad id in row 0's left padding is not penalised."""
+    sampler = PerRowSampling(SamplingParams(temperature=0.0, repetition_penalty=2.0, seeds=(0, 0)), [2, 0], "cpu")
+    input_ids = torch.tensor([[0, 0, 3], [0, 1, 3]])  # row 0: two pads (id 0), then token 3
+    processed = sampler(input_ids, torch.ones(2, 4))
+    assert processed.tolist() == [[1.0, 1.0, 1.0, 0.5], [0.5, 0.5, 1.0, 0.5]]
+
+
+@pytest.mark.parametrize(
     ("kwargs", "field"),
     [
         ({"temperature": -0.1}, "temperature"),
@@ -207,3 +272,20 @@ def test_sampling_params_with_seed_copies() -> None:
     seeded = base.with_seed(5)
     assert seeded.seed == 5 and base.seed is None
     assert (seeded.temperature, seeded.max_new_tokens, seeded.stop) == (0.0, 4, ("?",))
+
+
+def test_sampling_params_per_conversation_seeds() -> None:
+    """seeds and seed exclude each other; with_seed/with_seeds clear the other; seeds lie in [0, 2**31)."""
+    seeded = SamplingParams(seed=3)
+    per_conversation = seeded.with_seeds([4, 5])
+    assert (per_conversation.seed, per_conversation.seeds) == (None, (4, 5))
+    assert per_conversation.with_seed(6) == SamplingParams(seed=6)
+    assert per_conversation.conversation_seeds(2) == [4, 5]
+    assert seeded.conversation_seeds(2) == [request_seed(3, 0), request_seed(3, 1)]
+    assert SamplingParams().conversation_seeds(2) is None
+    with pytest.raises(ValueError, match=r"seed .* or seeds .*not both"):
+        SamplingParams(seed=1, seeds=(2,))
+    with pytest.raises(ValueError, match=r"seeds\[1\] must be in \[0, 2\*\*31\)"):
+        SamplingParams(seeds=(0, SEED_LIMIT))
+    with pytest.raises(ValueError, match="3 seeds for a call with 2 conversations"):
+        SamplingParams(seeds=(1, 2, 3)).conversation_seeds(2)

@@ -26,7 +26,7 @@ from dialogsim.dialogue import SnapshotError
 from dialogsim.messages import Message
 from dialogsim.prompts import PromptRow
 from dialogsim.rewards.math_reward import MathAnswerReward
-from dialogsim.sampling import SamplingParams
+from dialogsim.sampling import SEED_LIMIT, SamplingParams
 from dialogsim.simulator import DialogueSimulator, EpisodeConfig
 from dialogsim.user import UserSimulator, render_user_prompt
 from envs import ENV_ID, DialogueEnv, VectorDialogueEnv
@@ -148,7 +148,7 @@ def test_snapshot_round_trip(sim: DialogueSimulator, user_backend: RecordingBack
     assert restored_info["turn"] == 2 and restored_info["snapshot"] == snapshot
     obs_b, *_ = env.step(REPLY_A)
     assert obs_b == obs_a
-    assert user_backend.calls[-1].sampling.seed == original_call.sampling.seed
+    assert user_backend.calls[-1].sampling.seeds == original_call.sampling.seeds
     assert user_backend.calls[-1].completions == original_call.completions
 
     other = DialogueEnv(simulator=sim)
@@ -157,10 +157,45 @@ def test_snapshot_round_trip(sim: DialogueSimulator, user_backend: RecordingBack
     assert obs_c == obs_a and user_backend.calls[-1].completions == original_call.completions
 
     # The equality above is not vacuous: another seed gives another raw user-model reply.
-    reseeded = user_backend.inner.chat(
-        original_call.conversations, original_call.sampling.with_seed(original_call.sampling.seed + 1)
-    )
+    reseeded = user_backend.inner.chat(original_call.conversations, _other_seeds(original_call.sampling))
     assert [c.token_ids for c in reseeded] != [c.token_ids for c in original_call.completions]
+
+
+def _other_seeds(sampling: SamplingParams) -> SamplingParams:
+    """``sampling`` with every per-conversation seed changed."""
+    return sampling.with_seeds([(seed + 1) % SEED_LIMIT for seed in sampling.seeds or ()])
+
+
+def test_branches_from_one_snapshot_draw_the_same_user_turn_in_any_batch(
+    sim: DialogueSimulator, user_backend: RecordingBackend, rows: list[PromptRow]
+) -> None:
+    """Common random numbers: with a deterministic policy, both branches of a pair restored from one snapshot get
+    the identical user-model draw and user turn, alone or together in a batch of 5 with other dialogues."""
+    rng = np.random.default_rng(0)
+    start = sim.new_state(rng, {"prompt_id": rows[0].id})
+    sim.step([start], ["Let me think about April first."])
+    snapshot = start.to_snapshot(sim.fingerprint)
+
+    alone = sim.restore(snapshot)
+    sim.step([alone], [REPLY_A])
+    (alone_draw,) = user_backend.calls[-1].completions
+
+    branch, branch_prime = sim.restore(snapshot), sim.restore(snapshot)
+    others = [sim.new_state(rng, {"prompt_id": row.id}) for row in rows[1:4]]
+    batch = [others[0], branch, others[1], branch_prime, others[2]]
+    sim.step(
+        batch, ["A longer reply to another problem, which pads the batch differently.", REPLY_A, "Hm.", REPLY_A, "Ok."]
+    )
+    call = user_backend.calls[-1]
+    assert len(call.completions) == 5
+    assert call.completions[1] == call.completions[3] == alone_draw
+    assert branch.messages == branch_prime.messages == alone.messages
+    assert branch.rng.bit_generator.state == branch_prime.rng.bit_generator.state == alone.rng.bit_generator.state
+    # not vacuous: at temperature 1 the tiny user model's draw is the seed's, another seed draws another reply
+    seeds = call.sampling.seeds or ()
+    assert seeds[1] == seeds[3] and len(set(seeds)) == 4  # one seed per dialogue, drawn from its own RNG
+    reseeded = user_backend.inner.chat(call.conversations[1:2], call.sampling.with_seeds([(seeds[1] + 1) % SEED_LIMIT]))
+    assert reseeded[0].token_ids != alone_draw.token_ids
 
 
 def test_restored_state_does_not_alias_the_snapshot(sim: DialogueSimulator) -> None:

@@ -31,9 +31,9 @@ import pytest
 
 from dialogsim.backends.base import ChatBackend, Completion
 from dialogsim.backends.factory import build_backend
-from dialogsim.backends.openai_backend import OpenAIChatBackend, ServerError, request_seed
+from dialogsim.backends.openai_backend import OpenAIChatBackend, ServerError
 from dialogsim.messages import Message
-from dialogsim.sampling import SamplingParams
+from dialogsim.sampling import SamplingParams, request_seed
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=16)
 

@@ -170,6 +170,19 @@ def test_user_simulator_counts_parsed_and_fallback_turns() -> None:
     assert sampling == TEMPLATES["student"].sampling.with_seed(5)
 
 
+def test_user_simulator_passes_one_seed_per_dialogue() -> None:
+    """seeds reach the backend as SamplingParams.seeds, one per dialogue; seed and seeds, or a wrong count, fail."""
+    backend = ScriptedBackend(["Why 18?", "Why 6?"])
+    user = UserSimulator(backend, "student")
+    user.next_questions([DIALOGUE[1:3], DIALOGUE[1:]], seeds=[7, 7])
+    ((_, sampling),) = backend.calls
+    assert sampling == TEMPLATES["student"].sampling.with_seeds([7, 7])
+    with pytest.raises(ValueError, match="not both"):
+        user.next_questions([DIALOGUE[1:3]], seed=1, seeds=[1])
+    with pytest.raises(ValueError, match="1 seeds for 2 dialogues"):
+        user.next_questions([DIALOGUE[1:3], DIALOGUE[1:]], seeds=[1])
+
+
 def test_user_simulator_with_tiny_model(tiny_model_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """With the tiny model: one non-empty UserTurn per dialogue from one call, fallbacks counted, rate in [0, 1]."""
     backend = TransformersBackend(tiny_model_path, dtype=torch.float32)

@@ -70,6 +70,20 @@ def test_identical_conversations_become_one_n_way_request(engine: VLLMBackend) -
     assert all(c.finish_reason in ("stop", "length") and len(c.logprobs or ()) == len(c.token_ids) for c in first)
 
 
+def test_per_conversation_seeds_make_a_reply_independent_of_the_batch(engine: VLLMBackend) -> None:
+    """A conversation with seed s gets the same reply alone, and twice (one shared request) in a mixed batch of 5."""
+    sampling = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=24)
+    dialogue = [*CONVERSATIONS[0], {"role": "assistant", "content": "5."}, {"role": "user", "content": "Why?"}]
+    (alone,) = engine.chat(CONVERSATIONS[1:2], sampling.with_seeds([11]))
+    batch = [CONVERSATIONS[0], CONVERSATIONS[1], dialogue, CONVERSATIONS[1], CONVERSATIONS[0]]
+    mixed = engine.chat(batch, sampling.with_seeds([1, 11, 2, 11, 3]))
+    assert mixed[1] == mixed[3]  # one request, one sample
+    assert (mixed[1].text, mixed[1].token_ids) == (alone.text, alone.token_ids)
+    # the log-probs carry the batch's numerics (float32 on CPU)
+    assert mixed[1].logprobs == pytest.approx(alone.logprobs, abs=1e-3)
+    assert engine.chat(CONVERSATIONS[1:2], sampling.with_seeds([12]))[0].token_ids != alone.token_ids
+
+
 def test_stop_strings_are_kept_and_length_is_reported(engine: VLLMBackend) -> None:
     """A stop string ends the reply and stays in its text; the token cap gives finish_reason 'length'."""
     stopped = engine.chat(CONVERSATIONS[:1], SamplingParams(temperature=0.0, max_new_tokens=20, stop=("answer",)))[0]

@@ -12,7 +12,6 @@ the reply to a :class:`~dialogsim.backends.base.Completion`, and turns every fai
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -63,16 +62,6 @@ class ServerError(RuntimeError):
         self.status_code = status_code
 
 
-def request_seed(seed: int, index: int) -> int:
-    """Per-request seed for conversation ``index`` of a call seeded with ``seed``.
-
-    A hash (not ``seed + index``), so that call seeds 0 and 1 do not share seeds across
-    conversations. The value is in ``[0, 2**31)``, which every server accepts.
-    """
-    digest = hashlib.sha256(f"dialogsim/{seed}/{index}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") >> 1
-
-
 def _excerpt(text: object) -> str:
     text = str(text)
     return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS] + "…"
@@ -114,8 +103,11 @@ class OpenAIChatBackend:
     Sampling (:class:`~dialogsim.sampling.SamplingParams` → request field):
         - ``temperature``, ``top_p`` → the same fields (temperature 0 is greedy).
         - ``max_new_tokens`` → ``max_tokens`` (a number of tokens).
-        - ``seed`` → ``seed``, one per conversation from :func:`request_seed` (``seed``, index), so a
-          call is reproducible on servers that honour seeds (vLLM does); ``None`` sends no seed.
+        - ``seeds`` → ``seed`` of each conversation's request (common random numbers: the same
+          conversation with the same seed draws the same sample on servers that honour seeds, vLLM
+          does); else ``seed`` → ``seed``, one per conversation from
+          :func:`~dialogsim.sampling.request_seed` (``seed``, index), so a call is reproducible;
+          neither sends no seed.
           A batched server is not batch-invariant: the numbers, hence seeded and even greedy
           replies, can change with what else the server batches at that moment (measured with
           vLLM 0.32 on CPU: three concurrent seeded requests reproduced each other across calls
@@ -183,14 +175,16 @@ class OpenAIChatBackend:
         Raises:
             ServerError: the first failing conversation (in batch order among those that failed
                 before the batch was abandoned); requests not yet sent are cancelled.
+            ValueError: ``sampling.seeds`` does not hold one seed per conversation.
         """
         if not conversations:
             return []
         pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(conversations)))
         try:
+            seeds = sampling.conversation_seeds(len(conversations)) or [None] * len(conversations)
             futures: list[Future[Completion]] = [
-                pool.submit(self._request, index, conversation, sampling)
-                for index, conversation in enumerate(conversations)
+                pool.submit(self._request, index, conversation, sampling, seed)
+                for index, (conversation, seed) in enumerate(zip(conversations, seeds, strict=True))
             ]
             wait(futures, return_when=FIRST_EXCEPTION)
             failed = next((future for future in futures if future.done() and future.exception()), None)
@@ -216,7 +210,7 @@ class OpenAIChatBackend:
             status_code=status_code,
         )
 
-    def _request_body(self, index: int, conversation: list[Message], sampling: SamplingParams) -> dict[str, Any]:
+    def _request_body(self, conversation: list[Message], sampling: SamplingParams, seed: int | None) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model,
             "messages": conversation,
@@ -225,8 +219,8 @@ class OpenAIChatBackend:
             "top_p": sampling.top_p,
             "max_tokens": sampling.max_new_tokens,
         }
-        if sampling.seed is not None:
-            body["seed"] = request_seed(sampling.seed, index)
+        if seed is not None:
+            body["seed"] = seed
         if sampling.stop and not self.client_side_stop:
             body["stop"] = list(sampling.stop)
         if self.logprobs:
@@ -240,8 +234,10 @@ class OpenAIChatBackend:
             body["extra_body"] = extra
         return body
 
-    def _request(self, index: int, conversation: list[Message], sampling: SamplingParams) -> Completion:
-        body = self._request_body(index, conversation, sampling)
+    def _request(
+        self, index: int, conversation: list[Message], sampling: SamplingParams, seed: int | None
+    ) -> Completion:
+        body = self._request_body(conversation, sampling, seed)
         retried = f"after {self.max_retries} retries" if self.max_retries else "(retries disabled)"
         try:
             raw = self._client.chat.completions.with_raw_response.create(**body)

@@ -6,12 +6,21 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    RepetitionPenaltyLogitsProcessor,
+    TopPLogitsWarper,
+)
 
 from dialogsim.backends.base import Completion
 from dialogsim.messages import Message
 from dialogsim.models import resolve_model
-from dialogsim.sampling import SamplingParams
+from dialogsim.sampling import SEED_LIMIT, SamplingParams
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
@@ -42,9 +51,14 @@ class TransformersBackend:
         device: torch device string.
         batch_size: conversations per ``generate`` call; larger batches are split.
 
-    One ``chat`` call samples one reply per conversation, seeded by ``sampling.seed`` (the global
-    torch RNG is left untouched). Outputs depend on the batch composition through padding, as in
-    any batched engine.
+    Each conversation is sampled with its own seed (``sampling.seeds``, or derived from
+    ``sampling.seed``; unseeded calls draw the seeds from the global torch RNG, seeded ones leave it
+    untouched) by :class:`PerRowSampling` inside greedy ``generate``: a row's reply depends only on
+    its conversation, its seed and the settings, not on the rest of the batch or ``batch_size``, up to
+    the floating-point effect of left padding on the logits. In float32 that effect is below the
+    resolution that flips a draw in practice (tests check identical replies alone and in mixed
+    batches); in bfloat16 padding changes the logits by about 1e-2, enough to flip a near-tied token
+    now and then, after which the two replies go separate ways.
     """
 
     def __init__(
@@ -80,34 +94,42 @@ class TransformersBackend:
         return time.perf_counter() - started
 
     def chat(self, conversations: list[list[Message]], sampling: SamplingParams) -> list[Completion]:
-        """Generate one reply per conversation (see :class:`~dialogsim.backends.base.ChatBackend`)."""
+        """Generate one reply per conversation (see :class:`~dialogsim.backends.base.ChatBackend`).
+
+        Raises:
+            ValueError: ``sampling.seeds`` does not hold one seed per conversation.
+        """
+        seeds = sampling.conversation_seeds(len(conversations))
+        if seeds is None:
+            seeds = torch.randint(SEED_LIMIT, (len(conversations),)).tolist()
         completions: list[Completion] = []
-        with torch.random.fork_rng(devices=[]):
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed)
-            for start in range(0, len(conversations), self.batch_size):
-                completions += self._generate(conversations[start : start + self.batch_size], sampling)
+        for start in range(0, len(conversations), self.batch_size):
+            end = start + self.batch_size
+            completions += self._generate(conversations[start:end], sampling.with_seeds(seeds[start:end]))
         return completions
 
     @torch.inference_mode()
     def _generate(self, conversations: list[list[Message]], sampling: SamplingParams) -> list[Completion]:
+        """One ``generate`` call; ``sampling.seeds`` holds one seed per conversation."""
         prompts = [chat_prompt_ids(self.tokenizer, conversation) for conversation in conversations]
         self.tokenizer.padding_side = "left"
         batch = self.tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(self.device)
-        sampled = sampling.temperature > 0
+        width = batch["input_ids"].shape[1]
+        sampler = PerRowSampling(sampling, [width - len(prompt) for prompt in prompts], self.device)
         output = self.model.generate(
             **batch,
-            do_sample=sampled,
-            temperature=sampling.temperature if sampled else None,
-            top_p=sampling.top_p if sampled else None,
+            do_sample=False,  # greedy over PerRowSampling's scores is sampling, one generator per row
+            temperature=None,
+            top_p=None,
             top_k=None,
+            repetition_penalty=None,
+            logits_processor=LogitsProcessorList([sampler]),
             max_new_tokens=sampling.max_new_tokens,
-            repetition_penalty=sampling.repetition_penalty,
             stop_strings=list(sampling.stop) or None,
             tokenizer=self.tokenizer if sampling.stop else None,
             pad_token_id=self.tokenizer.pad_token_id,
         )
-        generated = output[:, batch["input_ids"].shape[1] :].tolist()  # [batch, new_tokens]
+        generated = output[:, width:].tolist()  # [batch, new_tokens]
         return [self._completion(prompt, ids, sampling) for prompt, ids in zip(prompts, generated, strict=True)]
 
     def _completion(self, prompt: list[int], ids: list[int], sampling: SamplingParams) -> Completion:
@@ -140,3 +162,63 @@ class TransformersBackend:
         eos = self.model.generation_config.eos_token_id
         eos_ids = set(eos) if isinstance(eos, list) else {eos}
         return eos_ids | {self.tokenizer.eos_token_id}
+
+
+class PerRowSampling(LogitsProcessor):
+    """Sampling with one ``torch.Generator`` per row, as the last logits processor of greedy ``generate``.
+
+    At each step, for each row i of the ``[batch, vocab]`` scores (float32 in ``generate``):
+
+    1. the repetition penalty on row i's own prompt and generated tokens, its left padding excluded
+       (``transformers``' ``RepetitionPenaltyLogitsProcessor`` on the row's unpadded ids);
+    2. when ``temperature > 0``: scores / temperature, nucleus filtering (``TopPLogitsWarper``), then
+       plus Gumbel noise ``-log E``, ``E ~ Exp(1)`` of shape ``[vocab]`` drawn from row i's generator.
+
+    Greedy decoding's argmax is then a sample of the top-p-truncated ``softmax(scores / temperature)``
+    (the Gumbel-max trick; vLLM's sampler draws the same way, ``argmax(p / E)``, with per-request
+    generators). Row i draws one noise vector per step from its own generator, so its reply depends
+    only on its seed, its ids and its own logits. ``transformers``' batched sampling instead shares
+    one generator across the batch, and its repetition penalty also counts the left padding.
+
+    Args:
+        sampling: ``temperature``, ``top_p``, ``repetition_penalty`` and ``seeds`` (one per row).
+        padding: left-padding length of each row ``[batch]`` (tokens).
+        device: device of the scores, where the generators live.
+
+    Raises:
+        ValueError: ``sampling.seeds`` does not hold one seed per row.
+    """
+
+    def __init__(self, sampling: SamplingParams, padding: list[int], device: str | torch.device) -> None:
+        seeds = sampling.conversation_seeds(len(padding))
+        if seeds is None:
+            raise ValueError("PerRowSampling needs one seed per row: pass sampling.with_seeds([...])")
+        self.temperature = sampling.temperature
+        self.padding = padding
+        self.penalty = (
+            RepetitionPenaltyLogitsProcessor(float(sampling.repetition_penalty))
+            if sampling.repetition_penalty != 1.0
+            else None
+        )
+        self.top_p = TopPLogitsWarper(sampling.top_p) if sampling.top_p < 1.0 else None
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """Processed scores ``[batch, vocab]`` of the next token, given ``input_ids`` ``[batch, width]``."""
+        if self.penalty is not None:
+            scores = torch.cat(
+                [self.penalty(input_ids[i : i + 1, pad:], scores[i : i + 1]) for i, pad in enumerate(self.padding)]
+            )
+        if self.temperature == 0:
+            return scores
+        scores = scores / self.temperature
+        if self.top_p is not None:
+            scores = self.top_p(input_ids, scores)
+        vocab = scores.shape[-1]
+        exponential = torch.stack(
+            [
+                torch.empty(vocab, dtype=scores.dtype, device=scores.device).exponential_(generator=generator)
+                for generator in self.generators
+            ]
+        )  # [batch, vocab]
+        return scores - exponential.log()

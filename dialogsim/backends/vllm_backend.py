@@ -58,14 +58,16 @@ class VLLMBackend:
         tensor_parallel_size: GPUs per engine (1 on CPU).
         dtype: engine dtype (``"bfloat16"``, ``"float32"``, ...).
         max_model_len: longest prompt + reply the engine accepts (tokens).
-        seed: engine seed (each request is also seeded from ``SamplingParams.seed``).
+        seed: engine seed (each request is also seeded from ``SamplingParams.seeds`` or ``.seed``).
         enable_prefix_caching: re-use the KV cache of shared prompt prefixes (off only to measure it).
         engine_kwargs: further ``vllm.LLM`` keyword arguments.
 
     The engine runs with prefix caching on by default: after a reset to turn h, both replies and
     their roll-outs re-use the KV cache of the shared dialogue prefix. Identical conversations within
     one ``chat`` call (the two branches of a REFUEL pair) are sent as ONE request with ``n`` samples,
-    so their prefill is computed once. ``eager`` mode (no CUDA graphs / compilation) is used on CPU.
+    so their prefill is computed once; with per-conversation ``seeds`` only identical (conversation,
+    seed) pairs are, and they share one sample. ``eager`` mode (no CUDA graphs / compilation) is used
+    on CPU.
 
     Raises:
         ImportError: vLLM is not installed.
@@ -108,40 +110,53 @@ class VLLMBackend:
     def chat(self, conversations: list[list[Message]], sampling: SamplingParams) -> list[Completion]:
         """Generate one reply per conversation (see :class:`~dialogsim.backends.base.ChatBackend`).
 
-        Identical conversations are grouped into one ``n``-sample request. Request k of the call is
-        seeded ``sampling.seed + 1000 k`` (and its j-th sample ``+ j``, vLLM's rule for ``n > 1``), so a
-        call is reproducible for the same batch.
+        With ``sampling.seeds`` (common random numbers) conversation i is a request seeded
+        ``seeds[i]``; identical (conversation, seed) pairs are ONE ``n = 1`` request whose sample they
+        share, as they would draw it anyway. Each seeded request samples from its own generator, so its
+        reply does not depend on the rest of the batch except through the engine's batched numerics.
+        Otherwise identical conversations are grouped into one ``n``-sample request (distinct
+        samples, one prefill); request k of the call is seeded ``sampling.seed + 1000 k`` (and its
+        j-th sample ``+ j``, vLLM's rule for ``n > 1``), so a call is reproducible for the same batch.
+
+        Raises:
+            ValueError: ``sampling.seeds`` does not hold one seed per conversation.
         """
         from vllm import SamplingParams as EngineSamplingParams
         from vllm.inputs import TokensPrompt
 
-        prompts = [chat_prompt_ids(self.tokenizer, conversation) for conversation in conversations]
-        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)  # prompt ids -> conversation indices
-        for index, prompt in enumerate(prompts):
-            groups[tuple(prompt)].append(index)
+        prompts = [tuple(chat_prompt_ids(self.tokenizer, conversation)) for conversation in conversations]
+        shared = sampling.seeds is not None  # identical (conversation, seed) rows share one sample
+        seeds = sampling.conversation_seeds(len(conversations)) if shared else [None] * len(conversations)
+        groups: dict[tuple[tuple[int, ...], int | None], list[int]] = defaultdict(list)  # (prompt, seed) -> indices
+        for index, key in enumerate(zip(prompts, seeds, strict=True)):
+            groups[key].append(index)
         requests = list(groups.items())
-        outputs = self.engine.generate(
-            [TokensPrompt(prompt_token_ids=list(prompt)) for prompt, _ in requests],
-            [
+        engine_sampling = []
+        for k, ((_, seed), indices) in enumerate(requests):
+            if not shared:
+                seed = None if sampling.seed is None else sampling.seed + 1_000 * k
+            engine_sampling.append(
                 EngineSamplingParams(
-                    n=len(indices),
+                    n=1 if shared else len(indices),
                     temperature=sampling.temperature,
                     top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
                     max_tokens=sampling.max_new_tokens,
                     repetition_penalty=sampling.repetition_penalty,
                     stop=list(sampling.stop) or None,
                     include_stop_str_in_output=True,
-                    seed=None if sampling.seed is None else sampling.seed + 1_000 * k,
+                    seed=seed,
                     logprobs=0,
                 )
-                for k, (_, indices) in enumerate(requests)
-            ],
+            )
+        outputs = self.engine.generate(
+            [TokensPrompt(prompt_token_ids=list(prompt)) for (prompt, _), _ in requests],
+            engine_sampling,
             use_tqdm=False,
         )
         by_index = {
             index: self._completion(prompt, sample, sampling)
-            for (prompt, indices), output in zip(requests, outputs, strict=True)
-            for index, sample in zip(indices, output.outputs, strict=True)
+            for ((prompt, _), indices), output in zip(requests, outputs, strict=True)
+            for index, sample in zip(indices, output.outputs * len(indices) if shared else output.outputs, strict=True)
         }
         return [by_index[index] for index in range(len(conversations))]
 
