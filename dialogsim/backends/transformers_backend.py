@@ -55,10 +55,11 @@ class TransformersBackend:
     ``sampling.seed``; unseeded calls draw the seeds from the global torch RNG, seeded ones leave it
     untouched) by :class:`PerRowSampling` inside greedy ``generate``: a row's reply depends only on
     its conversation, its seed and the settings, not on the rest of the batch or ``batch_size``, up to
-    the floating-point effect of left padding on the logits. In float32 that effect is below the
-    resolution that flips a draw in practice (tests check identical replies alone and in mixed
-    batches); in bfloat16 padding changes the logits by about 1e-2, enough to flip a near-tied token
-    now and then, after which the two replies go separate ways.
+    the floating-point effect of left padding and batch shape on the logits. Measured on SmolLM2-135M
+    (8 GSM8K student-template prompts, 32-token replies, alone vs in one batch of 8): float32 gave
+    8/8 identical replies at temperature 1.0 and 0.01; bfloat16 gave 4/8 (temperature 1.0) and 2/8
+    (0.01), the others first differing after 2 to 30 tokens, where a near-tie flipped. Identical rows
+    of one batch draw identical replies in either dtype.
     """
 
     def __init__(
