@@ -19,6 +19,7 @@ from dialogsim.rewards.base import RewardModel
 from dialogsim.rewards.code_verifier import CodeTestReward, extract_code
 from dialogsim.rewards.embedding import SentenceEmbedder
 from dialogsim.rewards.factory import build_reward_model
+from dialogsim.rewards.math_format import MathFormatReward, copy_rate, f_score, quantities
 from dialogsim.rewards.math_reward import MathAnswerReward, reference_solution
 from dialogsim.rewards.math_verifier import answers_match, extract_final_answer
 from dialogsim.rewards.null import NoReward
@@ -226,6 +227,105 @@ def test_factory() -> None:
     with pytest.raises(ValueError, match="empty reward spec"):
         build_reward_model("  ")
     assert isinstance(build_reward_model("math"), MathAnswerReward)
+    assert isinstance(build_reward_model("Math_Format"), MathFormatReward)
+
+
+# --- math_format reward ------------------------------------------------------------------------
+
+CHANGE_PROBLEM = "A shop sells pens at $3 each. Ann buys 4 pens and pays with a $20 bill. How much change does she get?"
+CHANGE_ROW = PromptRow(
+    id="hand-2",
+    task="Math_CoT",
+    dataset="gsm8k",
+    instruction="Solve the following math problem step-by-step.\nSimplify your answer as much as possible. Present "
+    f"your final answer as \\boxed{{Your Answer}}.\n{CHANGE_PROBLEM}",
+    reference="8",
+    meta={"source_solution": "4 pens cost 4 * 3 = $<<4*3=12>>12.\nHer change is 20 - 12 = $<<20-12=8>>8.\n#### 8"},
+)
+ATTEMPT_WRONG = "First, the pens cost 4 * 3 = 12 dollars. Then 20 + 12 = 32, so her change is 32 dollars."
+CORRECT_BOXED = "First, the pens cost 4 * 3 = 12 dollars. Then 20 - 12 = 8, so her change is \\boxed{8}."
+CORRECT_UNBOXED = "First, the pens cost 4 * 3 = 12 dollars. Then 20 - 12 = 8, so her change is 8 dollars."
+WRONG_BOXED = "First, the pens cost 4 * 3 = 12 dollars. Then 20 - 12 = 9, so her change is \\boxed{9}."
+
+
+def _format_scores(replies: list[str], row: PromptRow = CHANGE_ROW) -> list[float]:
+    reward = MathFormatReward()
+    scores = reward.score([_dialogue(reply, question=row.instruction) for reply in replies], [row] * len(replies))
+    assert not reward.failures
+    return scores
+
+
+def test_math_format_parts_read_quantities_format_and_copying() -> None:
+    assert quantities("48/2 = 24, then 1,000 - 0.50 = $999.50") == {"48", "2", "24", "1000", "0.5", "999.5"}
+    assert f_score({"12", "32"}, {"12", "8"}) == pytest.approx(0.5)
+    assert f_score({"12"}, {"12", "8"}) == pytest.approx(1.25 * 0.5 / (0.25 + 0.5))  # precision weighs more
+    assert f_score(set(), {"8"}) == f_score({"8"}, set()) == 0.0
+    assert copy_rate(CHANGE_PROBLEM, CHANGE_ROW.instruction) == 1.0
+    assert copy_rate("so her change is 8", CHANGE_ROW.instruction) == 0.0
+    parts = MathFormatReward().parts(_dialogue(CORRECT_BOXED, question=CHANGE_ROW.instruction), CHANGE_ROW)
+    assert parts == {"correct": 1.0, "boxed": 1.0, "working": 1.0, "copy": 0.0}
+
+
+def test_math_format_ranks_non_attempts_below_a_genuine_attempt() -> None:
+    attempt, restated, copied, empty, other_solution = _format_scores(
+        [ATTEMPT_WRONG, CHANGE_PROBLEM, CHANGE_ROW.instruction, "", MATH_ROW.meta["source_solution"]]
+    )
+    assert attempt > 0.2  # the attempt computes the reference's 12, though its answer is wrong
+    assert restated < 0 and copied < 0  # copying is charged; the prompt's \boxed{Your Answer} earns no format credit
+    assert empty < attempt
+    assert other_solution < attempt
+
+
+def test_math_format_correct_boxed_above_correct_unboxed_above_wrong() -> None:
+    boxed, unboxed, wrong_boxed, wrong_unboxed, bare_guess = _format_scores(
+        [CORRECT_BOXED, CORRECT_UNBOXED, WRONG_BOXED, ATTEMPT_WRONG, "\\boxed{9}"]
+    )
+    assert boxed > unboxed > wrong_boxed > wrong_unboxed
+    assert boxed - unboxed == pytest.approx(MathFormatReward().format_weight)
+    assert bare_guess == 0.0  # a boxed guess without working or a correct answer earns no format credit
+    assert _format_scores(["\\boxed{8}"])[0] > 1.0
+
+
+@pytest.mark.parametrize("dataset", ["gsm8k", "MATH"])
+def test_math_format_on_real_rows(shared_prompts: Path, dataset: str) -> None:
+    """On real rows: restating scores below 0 and the reference solution above 1 on every row; on average the
+    reference's first step (no final answer) beats an empty reply and another row's solution."""
+    rows = _rows(shared_prompts, dataset)
+    first_steps, others = [], []
+    for index, row in enumerate(rows):
+        solution = reference_solution(row)
+        problem = row.instruction.split("\n", 2)[-1]
+        first_step, restated, empty, other, full = _format_scores(
+            [solution.split("\n")[0], problem, "", reference_solution(rows[index - 1]), solution], row
+        )
+        assert restated < 0 == empty < 1 < full, (row.id, restated, empty, full)
+        first_steps.append(first_step)
+        others.append(other)
+    assert sum(first_steps) / len(rows) > sum(others) / len(rows) + 0.1
+
+
+def test_math_format_failures_are_nan_and_counted() -> None:
+    reward = MathFormatReward()
+    no_reference = PromptRow(id="x", task="Math_CoT", dataset="gsm8k", instruction="?", reference=None)
+    coding = PromptRow(id="y", task="Coding", dataset="mbpp", instruction="?", reference="assert f() == 1")
+    only_user: list[Message] = [{"role": "user", "content": CHANGE_ROW.instruction}]
+    good = _dialogue(CORRECT_BOXED)
+    scores = reward.score([good, good, only_user, good], [no_reference, coding, CHANGE_ROW, CHANGE_ROW])
+    assert all(math.isnan(value) for value in scores[:3])
+    assert scores[3] > 1.0
+    assert reward.failures == {"no_reference": 1, "unsupported_task:Coding": 1, "no_assistant_reply": 1}
+    assert isinstance(reward, RewardModel)
+    with pytest.raises(ValueError, match="one row per dialogue"):
+        reward.score([good], [])
+
+
+def test_math_format_reads_the_whole_dialogue() -> None:
+    """Working counts over every reply; correctness and format follow the latest stated answer."""
+    later_box = _dialogue(CORRECT_UNBOXED.replace("8 dollars", "the answer is 8"), "Yes: \\boxed{8}.")
+    earlier_box = _dialogue(CORRECT_BOXED, "Sorry, the answer is 9.")
+    boxed_later, corrected_away = MathFormatReward().score([later_box, earlier_box], [CHANGE_ROW] * 2)
+    assert boxed_later > 1.5
+    assert corrected_away < 1.0
 
 
 # --- sequence-classification reward model -----------------------------------------------------

@@ -5,17 +5,19 @@ from __future__ import annotations
 from dialogsim.rewards.base import RewardModel
 from dialogsim.rewards.code_verifier import CODE_TASK, CodeTestReward
 from dialogsim.rewards.embedding import SentenceEmbedder
+from dialogsim.rewards.math_format import MathFormatReward
 from dialogsim.rewards.math_reward import MathAnswerReward
 from dialogsim.rewards.null import NoReward
 from dialogsim.rewards.routed import TaskRoutedReward
 from dialogsim.rewards.sequence_classification import SequenceClassificationReward
 
 MATH_SPEC = "math"
+MATH_FORMAT_SPEC = "math_format"
 CODE_SPEC = "code"
 VERIFIER_SPEC = "verifier"
 NO_REWARD_SPEC = "none"
 MATH_TASK_PREFIX = "Math"
-BUILTIN_SPECS = (MATH_SPEC, CODE_SPEC, VERIFIER_SPEC, NO_REWARD_SPEC)
+BUILTIN_SPECS = (MATH_SPEC, MATH_FORMAT_SPEC, CODE_SPEC, VERIFIER_SPEC, NO_REWARD_SPEC)
 
 
 def build_reward_model(spec: str, device: str = "cpu", trust_remote_code: bool = False) -> RewardModel:
@@ -25,6 +27,8 @@ def build_reward_model(spec: str, device: str = "cpu", trust_remote_code: bool =
         spec: one of
 
             * ``"math"`` (the CPU default): :class:`MathAnswerReward` with the embedded all-MiniLM-L6-v2;
+            * ``"math_format"``: :class:`MathFormatReward`, correctness + boxed answer + the reference's
+              intermediate quantities − copying the prompt, no model (``Math*`` rows);
             * ``"code"``: :class:`CodeTestReward`, the row's reference tests run on the reply's code in a
               sandboxed process (``Coding`` rows);
             * ``"verifier"``: :class:`TaskRoutedReward` sending ``Math*`` rows to ``"math"`` and
@@ -48,6 +52,8 @@ def build_reward_model(spec: str, device: str = "cpu", trust_remote_code: bool =
     builtin = name.lower()
     if builtin == MATH_SPEC:
         return MathAnswerReward(embedder=SentenceEmbedder(device=device))
+    if builtin == MATH_FORMAT_SPEC:
+        return MathFormatReward()
     if builtin == CODE_SPEC:
         return CodeTestReward()
     if builtin == VERIFIER_SPEC:

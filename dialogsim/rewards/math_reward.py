@@ -68,12 +68,12 @@ class MathAnswerReward:
         rewards = [float("nan")] * len(dialogues)
         scorable: list[int] = []
         for index, (dialogue, row) in enumerate(zip(dialogues, rows, strict=True)):
-            reason = _failure_reason(dialogue, row)
+            reason = failure_reason(dialogue, row)
             if reason is None:
                 scorable.append(index)
             else:
                 self.failures[reason] += 1
-        replies = [_assistant_messages(dialogues[i])[-1] for i in scorable]
+        replies = [assistant_messages(dialogues[i])[-1] for i in scorable]
         solutions = [reference_solution(rows[i]) for i in scorable]
         similarities = self.embedder.similarity(replies, solutions)
         for index, similarity in zip(scorable, similarities, strict=True):
@@ -88,11 +88,21 @@ class MathAnswerReward:
             ``None`` when it cannot be decided (no reference or no assistant reply); ``False`` when
             no assistant message states an answer.
         """
-        replies = _assistant_messages(dialogue)
-        if row.reference is None or not replies:
-            return None
-        answer = dialogue_final_answer(replies)
-        return answer is not None and answers_match(answer, row.reference)
+        return dialogue_correct(dialogue, row)
+
+
+def dialogue_correct(dialogue: list[Message], row: PromptRow) -> bool | None:
+    """Whether the dialogue's final answer (:func:`dialogue_final_answer`) equals ``row.reference``.
+
+    Returns:
+        ``None`` when it cannot be decided (no reference or no assistant reply); ``False`` when
+        no assistant message states an answer.
+    """
+    replies = assistant_messages(dialogue)
+    if row.reference is None or not replies:
+        return None
+    answer = dialogue_final_answer(replies)
+    return answer is not None and answers_match(answer, row.reference)
 
 
 def dialogue_final_answer(replies: list[str]) -> str | None:
@@ -119,15 +129,18 @@ def reference_solution(row: PromptRow) -> str:
     return row.reference or ""
 
 
-def _assistant_messages(dialogue: list[Message]) -> list[str]:
+def assistant_messages(dialogue: list[Message]) -> list[str]:
+    """The contents of the dialogue's assistant messages, oldest first."""
     return [message["content"] for message in dialogue if message["role"] == "assistant"]
 
 
-def _failure_reason(dialogue: list[Message], row: PromptRow) -> str | None:
+def failure_reason(dialogue: list[Message], row: PromptRow) -> str | None:
+    """Why a math reward cannot score this dialogue (``"unsupported_task:<task>"``, ``"no_reference"``,
+    ``"no_assistant_reply"``), or ``None`` when it can."""
     if not row.task.startswith("Math"):
         return f"unsupported_task:{row.task}"
     if row.reference is None:
         return "no_reference"
-    if not _assistant_messages(dialogue):
+    if not assistant_messages(dialogue):
         return "no_assistant_reply"
     return None

@@ -45,7 +45,7 @@ def extract_final_answer(text: str, number_fallback: bool = True) -> str | None:
     Returns:
         The answer string, stripped, or ``None`` when nothing is found.
     """
-    for found in (_last_boxed(text), _answer_phrase(text)):
+    for found in (last_boxed(text), _answer_phrase(text)):
         if found:
             return found
     if number_fallback:
@@ -54,8 +54,8 @@ def extract_final_answer(text: str, number_fallback: bool = True) -> str | None:
     return None
 
 
-def _last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed``/``\\fbox`` that has any; ``None`` if there is none."""
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` that has any (stripped); ``None`` if there is none."""
     for match in reversed(list(_BOX_COMMAND.finditer(text))):
         content = _box_content(text, match.end())
         if content:
