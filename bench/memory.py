@@ -113,15 +113,15 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     class TimedRefuelTrainer(RefuelTrainer):
         """RefuelTrainer that times its π_t log-prob pass (done once, in the constructor)."""
 
-        def _attach_reference_logprobs(self, rows: list[dict[str, Any]]) -> None:
+        def _attach_reference_logprobs(self, split: str, rows: list[dict[str, Any]]) -> None:
             start = time.perf_counter()
-            super()._attach_reference_logprobs(rows)
-            self.reference_pass_s = time.perf_counter() - start
+            super()._attach_reference_logprobs(split, rows)
+            self.reference_pass_s = getattr(self, "reference_pass_s", 0.0) + time.perf_counter() - start
 
     class SFTTrainer(RefuelTrainer):
         """RefuelTrainer with next-token cross-entropy on the reply tokens of all 2B sequences."""
 
-        def _attach_reference_logprobs(self, rows: list[dict[str, Any]]) -> None:
+        def _attach_reference_logprobs(self, split: str, rows: list[dict[str, Any]]) -> None:
             """SFT needs no π_t log-probs."""
             self.reference_pass_s = float("nan")
 
@@ -155,10 +155,11 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             mixed_precision=args.mixed_precision,
             gradient_checkpointing=args.gradient_checkpointing,
             lora_r=args.lora_r,
+            pair_layout="separate",  # both objectives on the same [2B, T] batches (SFT reads that layout)
         )
         trainer_class = TimedRefuelTrainer if args.objective == "refuel" else SFTTrainer
         trainer = trainer_class(config, model, tokenizer, rows, [])
-    batch = next(iter(trainer.train_loader))
+    _, batch = next(iter(trainer.train_loader))
     trainer.model.train()
     trainer.training_step(batch)  # warm-up: gradients and AdamW states now exist
     load_peak = peak_rss_bytes()

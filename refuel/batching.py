@@ -27,8 +27,8 @@ from torch.utils.data import Sampler
 
 
 def pair_length(row: dict[str, Any]) -> int:
-    """Tokens of both sequences of a tokenised pair (the sort key of length grouping)."""
-    return len(row["input_ids"]) + len(row["input_ids_prime"])
+    """Tokens of s_h and both replies of a tokenised pair (its shared-prefix length; the sort key of grouping)."""
+    return len(row["input_ids"]) + sum(row["loss_mask_prime"])
 
 
 def plan_micro_batches(

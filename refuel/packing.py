@@ -3,17 +3,17 @@
 A REFUEL pair is two sequences that share s_h (DESIGN.md §7): ``s_h + y`` and ``s_h + y'``. The separate
 layout (:func:`refuel.pairs.pad_pairs`) runs s_h twice and computes ``[2B, T, V]`` logits, although the loss
 needs the turn-h reply positions only. The shared-prefix layout packs a micro-batch of B pairs as ``[B, T]``
-with ``T = P + 2R`` (P the longest s_h, R the longest reply)::
+with ``T = P + max(|y| + |y'|)`` (P the longest s_h)::
 
-    [pad … pad | s_h ]  [ y  pad … ]  [ y' pad … ]
-     left-padded to P    block of R    block of R
+    [pad … pad | s_h ][ y | y' | pad … ]
+     left-padded to P   replies back to back, right-padded
 
 and a block attention mask: s_h is causal, y attends to s_h and to its own earlier tokens, y' likewise but
-never to y. Position ids restart at ``len(s_h)`` in both reply blocks, so each reply sees exactly the
-positions and keys it would see alone: the log-probs equal the separate computation (up to float rounding),
-and gradients flow through the single copy of s_h from both replies. The logits are computed for the last
-``2R + 1`` positions only (``logits_to_keep``, the ``transformers`` argument of causal LMs), all in the reply
-blocks but the first, the last s_h position that predicts y_0 and y'_0 alike.
+never to y. Position ids restart at ``len(s_h)`` for y', so each reply sees exactly the positions and keys it
+would see alone: the log-probs equal the separate computation (up to float rounding), and gradients flow
+through the single copy of s_h from both replies. Logits are computed from the last s_h position on only
+(``logits_to_keep``, the ``transformers`` argument of causal LMs): that position predicts y_0 and y'_0
+alike, the others the rest of the replies.
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ class PackedPairs:
         input_ids: ``[B, T]`` token ids, T = P + 2R.
         position_ids: ``[B, T]`` positions (s_h from 0; both reply blocks from ``len(s_h)``; 0 on padding).
         block_mask: ``[B, 1, T, T]`` bool, True where query position i may attend to key position j.
-        targets: ``[B, 2, R]`` the reply token ids (y in row 0, y' in row 1), padded with 0.
+        targets: ``[B, 2, R]`` the reply token ids (y in row 0, y' in row 1; R the longest reply), padded with 0.
         target_mask: ``[B, 2, R]`` 1.0 on real reply tokens.
+        predictor: ``[B, 2, R]`` for each reply token, the index among the kept logits (positions P − 1 …
+            T − 1) of the position that predicts it.
         prefix_length: P, the padded length of the s_h block (tokens).
-        reply_length: R, the padded length of each reply block (tokens).
         reward: ``[2B]`` r of the B pairs, then r'.
         ref_logp: ``[2B]`` ln π_t(y|s_h), then ln π_t(y'|s_h); ``None`` before they are computed.
     """
@@ -50,8 +51,8 @@ class PackedPairs:
     block_mask: torch.Tensor
     targets: torch.Tensor
     target_mask: torch.Tensor
+    predictor: torch.Tensor
     prefix_length: int
-    reply_length: int
     reward: torch.Tensor
     ref_logp: torch.Tensor | None
 
@@ -103,26 +104,33 @@ def pack_pairs(rows: Sequence[dict[str, Any]], pad_token_id: int) -> PackedPairs
         raise ValueError("pack_pairs needs at least one pair")
     split = [split_pair(row) for row in rows]
     prefix_length = max(len(prefix) for prefix, _, _ in split)
+    replies_length = max(len(reply) + len(reply_prime) for _, reply, reply_prime in split)
     reply_length = max(max(len(reply), len(reply_prime)) for _, reply, reply_prime in split)
-    total = prefix_length + 2 * reply_length
+    total = prefix_length + replies_length
     batch = len(rows)
     input_ids = torch.full((batch, total), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((batch, total), dtype=torch.long)
     segment = torch.full((batch, total), -1, dtype=torch.long)  # -1 padding, 0 s_h, 1 y, 2 y'
     targets = torch.zeros((batch, 2, reply_length), dtype=torch.long)
     target_mask = torch.zeros((batch, 2, reply_length))
+    predictor = torch.zeros((batch, 2, reply_length), dtype=torch.long)
     for b, (prefix, reply, reply_prime) in enumerate(split):
         start = prefix_length - len(prefix)
         input_ids[b, start:prefix_length] = torch.tensor(prefix)
         position_ids[b, start:prefix_length] = torch.arange(len(prefix))
         segment[b, start:prefix_length] = 0
+        block = prefix_length
         for k, ids in enumerate((reply, reply_prime)):
-            block = prefix_length + k * reply_length
             input_ids[b, block : block + len(ids)] = torch.tensor(ids)
             position_ids[b, block : block + len(ids)] = torch.arange(len(prefix), len(prefix) + len(ids))
             segment[b, block : block + len(ids)] = k + 1
             targets[b, k, : len(ids)] = torch.tensor(ids)
             target_mask[b, k, : len(ids)] = 1.0
+            # token j of the reply is predicted by the position before it: the last s_h position for j = 0
+            before = torch.arange(block - 1, block + len(ids) - 1)
+            before[0] = prefix_length - 1
+            predictor[b, k, : len(ids)] = before - (prefix_length - 1)
+            block += len(ids)
     real = segment >= 0  # [B, T]
     causal = torch.ones(total, total, dtype=torch.bool).tril()  # [T, T]: key j ≤ query i
     same_block = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])  # [B, T(q), T(k)]
@@ -135,8 +143,8 @@ def pack_pairs(rows: Sequence[dict[str, Any]], pad_token_id: int) -> PackedPairs
         block_mask=block_mask[:, None],  # [B, 1, T, T]
         targets=targets,
         target_mask=target_mask,
+        predictor=predictor,
         prefix_length=prefix_length,
-        reply_length=reply_length,
         reward=torch.tensor([row["reward"] for row in rows] + [row["reward_prime"] for row in rows]),
         ref_logp=torch.tensor([row["ref_logp"] for row in rows] + [row["ref_logp_prime"] for row in rows])
         if has_ref
@@ -148,7 +156,8 @@ def packed_pair_logprobs(model: PreTrainedModel, packed: PackedPairs, temperatur
     """ln π(y|s_h) of the B replies y, then of the B replies y', from one forward pass over the packed pairs.
 
     The logits are divided by the sampling ``temperature`` before the log-softmax (as in
-    :func:`refuel.logprobs.masked_sequence_logprobs`) and only the last ``2R + 1`` positions get logits.
+    :func:`refuel.logprobs.masked_sequence_logprobs`) and only the positions from the last s_h token on get
+    logits (``T − P + 1`` of them).
 
     Args:
         model: causal LM whose forward takes ``position_ids``, a 4-D ``attention_mask`` and ``logits_to_keep``
@@ -174,20 +183,13 @@ def packed_pair_logprobs(model: PreTrainedModel, packed: PackedPairs, temperatur
     mask = packed.block_mask
     if attention == "eager":  # eager attention adds the mask to the scores
         mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    reply = packed.reply_length
+    kept = packed.input_ids.shape[1] - packed.prefix_length + 1
     logits = model(
-        input_ids=packed.input_ids,
-        position_ids=packed.position_ids,
-        attention_mask=mask,
-        logits_to_keep=2 * reply + 1,
-    ).logits  # [B, 2R + 1, V]: positions P − 1 … T − 1
-    logits = logits[:, :-1].float() / temperature  # [B, 2R, V]: position P − 1 + k predicts the token at P + k
-    last_prefix = logits[:, :1]  # [B, 1, V]: predicts y_0 and y'_0
-    predicting_y = logits[:, :reply]  # [B, R, V]: y_0 … y_{R−1}
-    predicting_y_prime = torch.cat([last_prefix, logits[:, reply + 1 :]], dim=1)  # [B, R, V]: y'_0 … y'_{R−1}
-    token_logp = []
-    for k, block in enumerate((predicting_y, predicting_y_prime)):
-        target = packed.targets[:, k].unsqueeze(-1)  # [B, R, 1]
-        chosen = block.gather(-1, target).squeeze(-1) - torch.logsumexp(block, dim=-1)  # [B, R]
-        token_logp.append((chosen * packed.target_mask[:, k]).sum(-1))  # [B]
-    return torch.cat(token_logp)  # [2B]
+        input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=mask, logits_to_keep=kept
+    ).logits  # [B, K, V]: positions P − 1 … T − 1
+    logits = logits.float() / temperature
+    normaliser = torch.logsumexp(logits, dim=-1)  # [B, K]
+    rows = torch.arange(logits.shape[0], device=logits.device)[:, None, None]  # [B, 1, 1]
+    chosen = logits[rows, packed.predictor, packed.targets] - normaliser[rows, packed.predictor]  # [B, 2, R]
+    token_logp = (chosen * packed.target_mask).sum(-1)  # [B, 2]
+    return token_logp.T.reshape(-1)  # [2B]: the B replies y, then the B replies y'

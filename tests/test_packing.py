@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from dialogsim.backends.transformers_backend import chat_prompt_ids, load_tokenizer
@@ -101,21 +103,23 @@ def test_shared_prefix_gradients_equal_the_separate_computation(
 
 
 def test_pack_pairs_layout(tokenizer: PreTrainedTokenizerBase) -> None:
-    """[B, P + 2R]: s_h left-padded, y and y' in right-padded blocks, positions restart, y' never sees y."""
+    """[B, P + max(|y| + |y'|)]: s_h left-padded, y then y' then padding, positions restart, y' never sees y."""
     rows = _pairs(tokenizer)
     packed = pack_pairs(rows, tokenizer.pad_token_id)
-    prefix, reply = packed.prefix_length, packed.reply_length
-    assert packed.input_ids.shape == (4, prefix + 2 * reply)
+    prefix = packed.prefix_length
+    longest = max(len(split_pair(row)[1]) + len(split_pair(row)[2]) for row in rows)
+    assert packed.input_ids.shape == (4, prefix + longest)
     for b, row in enumerate(rows):
         s_h, y, y_prime = split_pair(row)
+        second = prefix + len(y)  # y' follows y without padding
         assert packed.input_ids[b, prefix - len(s_h) : prefix].tolist() == s_h
-        assert packed.input_ids[b, prefix : prefix + len(y)].tolist() == y
-        assert packed.input_ids[b, prefix + reply : prefix + reply + len(y_prime)].tolist() == y_prime
-        assert packed.position_ids[b, prefix + reply].item() == len(s_h) == packed.position_ids[b, prefix].item()
+        assert packed.input_ids[b, prefix:second].tolist() == y
+        assert packed.input_ids[b, second : second + len(y_prime)].tolist() == y_prime
+        assert packed.position_ids[b, second].item() == len(s_h) == packed.position_ids[b, prefix].item()
         mask = packed.block_mask[b, 0]  # [T, T]
-        last_y_prime = prefix + reply + len(y_prime) - 1
+        last_y_prime = second + len(y_prime) - 1
         assert mask[last_y_prime, prefix - len(s_h) : prefix].all()  # y' attends to all of s_h
-        assert not mask[last_y_prime, prefix : prefix + reply].any()  # … and to nothing of y
+        assert not mask[last_y_prime, prefix:second].any()  # … and to nothing of y
         start = prefix - len(s_h)
         assert not mask[start:, :start].any()  # real tokens never attend to the left padding
         assert packed.target_mask[b, 0].sum() == len(y) and packed.target_mask[b, 1].sum() == len(y_prime)
@@ -133,7 +137,7 @@ def test_pairs_that_do_not_share_s_h_are_rejected(tokenizer: PreTrainedTokenizer
 
 def test_micro_batches_form_step_groups_sorted_by_length() -> None:
     """Groups of 4 pairs in micro-batches of 2, longest first; every epoch visits each group once, in a new order."""
-    rows = [{"input_ids": [0] * n, "input_ids_prime": [0] * n} for n in (5, 9, 1, 7, 3, 8, 2, 6, 4, 10)]
+    rows = [{"input_ids": [0] * n, "loss_mask_prime": [1] * n} for n in (5, 9, 1, 7, 3, 8, 2, 6, 4, 10)]
     plan = plan_micro_batches(rows, per_device=2, group_size=4, seed=0, by_length=True)
     assert [len(m) for m in plan] == [2, 2, 2, 2, 2]
     lengths = [pair_length(rows[i]) for micro_batch in plan for i in micro_batch]
@@ -153,6 +157,15 @@ def test_micro_batches_form_step_groups_sorted_by_length() -> None:
         plan_micro_batches(rows, per_device=3, group_size=4, seed=0, by_length=True)
 
 
+@pytest.fixture
+def fresh_accelerate_state() -> Iterator[None]:
+    """accelerate fixes the mixed precision per process; start and leave this test with a fresh state."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
 @pytest.mark.parametrize("layout", ["shared_prefix", "separate"])
 def test_bf16_relative_log_ratio_is_exactly_zero_before_the_first_step(
     tiny_model_path: str, tokenizer: PreTrainedTokenizerBase, tmp_path: Path, layout: str

@@ -1,0 +1,214 @@
+"""REFUEL training throughput: pair-epochs per minute, peak memory and bf16 log-prob noise, old path vs new path.
+
+    python bench/train_throughput.py                 # SmolLM2-135M-Instruct, the main job's pair shapes, 3 runs
+    python bench/train_throughput.py --runs 5 --pairs 32
+
+Paths (each in a fresh subprocess, ``--runs`` times, interleaved; every figure is the median over runs):
+
+- ``separate``: two right-padded sequences per pair, logits at every position, micro-batches drawn without
+  regard to length (``pair_layout separate``, ``length_buckets false``: the trainer before this benchmark);
+- ``shared_prefix``: s_h once per pair with y and y' after it under a block mask, logits at the reply
+  positions only, micro-batches of similar length (``pair_layout shared_prefix``, ``length_buckets true``);
+
+each in fp32 and with bf16 autocast (fp32 master weights). The pairs have the main job's shapes: s_1 is a
+real GSM8K instruction from the shared prompt file under SmolLM2's chat template; h ~ the main job's
+distribution (H ~ U{1..3}, h ~ U{1..H}), each earlier turn adding a 128-token reply and a 24-token user
+question; replies of U{48..128} tokens (content does not set time; shapes do). Training runs the main
+job's batch: 4 pairs per micro-batch, 2 accumulation steps, one epoch over the training pairs.
+
+Columns: ``pair-epochs/min`` (pairs trained per minute: forward, backward, AdamW), ``π_t pairs/min``
+(the no-grad log-prob pass done once per iteration), ``peak RSS`` (GiB, the process's high-water mark
+after loading), ``|Δ| at π_t`` (the largest |relative log-ratio| over the training pairs before the first
+step, nats: exactly 0 when π_t's log-probs come from the training computation) and ``batch noise`` (the
+largest |ln π_t(y|s_h)| difference between a pair's micro-batch and the same pair alone, nats: the
+noise that a different batch composition would put into the log-ratio). The last line is
+``speed-up: <x>``, shared_prefix bf16 over separate fp32 (the main job's path before and after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from memory import GIB, peak_rss_bytes, reset_peak_rss
+
+PATHS = {"separate": ("separate", False), "shared_prefix": ("shared_prefix", True)}
+PRECISIONS = ("no", "bf16")
+
+
+def main_job_pairs(tokenizer: Any, pairs: int, seed: int) -> list[dict[str, Any]]:
+    """``pairs`` tokenised pairs with the main job's shapes (see the module docstring)."""
+    import numpy as np
+
+    from dialogsim.backends.transformers_backend import chat_prompt_ids
+    from dialogsim.data import default_prompt_file, load_prompts
+
+    prompts, _ = load_prompts(default_prompt_file(), tasks=["Math_CoT"], datasets=["gsm8k"], limit=pairs, shuffle=True, seed=seed)
+    rng = np.random.default_rng(seed)
+    vocab = len(tokenizer)
+    rows = []
+    for row in prompts:
+        horizon = int(rng.integers(1, 4))
+        turn = int(rng.integers(1, horizon + 1))
+        state = chat_prompt_ids(tokenizer, [{"role": "user", "content": row.instruction}])
+        for _ in range(turn - 1):  # an earlier reply and user question, with their template tokens
+            state += rng.integers(100, vocab, 128 + 24 + 10).tolist()
+        replies = [rng.integers(100, vocab, int(rng.integers(48, 129))).tolist() for _ in range(2)]
+        rows.append(
+            {
+                "input_ids": state + replies[0],
+                "loss_mask": [0] * len(state) + [1] * len(replies[0]),
+                "input_ids_prime": state + replies[1],
+                "loss_mask_prime": [0] * len(state) + [1] * len(replies[1]),
+                "reward": float(rng.random()),
+                "reward_prime": float(rng.random()),
+            }
+        )
+    return rows
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    """One (path, precision) in this fresh process: π_t pass, one epoch of training, noise, peak RSS."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dialogsim.backends.transformers_backend import load_tokenizer
+    from dialogsim.models import resolve_model
+    from refuel.config import RefuelConfig
+    from refuel.trainer import RefuelTrainer
+
+    torch.set_num_threads(args.threads)
+    path = resolve_model(args.model)
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    rows = main_job_pairs(tokenizer, args.pairs, seed=0)
+    layout, buckets = PATHS[args.path]
+    reset = reset_peak_rss()
+    with tempfile.TemporaryDirectory() as output_dir:
+        config = RefuelConfig(
+            output_dir=output_dir,
+            per_device_batch_size=4,
+            gradient_accumulation_steps=2,
+            epochs=1,
+            learning_rate=1e-6,
+            mixed_precision=args.precision,
+            pair_layout=layout,
+            length_buckets=buckets,
+        )
+        started = time.perf_counter()
+        trainer = RefuelTrainer(config, model, tokenizer, rows, [])
+        reference_s = time.perf_counter() - started
+        ratios = trainer._per_micro_batch(
+            trainer.eval_loaders["train"], lambda batch: trainer._pair_terms(batch)[1]
+        )  # relative log-ratios at π = π_t, [B] per micro-batch
+        largest_ratio = max(ratio.abs().max().item() for ratio in ratios.values())
+        noise = batch_noise(trainer, rows)
+        started = time.perf_counter()
+        trainer.train()
+        train_s = time.perf_counter() - started
+    return {
+        "path": args.path,
+        "precision": args.precision,
+        "pair_epochs_per_min": 60 * len(rows) / train_s,
+        "reference_pairs_per_min": 60 * len(rows) / reference_s,
+        "peak_gib": peak_rss_bytes() / GIB,
+        "peak_reset": reset,
+        "ratio_at_pi_t": largest_ratio,
+        "batch_noise": noise,
+        "tokens_per_pair": statistics.mean(len(r["input_ids"]) + len(r["input_ids_prime"]) for r in rows),
+    }
+
+
+def batch_noise(trainer: Any, rows: list[dict[str, Any]], sample: int = 4) -> float:
+    """Largest |ln π_t(y|s_h) in its micro-batch − the same alone| over ``sample`` pairs' replies, nats."""
+    import torch
+
+    largest = 0.0
+    with torch.no_grad():
+        for row in rows[:sample]:
+            _, alone = trainer._collate([(0, [row])])
+            values = trainer._logprobs(alone).float().tolist()
+            largest = max(largest, abs(values[0] - row["ref_logp"]), abs(values[1] - row["ref_logp_prime"]))
+    return largest
+
+
+def table(results: list[dict[str, Any]]) -> tuple[str, float]:
+    """Markdown table of the medians per (path, precision); speed-up of shared_prefix bf16 over separate fp32."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for result in results:
+        groups.setdefault((result["path"], result["precision"]), []).append(result)
+
+    def median(key: tuple[str, str], field: str) -> float:
+        return statistics.median(r[field] for r in groups[key])
+
+    baseline = median(("separate", "no"), "pair_epochs_per_min")
+    lines = [
+        "| path | precision | pair-epochs/min | × separate fp32 | π_t pairs/min | peak RSS (GiB) | |Δ| at π_t (nats) "
+        "| batch noise (nats) | runs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, runs in groups.items():
+        speed = median(key, "pair_epochs_per_min")
+        lines.append(
+            f"| {key[0]} | {'fp32' if key[1] == 'no' else key[1]} | {speed:.1f} | {speed / baseline:.2f} | "
+            f"{median(key, 'reference_pairs_per_min'):.1f} | {median(key, 'peak_gib'):.2f} | "
+            f"{max(r['ratio_at_pi_t'] for r in runs):.2g} | {max(r['batch_noise'] for r in runs):.2g} | {len(runs)} |"
+        )
+    return "\n".join(lines), median(("shared_prefix", "bf16"), "pair_epochs_per_min") / baseline
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="policy name, folder or hub id")
+    parser.add_argument("--pairs", type=int, default=16, help="training pairs per run (one epoch)")
+    parser.add_argument("--runs", type=int, default=3, help="fresh processes per configuration; figures are medians")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads per process")
+    parser.add_argument("--json", type=Path, help="also write every run's measurements here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--path", choices=sorted(PATHS), help=argparse.SUPPRESS)
+    parser.add_argument("--precision", choices=PRECISIONS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+    env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    results = []
+    started = time.monotonic()
+    for run in range(args.runs):  # interleaved, so that a change of machine load hits every configuration
+        for path in PATHS:
+            for precision in PRECISIONS:
+                command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--path", path]
+                command += ["--precision", precision, "--model", args.model, "--pairs", str(args.pairs)]
+                command += ["--threads", str(args.threads)]
+                process = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+                lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
+                if process.returncode != 0 or not lines:
+                    sys.exit(f"worker {path} {precision} failed:\n{process.stderr[-3000:]}")
+                results.append(json.loads(lines[-1].removeprefix("RESULT ")))
+                print(f"run {run + 1}/{args.runs} {path} {precision}: {results[-1]}", file=sys.stderr)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    rendered, speed_up = table(results)
+    print(
+        f"{args.model}: {args.pairs} pairs of the main job's shapes "
+        f"({statistics.mean(r['tokens_per_pair'] for r in results):.0f} tokens per pair as two sequences), "
+        f"4 pairs × 2 accumulation per step, {args.threads} thread(s), median of {args.runs} runs "
+        f"({time.monotonic() - started:.0f} s in all)\n"
+    )
+    print(rendered)
+    if not all(r["peak_reset"] for r in results):
+        print("\nnote: the RSS high-water mark could not be reset; peaks include model loading")
+    print(f"speed-up: {speed_up:.2f}")
+
+
+if __name__ == "__main__":
+    main()
