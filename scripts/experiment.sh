@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Does it learn on an LLM? (issue 13 item 3.) From the same π_0 (SmolLM2-135M-Instruct) and under one budget:
+#   1. REFUEL, REBEL-LT and DPO-LT, 2 iterations of 256 pairs each (configs/experiment/train.yaml: reward
+#      math_format, bf16, shared-prefix pairs; the main job's other settings);
+#   2. every policy (REFUEL π_1 and π_2, REBEL-LT and DPO-LT after their 2nd iteration) against π_0 on the 200
+#      held-out GSM8K prompts, H = 3, judged by the training reward (configs/experiment/eval.yaml): the paper's
+#      method × turn table with 95 % intervals, the per-turn diagnostics, plots, an HTML report;
+#   3. python -m refuel.analysis: the table, the diagnostics, the validation sign agreement per iteration, the
+#      spread of r − r' and what the policy can influence, measured speeds → <out>/summary.json, summary.md.
+#
+# Usage:
+#   bash scripts/experiment.sh            # full run, in the background; log in runs/experiment/experiment.log
+#   bash scripts/experiment.sh --smoke    # 1 iteration of 16 pairs, 8 prompts: measures the speeds for sizing
+#   BACKEND=vllm bash scripts/experiment.sh          # policy engine of training and evaluation (default transformers)
+#   EXPERIMENT_LOCK=/tmp/cpu.lock bash scripts/...   # the background job waits for this lock (shared machines)
+#   EXPERIMENT_FOREGROUND=1 bash scripts/...         # run in this shell instead
+# Flags after the script name (and --smoke) go to every refuel-train call. The same command resumes after a
+# kill: finished methods and the finished evaluation are skipped, refuel-train resumes its finished
+# iterations, collection shards and training checkpoints, refuel-evaluate reuses its cached dialogues.
+# DPO-LT's first iteration trains on REBEL-LT's first-iteration pairs (copied): both roll in with π_ref and
+# reset at h = H with the same seed, so collecting them again would give the same pairs.
+#
+# Sizing (≤ 2 h on 2 cores). Budget of the full run:
+#   collection: REFUEL 2 × 256 + REBEL-LT 2 × 256 + DPO-LT 256 (its first iteration is shared) = 1280 pairs;
+#   training:   6 iterations × 192 training pairs (validation 25 %) × 2 epochs = 2304 pair-epochs;
+#   evaluation: 5 policies (π_0 + 4) × 200 prompts = 1000 dialogues of H = 3.
+# Measured speeds and the arithmetic: see the section "Sizing" in README.md ("Does it learn on an LLM?"),
+# reproduced by `bash scripts/experiment.sh --smoke` (its summary.md prints the speeds and the projection).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+mode_flags=()
+if [[ ${1:-} == --smoke ]]; then
+  mode_flags=(--smoke)
+  shift
+fi
+backend=${BACKEND:-transformers}
+if ((${#mode_flags[@]})); then
+  out=${EXPERIMENT_DIR:-runs/experiment-smoke}
+  iterations=1
+  pairs=${SMOKE_PAIRS:-16}  # one collection batch of 2 × 16 conversations: the full run's per-call batch (32)
+  prompts=${SMOKE_PROMPTS:-8}
+  sizing=(--generation_batch_size "$pairs")
+else
+  out=${EXPERIMENT_DIR:-runs/experiment}
+  iterations=2
+  pairs=256
+  prompts=200
+  sizing=()
+fi
+judge_dir="$out/eval/reward-math_format"  # refuel-evaluate's folder for judge reward + reward math_format
+log="$out/experiment.log"
+mkdir -p "$out"
+
+if [[ ${EXPERIMENT_FOREGROUND:-0} != 1 ]]; then
+  command=(bash "$0" "${mode_flags[@]}" "$@")
+  if [[ -n ${EXPERIMENT_LOCK:-} ]]; then
+    command=(flock "$EXPERIMENT_LOCK" "${command[@]}")
+  fi
+  EXPERIMENT_FOREGROUND=1 BACKEND="$backend" setsid nohup "${command[@]}" >>"$log" 2>&1 </dev/null &
+  echo "experiment started in the background (process group $!); log: $log"
+  echo "follow it with: tail -f $log; after a kill, run the same command again to resume"
+  exit 0
+fi
+
+exec 9>"$out/.running"
+if ! flock -n 9; then
+  echo "another experiment is running in $out (lock $out/.running); wait for it or kill it first" >&2
+  exit 1
+fi
+
+# stage NAME COMMAND...: run COMMAND and append its wall time (seconds) to <out>/timings.tsv
+stage() {
+  local name=$1 started
+  shift
+  started=$(date +%s)
+  echo "=== $(date -Is) $name: $*"
+  "$@"
+  printf '%s\t%s\t%s\n' "$name" "$(($(date +%s) - started))" "$(date -Is)" >>"$out/timings.tsv"
+}
+
+# copy_if_absent SOURCE TARGET: atomic copy (temporary file, then rename) unless TARGET exists
+copy_if_absent() {
+  if [[ ! -e $2 ]]; then
+    mkdir -p "$(dirname "$2")"
+    cp "$1" "$2.tmp.$$"
+    mv "$2.tmp.$$" "$2"
+  fi
+}
+
+echo "=== $(date -Is) experiment in $out: backend $backend, $iterations iteration(s) of $pairs pairs, $prompts prompts"
+last=$((iterations - 1))
+train=(--config configs/experiment/train.yaml --backend "$backend" --iterations "$iterations"
+  --pairs_per_iteration "$pairs" "${sizing[@]}")
+for method in refuel rebel_lt dpo_lt; do
+  if [[ -f $out/$method/iteration_$last/policy/config.json ]]; then
+    echo "=== $method: all $iterations iteration(s) trained, skipped"
+    continue
+  fi
+  if [[ $method == dpo_lt && -f $out/rebel_lt/iteration_0/pairs.jsonl ]]; then
+    copy_if_absent "$out/rebel_lt/iteration_0/collection.json" "$out/dpo_lt/iteration_0/collection.json"
+    copy_if_absent "$out/rebel_lt/iteration_0/pairs.jsonl" "$out/dpo_lt/iteration_0/pairs.jsonl"
+  fi
+  stage "train-$method" refuel-train "${train[@]}" --method "$method" --output_dir "$out/$method" "$@"
+done
+
+candidates=()
+for ((t = 0; t < iterations; t++)); do
+  candidates+=("$out/refuel/iteration_$t/policy")
+done
+candidates+=("$out/rebel_lt/iteration_$last/policy" "$out/dpo_lt/iteration_$last/policy")
+if [[ -f $judge_dir/report.html ]]; then
+  echo "=== evaluation done ($judge_dir/report.html), skipped"
+else
+  stage evaluate refuel-evaluate --config configs/experiment/eval.yaml --backend "$backend" \
+    --n_prompts "$prompts" --output_dir "$out/eval" --candidates "${candidates[@]}"
+fi
+
+python -m refuel.analysis --run_dir "$out" --eval_dir "$judge_dir" --methods refuel rebel_lt dpo_lt
+echo "=== $(date -Is) experiment done: $out/summary.md"
