@@ -42,13 +42,14 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from runs import grouped_medians, run_worker
 
 GIB = 1024**3
 OBJECTIVES = ("refuel", "sft", "sft_hf")
@@ -197,13 +198,7 @@ def worker_command(args: argparse.Namespace, objective: str, lora_r: int) -> lis
 
 def table(results: list[dict[str, Any]]) -> str:
     """Markdown table of the medians per (tuning, objective), with REFUEL / SFT ratios."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for result in results:
-        groups.setdefault((result["tuning"], result["objective"]), []).append(result)
-
-    def median(key: tuple[str, str], field: str) -> float:
-        return statistics.median(r[field] for r in groups[key])
-
+    groups, median = grouped_medians(results, ("tuning", "objective"))
     lines = [
         "| tuning | step | trainable params | peak RSS (GiB) | step increment (GiB) | step (s) | π_t pass (s) | runs |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -252,13 +247,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for run in range(args.runs):  # interleaved, so that a change of machine load hits every configuration
         for lora_r in args.lora_ranks:
             for objective in args.objectives:
-                process = subprocess.run(
-                    worker_command(args, objective, lora_r), env=env, capture_output=True, text=True, check=False
-                )
-                lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
-                if process.returncode != 0 or not lines:
-                    sys.exit(f"worker {objective} lora_r={lora_r} failed:\n{process.stderr[-3000:]}")
-                results.append(json.loads(lines[-1].removeprefix("RESULT ")))
+                results.append(run_worker(worker_command(args, objective, lora_r), env, f"{objective} lora_r={lora_r}"))
                 print(f"run {run + 1}/{args.runs} lora_r={lora_r} {objective}: {results[-1]}", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from memory import GIB, peak_rss_bytes, reset_peak_rss
+
+from runs import grouped_medians, run_worker
 
 PATHS = {"separate": ("separate", False), "shared_prefix": ("shared_prefix", True)}
 PRECISIONS = ("no", "bf16")
@@ -52,7 +53,9 @@ def main_job_pairs(tokenizer: Any, pairs: int, seed: int) -> list[dict[str, Any]
     from dialogsim.backends.transformers_backend import chat_prompt_ids
     from dialogsim.data import default_prompt_file, load_prompts
 
-    prompts, _ = load_prompts(default_prompt_file(), tasks=["Math_CoT"], datasets=["gsm8k"], limit=pairs, shuffle=True, seed=seed)
+    prompts, _ = load_prompts(
+        default_prompt_file(), tasks=["Math_CoT"], datasets=["gsm8k"], limit=pairs, shuffle=True, seed=seed
+    )
     rng = np.random.default_rng(seed)
     vocab = len(tokenizer)
     rows = []
@@ -107,9 +110,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         started = time.perf_counter()
         trainer = RefuelTrainer(config, model, tokenizer, rows, [])
         reference_s = time.perf_counter() - started
-        ratios = trainer._per_micro_batch(
-            trainer.eval_loaders["train"], lambda batch: trainer._pair_terms(batch)[1]
-        )  # relative log-ratios at π = π_t, [B] per micro-batch
+        with torch.no_grad():  # relative log-ratios at π = π_t, [B] per micro-batch
+            ratios = trainer._per_micro_batch(trainer.eval_loaders["train"], lambda b: trainer._pair_terms(b)[1])
         largest_ratio = max(ratio.abs().max().item() for ratio in ratios.values())
         noise = batch_noise(trainer, rows)
         started = time.perf_counter()
@@ -143,13 +145,7 @@ def batch_noise(trainer: Any, rows: list[dict[str, Any]], sample: int = 4) -> fl
 
 def table(results: list[dict[str, Any]]) -> tuple[str, float]:
     """Markdown table of the medians per (path, precision); speed-up of shared_prefix bf16 over separate fp32."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for result in results:
-        groups.setdefault((result["path"], result["precision"]), []).append(result)
-
-    def median(key: tuple[str, str], field: str) -> float:
-        return statistics.median(r[field] for r in groups[key])
-
+    groups, median = grouped_medians(results, ("path", "precision"))
     baseline = median(("separate", "no"), "pair_epochs_per_min")
     lines = [
         "| path | precision | pair-epochs/min | × separate fp32 | π_t pairs/min | peak RSS (GiB) | |Δ| at π_t (nats) "
@@ -189,11 +185,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--path", path]
                 command += ["--precision", precision, "--model", args.model, "--pairs", str(args.pairs)]
                 command += ["--threads", str(args.threads)]
-                process = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-                lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
-                if process.returncode != 0 or not lines:
-                    sys.exit(f"worker {path} {precision} failed:\n{process.stderr[-3000:]}")
-                results.append(json.loads(lines[-1].removeprefix("RESULT ")))
+                results.append(run_worker(command, env, f"{path} {precision}"))
                 print(f"run {run + 1}/{args.runs} {path} {precision}: {results[-1]}", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -23,7 +23,8 @@ turn h = 1..H, over the dialogues that have an assistant reply at turn h:
   cached dialogues hold text, not the generated ids, so this is the length of the re-encoded text; it can exceed
   the generated count (and the ``max_new_tokens`` cap) when the policy sampled a non-canonical token sequence.
 * ``copy_rate`` (%): the turn-h reply copies the prompt: at least :data:`COPY_THRESHOLD` of its word
-  :data:`COPY_NGRAM`-grams occur in the instruction (:func:`copy_overlap`; a verbatim copy scores 1).
+  :data:`~dialogsim.rewards.math_format.COPY_NGRAM`-grams occur in the instruction
+  (:func:`~dialogsim.rewards.math_format.copy_rate`; a verbatim copy scores 1).
 * ``fallback_rate`` (%): the user turn that follows the turn-h reply is the simulated user's documented
   :data:`~dialogsim.user.FALLBACK_QUESTION` (its question could not be parsed); over the dialogues that have a
   user turn after the turn-h reply, so NaN at h = H.
@@ -52,15 +53,13 @@ from dialogsim.prompts import PromptRow
 from dialogsim.rewards.base import RewardModel
 from dialogsim.rewards.code_verifier import CODE_TASK, CodeTestReward, extract_code
 from dialogsim.rewards.factory import MATH_TASK_PREFIX
+from dialogsim.rewards.math_format import copy_rate
 from dialogsim.rewards.math_reward import dialogue_final_answer
-from dialogsim.rewards.math_verifier import answers_match
+from dialogsim.rewards.math_verifier import answers_match, last_boxed
 from dialogsim.user import FALLBACK_QUESTION
 from refuel.storage import atomic_path
 
-COPY_NGRAM = 4
 COPY_THRESHOLD = 0.5
-_WORD = re.compile(r"\w+")
-_BOXED_ANSWER = re.compile(r"\\boxed\s*\{\s*[^\s}]")
 
 
 @dataclass(frozen=True)
@@ -79,7 +78,7 @@ class AnswerFormat:
 
 
 ANSWER_FORMATS = (
-    AnswerFormat("boxed", re.compile(r"\\boxed\{"), lambda reply: _BOXED_ANSWER.search(reply) is not None),
+    AnswerFormat("boxed", re.compile(r"\\boxed\{"), lambda reply: last_boxed(reply) is not None),
     AnswerFormat(
         "python_block",
         re.compile(r"present (?:your )?code in ```python", re.IGNORECASE),
@@ -145,30 +144,6 @@ def requested_format(instruction: str) -> AnswerFormat | None:
     return next((answer_format for answer_format in ANSWER_FORMATS if answer_format.request.search(instruction)), None)
 
 
-def copy_overlap(reply: str, instruction: str, n: int = COPY_NGRAM) -> float:
-    """Share of the reply's word n-grams that also occur in the instruction, in [0, 1].
-
-    Words are runs of letters, digits and ``_`` after case folding, so punctuation and spacing do not matter;
-    n-grams are counted with repetition. A verbatim copy of the instruction scores 1.0; a reply of fewer than
-    ``n`` words has no n-gram and scores 0.0.
-
-    Raises:
-        ValueError: ``n`` < 1.
-    """
-    if n < 1:
-        raise ValueError(f"copy_overlap: the n-gram size n must be >= 1, got {n}")
-    reply_grams = _ngrams(reply, n)
-    if not reply_grams:
-        return 0.0
-    instruction_grams = set(_ngrams(instruction, n))
-    return sum(gram in instruction_grams for gram in reply_grams) / len(reply_grams)
-
-
-def _ngrams(text: str, n: int) -> list[tuple[str, ...]]:
-    words = _WORD.findall(text.casefold())
-    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-
-
 def policy_diagnostics(
     method: str,
     dialogues: Mapping[str, list[Message]],
@@ -231,7 +206,7 @@ def _reply_frame(
                     "reply": reply,
                     "correct": _correct(replies[:turn], row),
                     "follows_format": math.nan if answer_format is None else float(answer_format.followed(reply)),
-                    "copied": float(copy_overlap(reply, row.instruction) >= COPY_THRESHOLD),
+                    "copied": float(copy_rate(reply, row.instruction) >= COPY_THRESHOLD),
                     "fallback": float(users[turn] == FALLBACK_QUESTION) if turn < len(users) else math.nan,
                 }
             )

@@ -13,11 +13,11 @@ from transformers import PreTrainedTokenizerBase
 from dialogsim.backends.transformers_backend import load_tokenizer
 from dialogsim.messages import Message
 from dialogsim.prompts import PromptRow
+from dialogsim.rewards.math_format import copy_rate
 from dialogsim.user import FALLBACK_QUESTION
 from refuel.diagnostics import (
     DIAGNOSTIC_COLUMNS,
     TurnDiagnostics,
-    copy_overlap,
     diagnostics_frame,
     policy_diagnostics,
     requested_format,
@@ -89,12 +89,12 @@ def diagnose(
 
 
 def test_a_copy_of_the_prompt_scores_copy_rate_one(tokenizer: PreTrainedTokenizerBase) -> None:
-    assert copy_overlap(MATH_INSTRUCTION, MATH_INSTRUCTION) == 1.0
-    assert copy_overlap(CORRECT, MATH_INSTRUCTION) == 0.0
-    assert copy_overlap("Natalia sold clips", MATH_INSTRUCTION) == 0.0  # fewer than 4 words: no 4-gram
+    assert copy_rate(MATH_INSTRUCTION, MATH_INSTRUCTION) == 1.0
+    assert copy_rate(CORRECT, MATH_INSTRUCTION) == 0.0
+    assert copy_rate("Natalia sold clips", MATH_INSTRUCTION) == 0.0  # fewer than 4 words: no 4-gram
     # reformatted copy (case, punctuation, line breaks) of the problem sentence with a new ending: 14 of 17 4-grams
     restated = "natalia SOLD clips to 48 of her friends in april; and then she sold half as many. So what now?"
-    assert copy_overlap(restated, MATH_INSTRUCTION) == pytest.approx(14 / 17)
+    assert copy_rate(restated, MATH_INSTRUCTION) == pytest.approx(14 / 17)
     [copied] = diagnose({"math": dialogue((MATH_INSTRUCTION, MATH_INSTRUCTION))}, tokenizer)
     assert copied.copy_rate == 100.0
     [genuine] = diagnose({"math": dialogue((MATH_INSTRUCTION, CORRECT))}, tokenizer)

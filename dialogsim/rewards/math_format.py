@@ -172,11 +172,17 @@ def answer_is_boxed(replies: list[str]) -> bool:
 
 
 def copy_rate(reply: str, instruction: str, n: int = COPY_NGRAM) -> float:
-    """Fraction of the reply's word n-grams (lower-cased ``\\w+`` words) that occur in the instruction.
+    """Share of the reply's word n-grams that also occur in the instruction, in [0, 1].
 
-    Returns:
-        A value in [0, 1]; 0 for a reply shorter than ``n`` words.
+    Words are runs of letters, digits and ``_`` after lower-casing, so punctuation and spacing do not matter;
+    n-grams are counted with repetition. A verbatim copy of the instruction scores 1.0; a reply of fewer than
+    ``n`` words has no n-gram and scores 0.0.
+
+    Raises:
+        ValueError: ``n`` < 1.
     """
+    if n < 1:
+        raise ValueError(f"copy_rate: the n-gram size n must be >= 1, got {n}")
     reply_ngrams = _ngrams(reply, n)
     if not reply_ngrams:
         return 0.0
