@@ -4,8 +4,9 @@ Usage (the README's numbers)::
 
     python bench/collection_throughput.py --pairs 32 --repeats 3
     python bench/collection_throughput.py --tables bc --pairs 16 --horizon 3  # (b) and (c) only
+    python bench/collection_throughput.py --tables d --pairs 32 --max-horizon 3 --max-new-tokens 128  # main job
 
-Prints three tables, each figure the median over ``--repeats`` runs made in this one invocation:
+Prints up to four tables, each figure the median over ``--repeats`` runs made in this one invocation:
 
 (a) dialogue tokens/s of REFUEL collection (policy + simulated-user tokens generated, per wall
     second) for a sequential one-conversation-at-a-time loop on transformers, the batched vector env
@@ -15,15 +16,19 @@ Prints three tables, each figure the median over ``--repeats`` runs made in this
     to one full dialogue of the same horizon H, both run in batches of ``--pairs``, on transformers
     and on vLLM with and without prefix caching.
 (c) engine start and live weight-sync times (seconds).
+(d) REFUEL pairs per minute (engine starts excluded; each arrangement's start is given) per arrangement of
+    the policy and user engines: both on transformers; the policy on vLLM and the user on transformers;
+    two vLLM engines; one vLLM engine serving both roles (``user_backend="auto"``, the user model = π_0).
+    At the main job's settings (configs/cpu_main.yaml) with the flags above.
 
-The policy and the simulated user are the default model (SmolLM2-135M-Instruct), on the same engine
-kind within a configuration; the reward is the default math reward. Run it alone: other processes
-on the CPU distort every figure.
+The policy and the simulated user are the default model (SmolLM2-135M-Instruct); the reward is the
+default math reward. Run it alone: other processes on the CPU distort every figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import tempfile
 import time
@@ -37,6 +42,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dialogsim.backends.base import ChatBackend, Completion
+from dialogsim.backends.serving import EngineRole, ServingEngine
 from dialogsim.backends.transformers_backend import TransformersBackend, load_tokenizer
 from dialogsim.data import default_prompt_file, load_prompts
 from dialogsim.messages import Message
@@ -82,8 +88,9 @@ class Setup:
     def forget_prefixes(self) -> None:
         """Empty the vLLM engines' prefix caches, so that one timed run cannot warm the next."""
         for backend in (self.policy.inner, self.user.inner):
-            if hasattr(backend, "reset_prefix_cache"):
-                backend.reset_prefix_cache()
+            engine = backend.serving.backend if isinstance(backend, EngineRole) else backend
+            if hasattr(engine, "reset_prefix_cache"):
+                engine.reset_prefix_cache()
 
     def tokens(self) -> int:
         """Tokens generated so far by the policy and the user."""
@@ -178,11 +185,61 @@ def print_pair_costs(setups: dict[str, Setup], parts: Any, args: argparse.Namesp
     print(pd.DataFrame({"pair / dialogue": costs}).round(2).to_string())
 
 
+def pairs_per_minute(setup: Setup, parts: Any, args: argparse.Namespace, sampling: SamplingParams) -> float:
+    """Median REFUEL pairs per minute of ``setup`` over ``args.repeats`` batches of ``args.pairs`` (seeds 0, 1, ...)."""
+    simulator = setup.simulator(parts, max_horizon=args.max_horizon)
+
+    def seconds(seed: int) -> float:
+        setup.forget_prefixes()
+        return timed(
+            lambda: collect_pairs(simulator, setup.policy, args.pairs, sampling, seed=seed, batch_size=args.pairs)
+        )
+
+    return 60 * args.pairs / median_over(args.repeats, seconds)
+
+
+def print_pairs_per_minute(
+    parts: Any, args: argparse.Namespace, sampling: SamplingParams, arrangements: dict[str, Callable[[], Setup]]
+) -> None:
+    """Table (d): REFUEL pairs per minute of each engine arrangement, built (and timed) one at a time."""
+    rows = {}
+    for name, build in arrangements.items():
+        started = time.perf_counter()
+        setup = build()
+        start = time.perf_counter() - started
+        rows[name] = {"pairs/min": pairs_per_minute(setup, parts, args, sampling), "engine start (s)": start}
+        del setup  # shut its engines down before the next arrangement starts its own
+        gc.collect()
+    print(
+        f"\n(d) REFUEL pairs/min, batch {args.pairs} pairs, H ~ U{{1..{args.max_horizon}}}, "
+        f"{args.max_new_tokens}-token replies, median of {args.repeats} (engine starts excluded)"
+    )
+    print(pd.DataFrame(rows).T.round(1).to_string())
+
+
+def arrangements(model: str, skip_vllm: bool) -> dict[str, Callable[[], Setup]]:
+    """Table (d)'s engine arrangements of policy and user, each built on demand."""
+    built: dict[str, Callable[[], Setup]] = {
+        "transformers policy + transformers user": lambda: Setup(TransformersBackend(model), TransformersBackend(model))
+    }
+    if skip_vllm:
+        return built
+
+    def shared() -> Setup:
+        serving = ServingEngine("vllm", kv_cache_gib=2)  # the code path of user_backend="auto"
+        return Setup(serving.role(model), serving.role(model))
+
+    built["vLLM policy + transformers user"] = lambda: Setup(vllm_engine(model), TransformersBackend(model))
+    built["vLLM policy + vLLM user (two engines)"] = lambda: Setup(vllm_engine(model), vllm_engine(model))
+    built["one vLLM engine for both (user_backend auto)"] = shared
+    return built
+
+
 def main() -> None:
     """Parse flags, build the engines the chosen tables need, print the tables."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--tables", default="abc", help="which tables to print, e.g. 'bc'")
+    parser.add_argument("--tables", default="abc", help="which tables to print, e.g. 'bc' or 'd'")
     parser.add_argument("--pairs", type=int, default=32, help="pairs per batch (64 conversations in the roll-outs)")
     parser.add_argument("--sequential-pairs", type=int, default=4, help="pairs of the sequential loop (it is slow)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -190,6 +247,9 @@ def main() -> None:
     parser.add_argument("--horizon", type=int, default=3, help="fixed H in (b)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="policy reply cap (tokens)")
     parser.add_argument("--skip-vllm", action="store_true")
+    parser.add_argument(
+        "--only", nargs="*", help="table (d): run only the arrangements whose name contains one of these"
+    )
     args = parser.parse_args()
     sampling = SamplingParams(temperature=0.8, max_new_tokens=args.max_new_tokens)
     tokenizer = load_tokenizer(args.model)
@@ -197,7 +257,16 @@ def main() -> None:
         default_prompt_file(), tasks=["Math_CoT"], datasets=["gsm8k"], tokenizer=tokenizer, max_prompt_tokens=384
     )
     parts = (rows[:256], build_reward_model("math"), tokenizer)
+    if "d" in args.tables:  # first: it builds (and frees) its own engines one arrangement at a time
+        chosen = arrangements(args.model, args.skip_vllm)
+        chosen = {k: v for k, v in chosen.items() if not args.only or any(word in k for word in args.only)}
+        print_pairs_per_minute(parts, args, sampling, chosen)
+    if set(args.tables) & set("abc"):
+        print_engine_tables(parts, args, sampling)
 
+
+def print_engine_tables(parts: Any, args: argparse.Namespace, sampling: SamplingParams) -> None:
+    """Tables (a), (b), (c) as chosen by ``args.tables``, on engines built once for all three."""
     started = {"transformers": timed(lambda: TransformersBackend(args.model))}
     policy, user = TransformersBackend(args.model), TransformersBackend(args.model)
     setups = {

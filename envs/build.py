@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dialogsim.backends.base import ChatBackend
 from dialogsim.backends.factory import build_backend
 from dialogsim.backends.transformers_backend import load_tokenizer
 from dialogsim.data import default_prompt_file, load_prompts, split_train_eval
@@ -29,6 +30,7 @@ def build_simulator(
     user_template: str = "student",
     user_backend: str = "transformers",
     user_base_url: str | None = None,
+    user_engine: ChatBackend | None = None,
     vllm_kv_cache_gib: float = 4.0,
     vllm_tensor_parallel_size: int = 1,
     reward: str = "math",
@@ -53,6 +55,8 @@ def build_simulator(
         user_template: ``"student"`` (small models) or ``"paper"`` (the REFUEL paper's prompt).
         user_backend / user_base_url: engine of the user model (see
             :func:`dialogsim.backends.factory.build_backend`); ``openai`` runs it on a server.
+        user_engine: a running engine to run the user model on instead of building one from
+            ``user_backend`` (e.g. the policy's, :func:`dialogsim.backends.serving.user_engine`).
         vllm_kv_cache_gib / vllm_tensor_parallel_size: the user's engine settings when ``user_backend="vllm"``.
         reward: a :func:`dialogsim.rewards.factory.build_reward_model` spec (``"math"``: verifier + MiniLM
             similarity; or a sequence-classification RM id/path).
@@ -70,14 +74,15 @@ def build_simulator(
         max_prompt_tokens=max_prompt_tokens,
     )
     rows = select_partition(rows, holdout, partition)[:limit]
-    engine = build_backend(
-        user_backend,
-        user_model,
-        base_url=user_base_url,
-        kv_cache_gib=vllm_kv_cache_gib,
-        tensor_parallel_size=vllm_tensor_parallel_size,
-    )
-    user = UserSimulator(engine, user_template)
+    if user_engine is None:
+        user_engine = build_backend(
+            user_backend,
+            user_model,
+            base_url=user_base_url,
+            kv_cache_gib=vllm_kv_cache_gib,
+            tensor_parallel_size=vllm_tensor_parallel_size,
+        )
+    user = UserSimulator(user_engine, user_template)
     config = EpisodeConfig(
         max_horizon=max_horizon,
         horizon=horizon,

@@ -48,7 +48,12 @@ class RefuelConfig:
     generation_batch_size: int = field(default=32, metadata=_help("pairs advanced together in collection"))
     backend: str = field(default="transformers", metadata=_help("policy roll-out engine: transformers | vllm"))
     user_backend: str = field(
-        default="transformers", metadata=_help("simulated-user engine: transformers | vllm | openai (a server)")
+        default="auto",
+        metadata=_help(
+            "simulated-user engine: auto (the policy's; on vllm the user shares π_t's engine when its model has "
+            "π_0's architecture, weights swapped per call once π_t differs) | transformers | vllm (an engine of "
+            "its own) | openai (a server)"
+        ),
     )
     user_base_url: str | None = field(
         default=None, metadata=_help("OpenAI-compatible server of the user model (user_backend=openai)")
@@ -139,7 +144,7 @@ class RefuelConfig:
             "rollin": self.rollin in ROLLINS and (self.rollin == "current" or self.method == "refuel"),
             "offline_dialogues": self.rollin != "dataset" or bool(self.offline_dialogues),
             "dpo_beta": self.dpo_beta > 0,
-            "user_backend": self.user_backend in BACKENDS,
+            "user_backend": self.user_backend in (*BACKENDS, "auto"),
             "user_base_url": self.user_backend != "openai" or bool(self.user_base_url),
         }
         bad = [name for name, ok in checks.items() if not ok]

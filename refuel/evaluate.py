@@ -24,6 +24,7 @@ tables and plots, and every dialogue pair side by side with its judgements).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dialogsim.backends.serving import ServingEngine
+from dialogsim.backends.serving import ServingEngine, resolve_user_backend, user_engine
 from dialogsim.backends.transformers_backend import load_tokenizer
 from dialogsim.dialogue import fingerprint
 from dialogsim.judges.base import JudgePair, PairwiseJudge
@@ -49,7 +50,7 @@ from envs.build import build_simulator_from
 from refuel.cli import parse_config
 from refuel.diagnostics import diagnostics_frame, policy_diagnostics, save_diagnostics
 from refuel.report import write_html_report
-from refuel.rollout import run_policy
+from refuel.rollout import PolicyRun, run_policies
 from refuel.storage import read_rows, write_rows
 from refuel.winrate import count_table, judge_statistics, paper_table, per_turn_win_rates, save_report
 
@@ -96,7 +97,12 @@ class EvaluateConfig:
     user_model: str = field(default="smollm2-135m-instruct", metadata={"help": "simulated-user model"})
     user_template: str = field(default="student", metadata={"help": "'student' or 'paper'"})
     user_backend: str = field(
-        default="transformers", metadata={"help": "simulated-user engine: 'transformers', 'vllm' or 'openai'"}
+        default="auto",
+        metadata={
+            "help": "simulated-user engine: 'auto' (the policy's; on vllm the user shares the policies' engine when "
+            "its model has their architecture, weights swapped per call), 'transformers', 'vllm' (an engine of its "
+            "own) or 'openai'"
+        },
     )
     user_base_url: str | None = field(
         default=None, metadata={"help": "OpenAI-compatible server of the user model (user_backend=openai)"}
@@ -165,43 +171,63 @@ def policy_identity(policy: str) -> dict[str, Any]:
 
 
 def dialogue_cache(config: EvaluateConfig, policy: str, name: str) -> Path:
-    """``<output_dir>/dialogues/<name>-<key>.jsonl``; the key covers the policy's weights and generation settings."""
-    settings = {k: v for k, v in asdict(config).items() if k not in JUDGING_FIELDS}
+    """``<output_dir>/dialogues/<name>-<key>.jsonl``; the key covers the policy's weights and generation settings.
+
+    The key holds the user's engine kind (``user_backend="auto"`` resolved), not whether it shares the policy's.
+    """
+    user_backend = resolve_user_backend(config.user_backend, config.backend)
+    settings = {k: v for k, v in asdict(replace(config, user_backend=user_backend)).items() if k not in JUDGING_FIELDS}
     key = fingerprint({"generation": fingerprint(settings), "policy": policy_identity(policy)})
     return Path(config.output_dir) / "dialogues" / f"{name.replace('/', '_')}-{key}.jsonl"
 
 
 def generate_dialogues(
-    config: EvaluateConfig, simulator: DialogueSimulator, engine: ServingEngine, policy: str, cache: Path
-) -> list[dict[str, Any]]:
-    """Dialogues of one policy on the held-out prompts (cached in ``cache``).
+    config: EvaluateConfig, simulator: DialogueSimulator, engine: ServingEngine, caches: Mapping[str, Path]
+) -> dict[str, list[dict[str, Any]]]:
+    """Dialogues of each policy on the held-out prompts (each policy's cached in its own file).
 
     Every policy starts from identical states (same prompt, horizon and user RNG per prompt) and the
     same policy-sampling seed sequence, so the only difference between methods is the policy. The
-    policy runs on ``engine``, which is started or given the policy's weights only when the cache
-    misses.
+    policies whose cache misses are generated together (:func:`~refuel.rollout.run_policies`): per
+    turn one call per policy on ``engine`` (its weights swapped in), then one simulated-user call for
+    every policy's dialogues. The engine is started or given a policy's weights only when its cache misses.
+
+    Args:
+        caches: policy (name, folder or hub id) → its cache file (:func:`dialogue_cache`).
 
     Returns:
-        One row per prompt: ``prompt_id``, ``horizon``, ``truncated`` and ``messages``.
+        Per policy, one row per prompt: ``prompt_id``, ``horizon``, ``truncated`` and ``messages``.
     """
-    if cache.exists():
-        logger.info("reusing cached dialogues %s", cache)
-        return read_rows(cache)
-    states = [
-        simulator.new_state(
-            np.random.default_rng([config.seed, index]), {"prompt_id": prompt_id, "horizon": config.horizon}
-        )
-        for index, prompt_id in enumerate(simulator.prompt_ids)
-    ]
+    runs = {}
+    for policy, cache in caches.items():
+        if cache.exists():
+            logger.info("reusing cached dialogues %s", cache)
+            continue
+        states = [
+            simulator.new_state(
+                np.random.default_rng([config.seed, index]), {"prompt_id": prompt_id, "horizon": config.horizon}
+            )
+            for index, prompt_id in enumerate(simulator.prompt_ids)
+        ]
+        runs[policy] = PolicyRun(engine.role(policy), states, np.random.default_rng(config.seed))
     sampling = SamplingParams(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens)
-    backend = engine.serve(resolve_model(policy))
-    run_policy(simulator, backend, states, sampling, np.random.default_rng(config.seed))
-    rows = [
-        {"prompt_id": s.prompt_id, "horizon": s.horizon, "truncated": s.truncated, "messages": s.messages}
-        for s in states
-    ]
-    write_rows(rows, cache)
-    return rows
+    started = time.perf_counter()
+    run_policies(simulator, list(runs.values()), sampling)
+    if runs:
+        logger.info(
+            "dialogues of %d policies generated in %.1f s (%d live weight syncs, %.1f s)",
+            len(runs),
+            time.perf_counter() - started,
+            engine.weight_syncs,
+            engine.weight_sync_seconds,
+        )
+    for policy, run in runs.items():
+        rows = [
+            {"prompt_id": s.prompt_id, "horizon": s.horizon, "truncated": s.truncated, "messages": s.messages}
+            for s in run.states
+        ]
+        write_rows(rows, caches[policy])
+    return {policy: read_rows(cache) for policy, cache in caches.items()}
 
 
 def judge_dialogues(
@@ -254,6 +280,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Path]:
         Paths of ``csv`` (win rates), ``png``, ``judgements``, ``judge_stats``, ``diagnostics`` (CSV),
         ``diagnostics_png`` and ``html``, all in ``<output_dir>/<judge name>/``.
     """
+    names = method_names([config.baseline, *config.candidates])
+    engine = ServingEngine(config.backend, kv_cache_gib=config.vllm_kv_cache_gib)
     simulator = build_simulator_from(
         replace(config, reward=NO_REWARD_SPEC),  # generation needs no reward; the judge brings its own
         partition="heldout",
@@ -261,19 +289,13 @@ def evaluate(config: EvaluateConfig) -> dict[str, Path]:
         policy_model=config.baseline,
         max_horizon=config.horizon,
         horizon=config.horizon,
-        user_backend=config.user_backend,
+        user_backend=resolve_user_backend(config.user_backend, config.backend),
+        user_engine=user_engine(config.user_backend, engine, list(names), config.user_model),
         user_base_url=config.user_base_url,
         vllm_kv_cache_gib=config.vllm_kv_cache_gib,
     )
-    engine = ServingEngine(config.backend, kv_cache_gib=config.vllm_kv_cache_gib)
-    names = method_names([config.baseline, *config.candidates])
-    dialogues = {
-        name: {
-            row["prompt_id"]: row["messages"]
-            for row in generate_dialogues(config, simulator, engine, policy, dialogue_cache(config, policy, name))
-        }
-        for policy, name in names.items()
-    }
+    rows = generate_dialogues(config, simulator, engine, {p: dialogue_cache(config, p, n) for p, n in names.items()})
+    dialogues = {name: {row["prompt_id"]: row["messages"] for row in rows[policy]} for policy, name in names.items()}
     judge = build_judge(
         config.judge,
         reward=config.reward,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
-from dialogsim.backends.base import ChatBackend, Completion
+from dialogsim.backends.base import ChatBackend
 from dialogsim.dialogue import DialogueState
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
@@ -20,28 +21,60 @@ def draw_seed(rng: np.random.Generator) -> int:
     return int(rng.integers(2**31 - 1))
 
 
-def advance(
-    simulator: DialogueSimulator,
-    policy: ChatBackend,
-    states: list[DialogueState],
-    sampling: SamplingParams,
-    rng: np.random.Generator,
-) -> list[Completion]:
-    """One turn for every state: policy replies from one seeded batched call, then one simulator step.
+@dataclass
+class PolicyRun:
+    """One policy's dialogues in a joint run (:func:`run_policies`).
 
-    Returns:
-        The policy's completions, one per state (states are updated in place).
+    Attributes:
+        policy: the policy's engine.
+        states: its dialogues, updated in place.
+        rng: source of its per-call sampling seeds (one draw per call, as if it ran alone).
+        until_turn: per state, stop once the dialogue reaches s_h with h = this turn (roll-in); ``None``
+            runs every state to the end of its episode (roll-out).
     """
-    started = time.perf_counter()
-    replies = policy.chat([state.messages for state in states], sampling.with_seed(draw_seed(rng)))
-    simulator.step(states, [reply.text for reply in replies])
-    logger.info(
-        "%d dialogues advanced one turn (%d policy tokens) in %.1f s",
-        len(states),
-        sum(len(reply.token_ids) for reply in replies),
-        time.perf_counter() - started,
-    )
-    return replies
+
+    policy: ChatBackend
+    states: list[DialogueState]
+    rng: np.random.Generator
+    until_turn: list[int] | None = None
+
+    def active(self) -> list[DialogueState]:
+        """The states that still take a turn."""
+        targets = self.until_turn if self.until_turn is not None else [s.horizon + 1 for s in self.states]
+        return [
+            state for state, target in zip(self.states, targets, strict=True) if not state.done and state.turn < target
+        ]
+
+
+def run_policies(simulator: DialogueSimulator, runs: list[PolicyRun], sampling: SamplingParams) -> None:
+    """Advance several policies' dialogues together: per round one call per policy, then ONE simulator step.
+
+    The simulated user's turns of every policy's dialogues are one batched user call per round. A
+    policy's dialogues are those it would have alone: each state draws its user seeds from its own RNG
+    (:meth:`~dialogsim.simulator.DialogueSimulator.step`) and each policy its call seeds from ``run.rng``,
+    up to the engines' batched numerics.
+
+    States are updated in place: ``state.done`` tells which ended, ``state.truncated`` which ended
+    on the token budget before the horizon, and ``state.final_reward`` holds the horizon reward.
+    """
+    while True:
+        started = time.perf_counter()
+        states, replies = [], []
+        for run in runs:
+            active = run.active()
+            if active:
+                states += active
+                replies += run.policy.chat([state.messages for state in active], sampling.with_seed(draw_seed(run.rng)))
+        if not states:
+            return
+        simulator.step(states, [reply.text for reply in replies])
+        logger.info(
+            "%d dialogues of %d policies advanced one turn (%d policy tokens) in %.1f s",
+            len(states),
+            len(runs),
+            sum(len(reply.token_ids) for reply in replies),
+            time.perf_counter() - started,
+        )
 
 
 def run_policy(
@@ -52,18 +85,8 @@ def run_policy(
     rng: np.random.Generator,
     until_turn: list[int] | None = None,
 ) -> None:
-    """Alternate policy replies and simulated-user turns, one batched call each per round.
+    """Alternate one policy's replies and simulated-user turns, one batched call each per round.
 
-    Args:
-        until_turn: per state, stop once the dialogue reaches state s_h with h = this turn (roll-in);
-            ``None`` runs every state to the end of its episode (roll-out).
-
-    States are updated in place: ``state.done`` tells which ended, ``state.truncated`` which ended
-    on the token budget before the horizon, and ``state.final_reward`` holds the horizon reward.
+    The one-policy case of :func:`run_policies` (see :class:`PolicyRun` for ``until_turn``).
     """
-    targets = until_turn if until_turn is not None else [state.horizon + 1 for state in states]
-    while True:
-        active = [states[i] for i, state in enumerate(states) if not state.done and state.turn < targets[i]]
-        if not active:
-            return
-        advance(simulator, policy, active, sampling, rng)
+    run_policies(simulator, [PolicyRun(policy, states, rng, until_turn)], sampling)

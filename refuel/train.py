@@ -29,8 +29,8 @@ import torch
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, set_seed
 
-from dialogsim.backends.base import WeightSyncBackend
-from dialogsim.backends.serving import ServingEngine
+from dialogsim.backends.base import ChatBackend, WeightSyncBackend
+from dialogsim.backends.serving import ServingEngine, resolve_user_backend, user_engine
 from dialogsim.backends.transformers_backend import load_tokenizer
 from dialogsim.data import load_offline_dialogues
 from dialogsim.dialogue import fingerprint
@@ -55,14 +55,18 @@ def policy_sampling(config: RefuelConfig) -> SamplingParams:
     return SamplingParams(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens)
 
 
-def build_training_simulator(config: RefuelConfig) -> DialogueSimulator:
-    """The simulator on the training split of the prompts."""
+def build_training_simulator(config: RefuelConfig, engine: PolicyEngine) -> DialogueSimulator:
+    """The simulator on the training split of the prompts; its user on π_t's engine if ``user_backend`` allows.
+
+    See :func:`~dialogsim.backends.serving.user_engine` for when the user shares the policy's engine.
+    """
     return build_simulator_from(
         config,
         partition="train" if config.holdout else "all",
         policy_model=config.policy_model,
         max_horizon=config.max_horizon,
-        user_backend=config.user_backend,
+        user_backend=resolve_user_backend(config.user_backend, config.backend),
+        user_engine=user_engine(config.user_backend, engine.current, [config.policy_model], config.user_model),
         user_base_url=config.user_base_url,
         vllm_kv_cache_gib=config.vllm_kv_cache_gib,
         vllm_tensor_parallel_size=config.vllm_tensor_parallel_size,
@@ -91,9 +95,14 @@ class PolicyEngine:
             return None
         return self.reference.serve(resolve_model(self.config.policy_model))
 
-    def serving(self, policy_path: str, stats: dict[str, Any]) -> WeightSyncBackend:
-        """The engine with π_t = the weights in ``policy_path``; records start or sync time (seconds) in ``stats``."""
-        return self.current.serve(policy_path, stats)
+    def serving(self, policy_path: str, stats: dict[str, Any]) -> ChatBackend:
+        """π_t = the weights in ``policy_path`` on its engine; records start or sync time (seconds) in ``stats``.
+
+        The engine is started or synced now; the returned role swaps π_t's weights back in before a call
+        if the simulated user, sharing the engine, swapped its own in.
+        """
+        self.current.serve(policy_path, stats)
+        return self.current.role(policy_path)
 
 
 COLLECTION_FIELDS = (
@@ -251,7 +260,7 @@ def run(config: RefuelConfig) -> str:
             continue
         stats: dict[str, Any] = {"iteration": iteration, "policy_in": policy_path}
         if state.is_main_process:
-            simulator = simulator or build_training_simulator(config)
+            simulator = simulator or build_training_simulator(config, engine)
             prepare_pairs(config, simulator, engine, iteration, stats)
         state.wait_for_everyone()
         rows = read_rows(iteration_dir / "pairs.jsonl")

@@ -31,6 +31,7 @@ from dialogsim.simulator import DialogueSimulator, EpisodeConfig
 from dialogsim.user import UserSimulator, render_user_prompt
 from envs import ENV_ID, DialogueEnv, VectorDialogueEnv
 from envs.spaces import UnicodeText
+from refuel.rollout import PolicyRun, run_policies, run_policy
 
 # Temperature 1.0 (not the paper's 0.01) so that the user model's raw reply depends on the sampling
 # seed: restoring a snapshot must then restore the RNG for the replies to match.
@@ -556,3 +557,36 @@ def test_bad_prefix_is_rejected(sim: DialogueSimulator, change: Callable, error:
     change(options)
     with pytest.raises(error, match=message):
         DialogueEnv(simulator=sim).reset(seed=0, options=options)
+
+
+class LabelPolicy:
+    """A deterministic policy: replies ``"<label> <turn>"`` (the turn = user messages so far)."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.name = label, label
+
+    def chat(self, conversations: list[list[Message]], sampling: SamplingParams) -> list[Completion]:
+        texts = [f"{self.label} {sum(m['role'] == 'user' for m in c)}" for c in conversations]
+        return [Completion(text, (1,), (1,), "stop") for text in texts]
+
+
+def test_policies_run_together_share_one_user_call_per_round(
+    sim: DialogueSimulator, user_backend: RecordingBackend
+) -> None:
+    """run_policies: per round one user call for both policies' dialogues; each gets the dialogues it has alone."""
+    prompt_ids = sim.prompt_ids[:3]
+
+    def states() -> list[Any]:
+        return [sim.new_state(np.random.default_rng([0, i]), {"prompt_id": p}) for i, p in enumerate(prompt_ids)]
+
+    alone = {}
+    for label in ("a", "b"):
+        alone[label] = states()
+        run_policy(sim, LabelPolicy(label), alone[label], USER_SAMPLING, np.random.default_rng(0))
+    user_backend.calls.clear()
+    runs = [PolicyRun(LabelPolicy(label), states(), np.random.default_rng(0)) for label in ("a", "b")]
+    run_policies(sim, runs, USER_SAMPLING)
+    assert [len(call.conversations) for call in user_backend.calls] == [6, 6]  # H = 3: user turns after turns 1, 2
+    for run, label in zip(runs, ("a", "b"), strict=True):
+        assert [s.messages for s in run.states] == [s.messages for s in alone[label]]
+        assert all(s.done and s.messages[-1]["content"] == f"{label} 3" for s in run.states)

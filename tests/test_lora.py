@@ -125,7 +125,7 @@ def test_iteration_1_starts_from_the_merged_iteration_0_policy(
             starts.append(_probe_logits(model, probe))
             super().__init__(config, model, *args, **kwargs)
 
-    monkeypatch.setattr(refuel.train, "build_training_simulator", lambda config: None)
+    monkeypatch.setattr(refuel.train, "build_training_simulator", lambda config, engine: None)
     monkeypatch.setattr(refuel.train, "prepare_pairs", fake_prepare_pairs)
     monkeypatch.setattr(refuel.train, "RefuelTrainer", RecordingTrainer)
     config = _config(tmp_path / "run", policy_model=tiny_model_path, iterations=2, epochs=3, validation_fraction=0.25)

@@ -127,11 +127,13 @@ def test_load_weights_needs_safetensors(engine: VLLMBackend, tmp_path: Path) -> 
         engine.load_weights(tmp_path)
 
 
-def test_evaluate_runs_every_policy_on_one_vllm_engine(
-    smollm2_path: str, tiny_model_path: str, shared_prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_evaluate_runs_every_policy_and_the_user_on_one_vllm_engine(
+    smollm2_path: str, shared_prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """refuel-evaluate --backend vllm: π_0 starts the engine, the candidate's weights are swapped into it."""
+    """refuel-evaluate --backend vllm, user_backend auto: π_0 starts the engine, which also serves the simulated
+    user (same model); the candidate's weights are swapped in for its turns."""
     import dialogsim.backends.serving as serving
+    import envs.build
     from refuel.evaluate import EvaluateConfig, evaluate
 
     started: list[str] = []
@@ -141,6 +143,7 @@ def test_evaluate_runs_every_policy_on_one_vllm_engine(
         return build_backend(kind, model, **settings)
 
     monkeypatch.setattr(serving, "build_backend", counted_build)
+    monkeypatch.setattr(envs.build, "build_backend", counted_build)
     candidate = tmp_path / "run" / "iteration_1" / "policy"
     _perturbed(smollm2_path, candidate)
     config = EvaluateConfig(
@@ -148,21 +151,24 @@ def test_evaluate_runs_every_policy_on_one_vllm_engine(
         baseline=smollm2_path,
         backend="vllm",
         vllm_kv_cache_gib=1,
-        user_model=tiny_model_path,
+        user_model=smollm2_path,
         output_dir=str(tmp_path / "eval"),
         prompts=str(shared_prompts),
         n_prompts=2,
-        horizon=1,
+        horizon=2,
         holdout=8,
         temperature=0.0,
         max_new_tokens=12,
         max_prompt_tokens=100,
     )
     paths = evaluate(config)
-    assert started == [smollm2_path]  # one engine; the candidate came by live weight sync
+    assert len(started) == 1  # one engine: the user's and the candidate's weights came by live weight sync
     judgements = pd.read_csv(paths["judgements"])
-    assert len(judgements) == 2 and set(judgements["method"]) == {"iteration_1"}
-    dialogues = [read_rows(path) for path in (tmp_path / "eval" / "dialogues").iterdir()]
+    assert len(judgements) == 2 * 2 and set(judgements["method"]) == {"iteration_1"}
+    dialogues = [read_rows(path) for path in sorted((tmp_path / "eval" / "dialogues").iterdir())]
+    assert len(dialogues) == 2 and all(len(row["messages"]) == 4 for rows in dialogues for row in rows)
     replies = [tuple(row["messages"][1]["content"] for row in rows) for rows in dialogues]
-    assert len(replies) == 2 and all(all(texts) for texts in replies)  # real text from both policies
+    assert all(all(texts) for texts in replies)  # real text from both policies
     assert replies[0] != replies[1]  # greedy replies differ: the candidate's weights were swapped in
+    questions = [[row["messages"][2]["content"] for row in rows] for rows in dialogues]
+    assert all(all(texts) for texts in questions)  # the simulated user asked on the same engine

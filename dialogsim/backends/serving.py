@@ -1,15 +1,22 @@
-"""One engine serving a sequence of policies that share an architecture, by live weight sync."""
+"""One engine serving a sequence of policies that share an architecture, by live weight sync.
+
+It can also serve several models in turn, each through its own :class:`EngineRole` (a policy and the
+simulated user on one vLLM engine, see :func:`user_engine`): each call first swaps the role's weights in.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from transformers import AutoConfig
 
-from dialogsim.backends.base import WeightSyncBackend
-from dialogsim.backends.factory import build_backend
+from dialogsim.backends.base import ChatBackend, Completion, WeightSyncBackend
+from dialogsim.backends.factory import BACKENDS, build_backend
+from dialogsim.messages import Message
 from dialogsim.models import resolve_model
+from dialogsim.sampling import SamplingParams
 
 # Config fields that fix the shapes of a causal LM's weights; policies equal on them can swap weights.
 SHAPE_FIELDS = (
@@ -59,6 +66,8 @@ class ServingEngine:
         self.kind, self.kv_cache_gib, self.tensor_parallel_size = kind, kv_cache_gib, tensor_parallel_size
         self.backend: WeightSyncBackend | None = None
         self.architecture: dict[str, Any] = {}
+        self.weight_syncs = 0  # live weight syncs so far (role swaps included)
+        self.weight_sync_seconds = 0.0  # their total wall time (seconds)
 
     def serve(self, policy_path: str, stats: dict[str, Any] | None = None) -> WeightSyncBackend:
         """The engine with the weights of ``policy_path`` (embedded name, folder or hub id).
@@ -69,7 +78,7 @@ class ServingEngine:
         Raises:
             OSError: ``policy_path`` holds no model config or no loadable weights.
         """
-        stats = {} if stats is None else stats
+        stats, policy_path = ({} if stats is None else stats), resolve_model(policy_path)
         if self.backend is not None and self.backend.name == policy_path:
             return self.backend
         started = time.perf_counter()
@@ -84,5 +93,73 @@ class ServingEngine:
             )
             stats["engine_start_seconds"] = time.perf_counter() - started
         else:
-            stats["weight_sync_seconds"] = self.backend.load_weights(resolve_model(policy_path))
+            stats["weight_sync_seconds"] = self.backend.load_weights(policy_path)
+            self.weight_syncs += 1
+            self.weight_sync_seconds += stats["weight_sync_seconds"]
         return self.backend
+
+    def role(self, model: str) -> EngineRole:
+        """A :class:`~dialogsim.backends.base.ChatBackend` that generates with ``model``'s weights on this engine.
+
+        Nothing is loaded until its first call; every call swaps ``model``'s weights in unless they are
+        the ones loaded, so several roles (π_t and the simulated user, or π_0 and π_1 in an evaluation)
+        can take turns on one engine. Give every role of a policy through this method, never the
+        backend :meth:`serve` returned, which another role may have swapped out.
+        """
+        return EngineRole(self, resolve_model(model))
+
+
+class EngineRole:
+    """One model's turn on a shared :class:`ServingEngine` (see :meth:`ServingEngine.role`).
+
+    Attributes:
+        serving: the shared engine.
+        name: the model's resolved name or folder (its weights are swapped in before each call).
+    """
+
+    def __init__(self, serving: ServingEngine, name: str) -> None:
+        self.serving, self.name = serving, name
+
+    def chat(self, conversations: list[list[Message]], sampling: SamplingParams) -> list[Completion]:
+        """Swap this role's weights in when another role's are loaded, then generate (see ``ChatBackend``)."""
+        return self.serving.serve(self.name).chat(conversations, sampling)
+
+
+def resolve_user_backend(user_backend: str, policy_backend: str) -> str:
+    """The simulated user's engine kind: ``"auto"`` is the policy's (``policy_backend``), others stay.
+
+    Raises:
+        ValueError: ``user_backend`` is neither ``"auto"`` nor one of :data:`~dialogsim.backends.factory.BACKENDS`.
+    """
+    if user_backend == "auto":
+        return policy_backend
+    if user_backend not in BACKENDS:
+        raise ValueError(f"unknown user_backend {user_backend!r}; choose auto or one of {', '.join(BACKENDS)}")
+    return user_backend
+
+
+def user_engine(
+    user_backend: str, policy: ServingEngine, policy_models: Sequence[str], user_model: str
+) -> ChatBackend | None:
+    """The simulated user's role on the policy's engine, or ``None`` when the user needs an engine of its own.
+
+    With ``user_backend="auto"`` and a vLLM policy engine, a user model of the same architecture as
+    every policy the engine will serve (see :data:`SHAPE_FIELDS`; e.g. the user and π_0 are both
+    ``smollm2-135m-instruct``) runs on that engine as an :class:`EngineRole`: one engine on the CPU's
+    cores instead of two, one engine start, and no weight swap while the policy has the user's weights
+    (π_0). Once they differ (π_1, or a candidate in an evaluation) each switch between the roles is a
+    live weight sync (under a second for SmolLM2-135M on CPU; README, roll-out speed). An explicit
+    ``user_backend`` keeps an engine of its own, as does a user of another architecture.
+
+    Args:
+        user_backend: ``"auto"``, ``"transformers"``, ``"vllm"`` or ``"openai"``.
+        policy: the policy's engine; serve its policies through :meth:`ServingEngine.role`.
+        policy_models: every policy (name, folder or hub id) the engine will serve.
+        user_model: the simulated user's model name, folder or hub id.
+    """
+    if user_backend != "auto" or policy.kind != "vllm":
+        return None
+    shapes = architecture(user_model)
+    if any(architecture(model) != shapes for model in policy_models):
+        return None
+    return policy.role(user_model)
