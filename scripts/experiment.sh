@@ -12,6 +12,7 @@
 #   bash scripts/experiment.sh            # full run, in the background; log in runs/experiment/experiment.log
 #   bash scripts/experiment.sh --smoke    # 1 iteration of 16 pairs, 8 prompts: measures the speeds for sizing
 #   BACKEND=vllm bash scripts/experiment.sh          # policy engine of training and evaluation (default transformers)
+#   USER_BACKEND=vllm ...                            # simulated-user engine (default: the same as BACKEND)
 #   EXPERIMENT_LOCK=/tmp/cpu.lock bash scripts/...   # the background job waits for this lock (shared machines)
 #   EXPERIMENT_FOREGROUND=1 bash scripts/...         # run in this shell instead
 # Flags after the script name (and --smoke) go to every refuel-train call. The same command resumes after a
@@ -24,8 +25,24 @@
 #   collection: REFUEL 2 × 256 + REBEL-LT 2 × 256 + DPO-LT 256 (its first iteration is shared) = 1280 pairs;
 #   training:   6 iterations × 192 training pairs (validation 25 %) × 2 epochs = 2304 pair-epochs;
 #   evaluation: 5 policies (π_0 + 4) × 200 prompts = 1000 dialogues of H = 3.
-# Measured speeds and the arithmetic: see the section "Sizing" in README.md ("Does it learn on an LLM?"),
-# reproduced by `bash scripts/experiment.sh --smoke` (its summary.md prints the speeds and the projection).
+# Measured by `bash scripts/experiment.sh --smoke` (2026-11-30; the 2 cores held under the shared lock; transformers
+# for policy and user, bf16; its summary.md prints the speeds and this projection):
+#   collection: REFUEL 16 pairs in 142.8 s = 6.72 pairs/min; REBEL-LT 16 pairs in 201.4 s = 4.77 pairs/min
+#               (π_ref's roll-ins are separate engine calls); pooled 5.58 pairs/min;
+#   training:   24 pair-epochs in 103 s (REBEL-LT) and 120 s (DPO-LT) from collection.json to metrics.json
+#               (model load, π_t log-probs, validation before and after, 4 steps, save) = 11.9 pair-epochs/min;
+#               the gradient steps alone: 14.8 s per step of 8 pairs = 32 pair-epochs/min;
+#   evaluation: 4 policies × 8 prompts = 32 dialogues of H = 3 in 327 s (one batch of 32 per turn: 105, 125,
+#               74 s) = 5.87 dialogues/min; the full run's batches are also 32 conversations.
+# Projection of the full run on transformers:
+#   collection: 512 / 6.72 + 768 / 4.77 = 76 + 161 = 237 min;
+#   training:   2304 / 11.9 = 193 min (small-run overheads included; with the steps at 32 pair-epochs/min and
+#               three forward passes over each iteration's 256 pairs at about a third of a step's cost per pair,
+#               6 × (384 / 32 + 3 × 256 × 0.62 s / 60) = 6 × (12 + 8) ≈ 120 min);
+#   evaluation: 1000 / 5.87 = 170 min;
+#   total ≈ 527–600 min ≈ 9–10 h: the issue's budget (≥ 256 pairs per iteration, ≥ 200 prompts) does NOT fit
+#   in 2 h on 2 cores at the measured speeds; it needs ≈ 4.5–5× faster roll-outs and training. The script keeps
+#   the issue's budget; run it with BACKEND=vllm once vLLM roll-outs are faster (re-measure with --smoke).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
@@ -36,6 +53,7 @@ if [[ ${1:-} == --smoke ]]; then
   shift
 fi
 backend=${BACKEND:-transformers}
+user_backend=${USER_BACKEND:-$backend}
 if ((${#mode_flags[@]})); then
   out=${EXPERIMENT_DIR:-runs/experiment-smoke}
   iterations=1
@@ -58,7 +76,7 @@ if [[ ${EXPERIMENT_FOREGROUND:-0} != 1 ]]; then
   if [[ -n ${EXPERIMENT_LOCK:-} ]]; then
     command=(flock "$EXPERIMENT_LOCK" "${command[@]}")
   fi
-  EXPERIMENT_FOREGROUND=1 BACKEND="$backend" setsid nohup "${command[@]}" >>"$log" 2>&1 </dev/null &
+  EXPERIMENT_FOREGROUND=1 BACKEND="$backend" USER_BACKEND="$user_backend" setsid nohup "${command[@]}" >>"$log" 2>&1 </dev/null &
   echo "experiment started in the background (process group $!); log: $log"
   echo "follow it with: tail -f $log; after a kill, run the same command again to resume"
   exit 0
@@ -89,9 +107,10 @@ copy_if_absent() {
   fi
 }
 
-echo "=== $(date -Is) experiment in $out: backend $backend, $iterations iteration(s) of $pairs pairs, $prompts prompts"
+echo "=== $(date -Is) experiment in $out: policy engine $backend, user engine $user_backend, $iterations iteration(s) of $pairs pairs, $prompts prompts"
 last=$((iterations - 1))
-train=(--config configs/experiment/train.yaml --backend "$backend" --iterations "$iterations"
+engines=(--backend "$backend" --user_backend "$user_backend")
+train=(--config configs/experiment/train.yaml "${engines[@]}" --iterations "$iterations"
   --pairs_per_iteration "$pairs" "${sizing[@]}")
 for method in refuel rebel_lt dpo_lt; do
   if [[ -f $out/$method/iteration_$last/policy/config.json ]]; then
@@ -113,7 +132,7 @@ candidates+=("$out/rebel_lt/iteration_$last/policy" "$out/dpo_lt/iteration_$last
 if [[ -f $judge_dir/report.html ]]; then
   echo "=== evaluation done ($judge_dir/report.html), skipped"
 else
-  stage evaluate refuel-evaluate --config configs/experiment/eval.yaml --backend "$backend" \
+  stage evaluate refuel-evaluate --config configs/experiment/eval.yaml "${engines[@]}" \
     --n_prompts "$prompts" --output_dir "$out/eval" --candidates "${candidates[@]}"
 fi
 
