@@ -12,7 +12,7 @@
 #   bash scripts/experiment.sh            # full run, in the background; log in runs/experiment/experiment.log
 #   bash scripts/experiment.sh --smoke    # 1 iteration of 16 pairs, 8 prompts: measures the speeds for sizing
 #   BACKEND=vllm bash scripts/experiment.sh          # policy engine of training and evaluation (default transformers)
-#   USER_BACKEND=vllm ...                            # simulated-user engine (default: the same as BACKEND)
+#   USER_BACKEND=transformers ...                    # simulated-user engine (default auto: the policy's kind)
 #   EXPERIMENT_LOCK=/tmp/cpu.lock bash scripts/...   # the background job waits for this lock (shared machines)
 #   EXPERIMENT_FOREGROUND=1 bash scripts/...         # run in this shell instead
 # Flags after the script name (and --smoke) go to every refuel-train call. The same command resumes after a
@@ -53,7 +53,7 @@ if [[ ${1:-} == --smoke ]]; then
   shift
 fi
 backend=${BACKEND:-transformers}
-user_backend=${USER_BACKEND:-$backend}
+user_backend=${USER_BACKEND:-auto}  # auto: the policy's engine kind (on vLLM the user shares the policy engine)
 if ((${#mode_flags[@]})); then
   out=${EXPERIMENT_DIR:-runs/experiment-smoke}
   iterations=1
