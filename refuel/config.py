@@ -102,7 +102,10 @@ class RefuelConfig:
     gradient_accumulation_steps: int = field(default=2, metadata=_help("micro-batches per optimizer step"))
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm"))
     validation_fraction: float = field(default=0.2, metadata=_help("share of pairs held out for validation"))
-    mixed_precision: str = field(default="no", metadata=_help("accelerate mixed precision: no | bf16 | fp16"))
+    mixed_precision: str = field(
+        default="no",
+        metadata=_help("accelerate mixed precision: no | bf16 | fp16 (bf16 diverged on CPU at lr 1e-6: README)"),
+    )
     pair_layout: str = field(
         default="shared_prefix",
         metadata=_help(

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Does it learn on an LLM? (issue 13 item 3.) From the same π_0 (SmolLM2-135M-Instruct) and under one budget:
 #   1. REFUEL, REBEL-LT and DPO-LT, 2 iterations of 256 pairs each (configs/experiment/train.yaml: reward
-#      math_format, bf16, shared-prefix pairs; the main job's other settings);
+#      math_format, fp32, shared-prefix pairs; the main job's other settings);
 #   2. every policy (REFUEL π_1 and π_2, REBEL-LT and DPO-LT after their 2nd iteration) against π_0 on the 200
 #      held-out GSM8K prompts, H = 3, judged by the training reward (configs/experiment/eval.yaml): the paper's
 #      method × turn table with 95 % intervals, the per-turn diagnostics, plots, an HTML report;
