@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from refuel.pairs import pair_values
+
 # Attention implementations that take an arbitrary 4-D mask (bool for SDPA, additive float for eager).
 MASKED_ATTENTION = ("sdpa", "eager")
 
@@ -34,8 +36,8 @@ class PackedPairs:
     """A micro-batch of B pairs in the shared-prefix layout (see the module docstring).
 
     Attributes:
-        input_ids: ``[B, T]`` token ids, T = P + 2R.
-        position_ids: ``[B, T]`` positions (s_h from 0; both reply blocks from ``len(s_h)``; 0 on padding).
+        input_ids: ``[B, T]`` token ids, T = P + max(|y| + |y'|).
+        position_ids: ``[B, T]`` positions (s_h from 0; y and y' each from ``len(s_h)``; 0 on padding).
         block_mask: ``[B, 1, T, T]`` bool, True where query position i may attend to key position j.
         targets: ``[B, 2, R]`` the reply token ids (y in row 0, y' in row 1; R the longest reply), padded with 0.
         target_mask: ``[B, 2, R]`` 1.0 on real reply tokens.
@@ -136,7 +138,6 @@ def pack_pairs(rows: Sequence[dict[str, Any]], pad_token_id: int) -> PackedPairs
     same_block = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])  # [B, T(q), T(k)]
     block_mask = causal & same_block & real[:, None, :] & real[:, :, None]
     block_mask |= torch.eye(total, dtype=torch.bool) & ~real[:, :, None]  # padding queries see themselves only
-    has_ref = "ref_logp" in rows[0]
     return PackedPairs(
         input_ids=input_ids,
         position_ids=position_ids,
@@ -145,10 +146,8 @@ def pack_pairs(rows: Sequence[dict[str, Any]], pad_token_id: int) -> PackedPairs
         target_mask=target_mask,
         predictor=predictor,
         prefix_length=prefix_length,
-        reward=torch.tensor([row["reward"] for row in rows] + [row["reward_prime"] for row in rows]),
-        ref_logp=torch.tensor([row["ref_logp"] for row in rows] + [row["ref_logp_prime"] for row in rows])
-        if has_ref
-        else None,
+        reward=pair_values(rows, "reward"),
+        ref_logp=pair_values(rows, "ref_logp") if "ref_logp" in rows[0] else None,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -72,11 +73,16 @@ def pad_pairs(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.
         "input_ids": torch.tensor([s + [pad_token_id] * (length - len(s)) for s in sequences]),
         "attention_mask": torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in sequences]),
         "loss_mask": torch.tensor([m + [0] * (length - len(m)) for m in masks]),
-        "reward": torch.tensor([row["reward"] for row in rows] + [row["reward_prime"] for row in rows]),
+        "reward": pair_values(rows, "reward"),
     }
     if "ref_logp" in rows[0]:
-        batch["ref_logp"] = torch.tensor([row["ref_logp"] for row in rows] + [row["ref_logp_prime"] for row in rows])
+        batch["ref_logp"] = pair_values(rows, "ref_logp")
     return batch
+
+
+def pair_values(rows: Sequence[dict[str, Any]], key: str) -> torch.Tensor:
+    """``[2B]`` the rows' ``key`` values (of y), then their ``key + "_prime"`` values (of y'): the batch order."""
+    return torch.tensor([row[key] for row in rows] + [row[key + "_prime"] for row in rows])
 
 
 @torch.no_grad()

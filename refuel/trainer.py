@@ -148,10 +148,11 @@ class RefuelTrainer:
         self.pad_id = tokenizer.pad_token_id
         self._merged = False
         model = apply_memory_options(model, config)
-        group = config.per_device_batch_size * accumulation * processes  # pairs per optimizer step
+        group = self.effective_batch_size  # pairs per optimizer step
+        splits = {"train": train_rows, "validation": val_rows}
         self.plans = {
             split: plan_micro_batches(rows, config.per_device_batch_size, group, config.seed, config.length_buckets)
-            for split, rows in (("train", train_rows), ("validation", val_rows))
+            for split, rows in splits.items()
         }
         train_loader = DataLoader(
             _micro_batch_rows(train_rows, self.plans["train"]),
@@ -192,9 +193,9 @@ class RefuelTrainer:
             )
             if rows
             else None
-            for split, rows in (("train", train_rows), ("validation", val_rows))
+            for split, rows in splits.items()
         }
-        for split, rows in (("train", train_rows), ("validation", val_rows)):
+        for split, rows in splits.items():
             self._attach_reference_logprobs(split, rows)
 
     def _check_launch(self) -> None:
