@@ -52,7 +52,7 @@ if [[ ${1:-} == --smoke ]]; then
   mode_flags=(--smoke)
   shift
 fi
-backend=${BACKEND:-transformers}
+backend=${BACKEND:-vllm}
 user_backend=${USER_BACKEND:-auto}  # auto: the policy's engine kind (on vLLM the user shares the policy engine)
 if ((${#mode_flags[@]})); then
   out=${EXPERIMENT_DIR:-runs/experiment-smoke}
