@@ -113,13 +113,17 @@ class SandboxResult:
 
 @functools.cache
 def isolation_level() -> str:
-    """``"namespaces"`` if new network, mount and PID namespaces can be made here (tried once), else "audit-hook"."""
-    unshare = shutil.which("unshare")
-    if sys.platform == "linux" and unshare is not None:
-        probe = subprocess.run([unshare, *NAMESPACE_PREFIX[1:], "true"], capture_output=True, timeout=30, check=False)
-        if probe.returncode == 0:
+    """``"namespaces"`` if a program runs in the namespaces sandbox here (tried once), else ``"audit-hook"``.
+
+    The probe runs the whole set-up (``unshare``, the minimal root, ``/proc``, the switch to ``nobody``),
+    so a machine where any step is refused (a container without ``CAP_SYS_ADMIN``, say) falls back.
+    """
+    if sys.platform == "linux" and shutil.which("unshare") is not None:
+        probe = _run("pass", SandboxLimits(timeout_seconds=30.0), "namespaces")
+        if probe.status == "ok":
             return "namespaces"
-        logger.warning("%s failed (%s)", " ".join(NAMESPACE_PREFIX[:-1]), probe.stderr.decode(errors="replace").strip())
+        reason = probe.setup_error or probe.stderr.strip()  # our own program: the reason is unshare's or ours
+        logger.warning("code sandbox: the namespaces level failed here (%s, %s)", probe.status, reason)
     logger.warning(
         "code sandbox: no network/mount/PID namespaces here; falling back to the weaker audit-hook guard "
         "(run as root on Linux with util-linux `unshare` for OS-level isolation)"
@@ -144,13 +148,17 @@ def run_python(source: str, limits: SandboxLimits | None = None, isolation: str 
             namespaces unavailable.
         OSError: the child process could not be started at all (e.g. no temporary folder).
     """
-    limits = limits or SandboxLimits()
     level = isolation or isolation_level()
     if level not in ISOLATION_LEVELS or (level == "namespaces" and isolation_level() != "namespaces"):
         raise ValueError(
             f"run_python: isolation {isolation!r} is not available here (choose from {ISOLATION_LEVELS}; "
             f"this machine supports {isolation_level()!r} at most)"
         )
+    return _run(source, limits or SandboxLimits(), level)
+
+
+def _run(source: str, limits: SandboxLimits, level: str) -> SandboxResult:
+    """:func:`run_python` at ``level``, not checked against :func:`isolation_level`."""
     with tempfile.TemporaryDirectory(prefix="dialogsim-sandbox-") as scratch:
         folder = Path(scratch) / "work"  # the child's writable folder; the captured streams stay outside it
         folder.mkdir()
