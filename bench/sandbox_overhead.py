@@ -1,6 +1,6 @@
 """Per-program cost of the code sandbox, and the MBPP check that its isolation breaks no reference solution.
 
-Usage (the numbers in the README's reliability section)::
+Usage (the numbers under the README's reliability table)::
 
     python bench/sandbox_overhead.py --rows 20 --repeats 3
 
