@@ -122,7 +122,8 @@ class CodeTestReward:
         marker = f"dialogsim-tests-passed-{secrets.token_hex(8)}"
         result = run_python(build_test_program(code, row, marker), self.limits)
         if result.status == "setup_failed":
-            logger.warning("code sandbox setup failed: %s", result.stderr.strip())
+            # the sandbox's own reason; what the program printed is never logged (it may hold what it read)
+            logger.warning("code sandbox setup failed: %s", result.setup_error)
             return float("nan"), "sandbox_setup_failed"
         if result.status == "ok" and marker in result.stdout.splitlines():
             return 1.0, "passed"
