@@ -68,14 +68,16 @@ class DialogueEnv(gym.Env):
     ``gym.make_vec("dialogsim/UltraInteract-v0", num_envs=N, vectorization_mode=...)`` with
 
     - ``"vector_entry_point"`` (the default): :class:`envs.vector_env.VectorDialogueEnv`, one process,
-      one batched user-model call and one batched reward call per step for all N conversations (the
-      fastest on one machine; REFUEL collection uses it);
+      one batched user-model call and one batched reward call per step for all N conversations
+      (REFUEL collection uses it);
     - ``"async"`` with ``vector_kwargs={"shared_memory": False}``: Gymnasium's ``AsyncVectorEnv``,
-      one worker process per conversation, each loading its own models once (dialogues are
-      variable-length text, which cannot live in shared memory; without the flag ``make_vec`` raises
-      a ``TypeError`` saying so, see :class:`envs.spaces.DialogueSpace`);
+      one worker process per conversation, each loading its own models once; Gymnasium first builds
+      one env in the main process to read the spaces (dialogues are variable-length text, which
+      cannot live in shared memory; without the flag ``make_vec`` raises a ``TypeError`` saying so,
+      see :class:`envs.spaces.DialogueSpace`);
     - ``"sync"``: Gymnasium's ``SyncVectorEnv``, N single envs stepped one after another in this
-      process (one model call per conversation; for compatibility with tools that expect it).
+      process (one model call per conversation; for compatibility with tools that expect it; pass
+      one ``simulator=`` to share the models, otherwise each env loads its own).
 
     In ``sync`` and ``async`` mode ``infos["snapshot"][i]`` restores conversation i in any env of
     the same configuration.
