@@ -58,8 +58,8 @@ def _no_shared_memory(space: DialogueSpace, n: int = 1, ctx: ModuleType = multip
         "dialogsim envs observe dialogues (variable-length text), which AsyncVectorEnv cannot keep in "
         "shared memory. For one process per conversation pass vector_kwargs={'shared_memory': False}: "
         "gym.make_vec(env_id, num_envs=N, vectorization_mode='async', vector_kwargs={'shared_memory': False}); "
-        "for one process that batches the model calls of all N conversations (faster on one machine) use "
-        "vectorization_mode='vector_entry_point'."
+        "for one process that batches each step's model calls over all N conversations use "
+        "vectorization_mode='vector_entry_point' (the default)."
     )
 
 
