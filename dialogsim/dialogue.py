@@ -23,6 +23,17 @@ def fingerprint(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def snapshot_text(snapshot: dict[str, Any]) -> str:
+    """The JSON text of a snapshot, as the environments report it in ``info["snapshot"]``.
+
+    A ``str`` rather than the dict, so that Gymnasium's ``SyncVectorEnv`` / ``AsyncVectorEnv`` stack it
+    into an object array as it is: they stack a dict info field by field, into fixed-width arrays, and
+    the user RNG's 128-bit PCG64 state overflows an int64. JSON keeps those integers exact, so
+    ``reset(options={"snapshot": text})`` restores the state exactly.
+    """
+    return json.dumps(snapshot)
+
+
 @dataclass
 class DialogueState:
     """One conversation in progress.
@@ -69,14 +80,26 @@ class DialogueState:
 
     @classmethod
     def from_snapshot(cls, snapshot: Any, config_fingerprint: str, max_horizon: int) -> DialogueState:
-        """Restore a state from :meth:`to_snapshot` output, checking it field by field.
+        """Restore a state from :meth:`to_snapshot` output or its JSON text, checking it field by field.
+
+        The JSON text is what the environments put in ``info["snapshot"]`` (see :func:`snapshot_text`).
 
         Raises:
-            SnapshotError: wrong type, version or configuration, or inconsistent fields; the
-                message names the field.
+            SnapshotError: not JSON text, wrong type, version or configuration, or inconsistent
+                fields; the message names the field.
         """
+        if isinstance(snapshot, str):
+            try:
+                snapshot = json.loads(snapshot)
+            except json.JSONDecodeError as error:
+                raise SnapshotError(
+                    f"snapshot must be a dict from env.snapshot() or its JSON text (info['snapshot']); "
+                    f"got a str that is not JSON: {error}"
+                ) from error
         if not isinstance(snapshot, dict):
-            raise SnapshotError(f"snapshot must be a dict from env.snapshot(), got {type(snapshot).__name__}")
+            raise SnapshotError(
+                f"snapshot must be a dict from env.snapshot() or its JSON text, got {type(snapshot).__name__}"
+            )
         missing = {"version", "config_fingerprint", "prompt_id", "messages", "turn", "horizon", "rng_state"} - set(
             snapshot
         )

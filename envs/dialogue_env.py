@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 import gymnasium as gym
 
-from dialogsim.dialogue import DialogueState
+from dialogsim.dialogue import DialogueState, snapshot_text
 from dialogsim.simulator import DialogueSimulator
 from envs.build import build_simulator
 from envs.spaces import UnicodeText, as_observation, dialogue_space
@@ -60,13 +60,27 @@ class DialogueEnv(gym.Env):
     ``max_reply_chars`` (action length cap, characters) and ``max_message_chars`` (observation cap).
 
     ``info`` holds ``turn`` (h of the observation), ``horizon``, ``prompt_id``; after a step also
-    ``replied_turn``, ``dialogue_tokens`` (tokens), ``user_parsed``; and
-    ``snapshot`` (while the episode goes on).
+    ``replied_turn``, ``dialogue_tokens`` (tokens), ``user_parsed``; and ``snapshot`` (while the
+    episode goes on): the JSON text of :meth:`snapshot` (a ``str``, so that Gymnasium's vector envs
+    can stack it), which ``reset(options={"snapshot": ...})`` takes as it is.
 
     ## Vectorized environment
-    ``gym.make_vec("dialogsim/UltraInteract-v0", num_envs=32, vectorization_mode="vector_entry_point")``
-    gives :class:`envs.vector_env.VectorDialogueEnv`, which makes one batched user-model call and
-    one batched reward call per step for all conversations.
+    ``gym.make_vec("dialogsim/UltraInteract-v0", num_envs=N, vectorization_mode=...)`` with
+
+    - ``"vector_entry_point"`` (the default): :class:`envs.vector_env.VectorDialogueEnv`, one process,
+      one batched user-model call and one batched reward call per step for all N conversations
+      (REFUEL collection uses it);
+    - ``"async"`` with ``vector_kwargs={"shared_memory": False}``: Gymnasium's ``AsyncVectorEnv``,
+      one worker process per conversation, each loading its own models once; Gymnasium first builds
+      one env in the main process to read the spaces (dialogues are variable-length text, which
+      cannot live in shared memory; without the flag ``make_vec`` raises a ``TypeError`` saying so,
+      see :class:`envs.spaces.DialogueSpace`);
+    - ``"sync"``: Gymnasium's ``SyncVectorEnv``, N single envs stepped one after another in this
+      process (one model call per conversation; for compatibility with tools that expect it; pass
+      one ``simulator=`` to share the models, otherwise each env loads its own).
+
+    In ``sync`` and ``async`` mode ``infos["snapshot"][i]`` restores conversation i in any env of
+    the same configuration.
 
     >>> import gymnasium as gym, envs
     >>> env = gym.make("dialogsim/UltraInteract-v0", max_horizon=2)  # doctest: +SKIP
@@ -152,5 +166,5 @@ class DialogueEnv(gym.Env):
         info = {"turn": self.state.turn, "horizon": self.state.horizon, "prompt_id": self.state.prompt_id}
         info.update(step_info)
         if not self.state.done:
-            info["snapshot"] = self.snapshot()
+            info["snapshot"] = snapshot_text(self.snapshot())
         return info

@@ -8,7 +8,7 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 
-from dialogsim.dialogue import DialogueState
+from dialogsim.dialogue import DialogueState, snapshot_text
 from dialogsim.simulator import DialogueSimulator
 from envs.build import build_simulator
 from envs.spaces import UnicodeText, as_observation, dialogue_space
@@ -32,13 +32,15 @@ class VectorDialogueEnv(VectorEnv):
       two roll-outs from one roll-in.
 
     ``reset(options=...)`` accepts ``{"snapshots": [s_0, ..., s_{N-1}]}`` (restore each
-    sub-environment), ``{"prompt_ids": [...]}``, ``{"horizons": [...]}``, ``{"prefixes": [...]}``
-    (start from a message prefix s_k, e.g. of an offline dialogue, with its ``prompt_ids`` entry; see
-    :meth:`DialogueSimulator.new_state`) (entries may be ``None``) and ``{"reset_mask": bool array
-    [N]}`` (reset only those; the default resets all). A snapshot wins over the other entries. ``infos`` holds
-    per-env arrays of ``turn``, ``horizon``, ``prompt_id`` and ``active`` (a dialogue is in progress)
-    and a list of ``snapshot`` values (``None`` where no dialogue is in progress). A sub-environment
-    that was never started observes an empty dialogue ``()``.
+    sub-environment from a snapshot dict or its JSON text), ``{"prompt_ids": [...]}``,
+    ``{"horizons": [...]}``, ``{"prefixes": [...]}`` (start from a message prefix s_k, e.g. of an
+    offline dialogue, with its ``prompt_ids`` entry; see :meth:`DialogueSimulator.new_state`)
+    (entries may be ``None``) and ``{"reset_mask": bool array [N]}`` (reset only those; the default
+    resets all). A snapshot wins over the other entries. ``infos`` holds per-env arrays of ``turn``,
+    ``horizon``, ``prompt_id`` and ``active`` (a dialogue is in progress) and an object array of
+    ``snapshot`` JSON texts (:func:`~dialogsim.dialogue.snapshot_text`; ``None`` where no dialogue
+    is in progress), as Gymnasium's ``sync`` and ``async`` modes stack the single env's
+    ``info["snapshot"]``. A sub-environment that was never started observes an empty dialogue ``()``.
 
     Args:
         num_envs: number of parallel conversations.
@@ -152,8 +154,11 @@ class VectorDialogueEnv(VectorEnv):
                 [state.prompt_id if state is not None else None for state in self.states], dtype=object
             ),
             "active": np.array(active),
-            "snapshot": [
-                state.to_snapshot(self.simulator.fingerprint) if live else None
-                for state, live in zip(self.states, active, strict=True)
-            ],
+            "snapshot": np.array(
+                [
+                    snapshot_text(state.to_snapshot(self.simulator.fingerprint)) if live else None
+                    for state, live in zip(self.states, active, strict=True)
+                ],
+                dtype=object,
+            ),
         }

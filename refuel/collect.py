@@ -414,7 +414,7 @@ def _reset_reached(
         return observations, infos
     mask, restore = np.zeros(env.num_envs, dtype=bool), [None] * env.num_envs
     for k in reached:
-        snapshots[k] = infos["snapshot"][k]
+        snapshots[k] = json.loads(infos["snapshot"][k])
         mask[[k, half + k]] = True
         restore[k] = restore[half + k] = snapshots[k]
     return env.reset(options={"reset_mask": mask, "snapshots": restore})

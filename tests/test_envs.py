@@ -136,7 +136,7 @@ def test_snapshot_round_trip(sim: DialogueSimulator, user_backend: RecordingBack
     env.reset(seed=3)
     obs_at_snapshot, _, _, _, info = env.step("Let me think about April first.")
     snapshot = env.snapshot()
-    assert info["snapshot"] == snapshot and snapshot["turn"] == 2
+    assert json.loads(info["snapshot"]) == snapshot and snapshot["turn"] == 2
     assert _roundtrip(snapshot) == snapshot
 
     obs_a, *_ = env.step(REPLY_A)
@@ -146,7 +146,7 @@ def test_snapshot_round_trip(sim: DialogueSimulator, user_backend: RecordingBack
 
     restored_obs, restored_info = env.reset(options={"snapshot": _roundtrip(snapshot)})
     assert restored_obs == obs_at_snapshot
-    assert restored_info["turn"] == 2 and restored_info["snapshot"] == snapshot
+    assert restored_info["turn"] == 2 and json.loads(restored_info["snapshot"]) == snapshot
     obs_b, *_ = env.step(REPLY_A)
     assert obs_b == obs_a
     assert user_backend.calls[-1].sampling.seeds == original_call.sampling.seeds
@@ -328,10 +328,11 @@ def test_corrupted_snapshot_is_rejected(sim: DialogueSimulator, corruption: str)
         env.reset(options={"snapshot": snapshot})
 
 
-def test_non_dict_snapshot_is_rejected(sim: DialogueSimulator) -> None:
-    """A snapshot that is not a dict raises SnapshotError saying what it should be."""
+@pytest.mark.parametrize("snapshot", ["s_h", "[1, 2]", 42])
+def test_non_dict_snapshot_is_rejected(sim: DialogueSimulator, snapshot: Any) -> None:
+    """A snapshot that is neither a dict nor the JSON text of one raises SnapshotError saying what it should be."""
     with pytest.raises(SnapshotError, match="must be a dict"):
-        DialogueEnv(simulator=sim).reset(options={"snapshot": "s_h"})
+        DialogueEnv(simulator=sim).reset(options={"snapshot": snapshot})
 
 
 def test_snapshot_with_unknown_prompt_id_is_a_snapshot_error(sim: DialogueSimulator) -> None:
@@ -368,6 +369,94 @@ def test_truncation_on_the_token_budget(
         env.step("more")
 
 
+# ---- Gymnasium's vector modes and wrappers ------------------------------------------------------
+
+
+def test_sync_vector_mode_runs_an_episode_and_its_info_snapshots_restore_exactly(
+    make_simulator: Callable[..., DialogueSimulator],
+) -> None:
+    """gym.make_vec(..., "sync") runs a 2-turn episode (with vector RecordEpisodeStatistics on top); a snapshot
+    from its stacked info restores in a single env, whose next user turn (same user RNG) is the sync env's."""
+    sim = make_simulator(max_horizon=2, horizon=2)
+    venv = gym.wrappers.vector.RecordEpisodeStatistics(
+        gym.make_vec(ENV_ID, num_envs=2, vectorization_mode="sync", simulator=sim)
+    )
+    obs, infos = venv.reset(seed=0)
+    assert infos["turn"].tolist() == [1, 1] and infos["snapshot"].dtype == object
+    snapshot = infos["snapshot"][0]
+    obs_1, rewards, terminated, truncated, infos = venv.step(("Let me think.", "Hm."))
+    assert rewards.tolist() == [0.0, 0.0] and not (terminated | truncated).any()
+    assert [len(dialogue) for dialogue in obs_1] == [3, 3] and obs_1[0][-1]["role"] == "user"
+
+    env = DialogueEnv(simulator=sim)
+    assert env.reset(options={"snapshot": snapshot})[0] == obs[0]
+    assert env.step("Let me think.")[0] == obs_1[0]
+
+    _, rewards, terminated, truncated, infos = venv.step(("The answer is 72.", "72"))
+    assert terminated.tolist() == [True, True] and not truncated.any() and np.isfinite(rewards).all()
+    assert "snapshot" not in infos, "no snapshot once the episodes have ended"
+    assert infos["episode"]["l"].tolist() == [2, 2] and infos["episode"]["r"].tolist() == rewards.tolist()
+
+
+def test_async_vector_mode_by_default_says_what_to_use(make_simulator: Callable[..., DialogueSimulator]) -> None:
+    """gym.make_vec(..., "async") without vector_kwargs stops with our message: pass shared_memory=False, or use
+    the vector_entry_point mode (Gymnasium's registry cannot supply vector_kwargs for the async mode alone)."""
+    with pytest.raises(TypeError, match=r"shared_memory': False.*vector_entry_point"):
+        gym.make_vec(ENV_ID, num_envs=2, vectorization_mode="async", simulator=make_simulator(max_horizon=2))
+
+
+def test_async_vector_mode_without_shared_memory_runs_an_episode(tiny_model_path: str, shared_prompts: Path) -> None:
+    """With vector_kwargs={"shared_memory": False}, 2 worker processes, each building its env (and models) from
+    the kwargs, run a 2-turn episode; a snapshot from their info restores exactly in this process."""
+    kwargs = {
+        "prompts": shared_prompts,
+        "datasets": ["gsm8k"],
+        "limit": 5,
+        "policy_model": tiny_model_path,
+        "user_model": tiny_model_path,
+        "reward": "math_format",
+        "max_horizon": 2,
+        "horizon": 2,
+    }
+    venv = gym.make_vec(
+        ENV_ID, num_envs=2, vectorization_mode="async", vector_kwargs={"shared_memory": False}, **kwargs
+    )
+    try:
+        obs, infos = venv.reset(seed=0)
+        snapshots = infos["snapshot"]
+        obs_1, rewards, terminated, truncated, _ = venv.step(("Let me think.", "Hm."))
+        assert rewards.tolist() == [0.0, 0.0] and not (terminated | truncated).any()
+        assert [len(dialogue) for dialogue in obs_1] == [3, 3] and obs_1[1][-1]["role"] == "user"
+        _, rewards, terminated, truncated, infos = venv.step(("The answer is 72.", "72"))
+        assert terminated.tolist() == [True, True] and not truncated.any() and np.isfinite(rewards).all()
+    finally:
+        venv.close()
+    env = gym.make(ENV_ID, **kwargs)
+    assert env.reset(options={"snapshot": snapshots[1]})[0] == obs[1]
+    assert env.step("Hm.")[0] == obs_1[1], "same user turn as the worker's: the user RNG travelled in the snapshot"
+
+
+def test_single_env_wrappers_record_episode_statistics_and_time_limit(
+    make_simulator: Callable[..., DialogueSimulator],
+) -> None:
+    """RecordEpisodeStatistics reports a 2-turn episode's return and length; max_episode_steps=1 (TimeLimit)
+    truncates after one reply, leaving a snapshot in info from which the dialogue goes on."""
+    sim = make_simulator(max_horizon=2, horizon=2)
+    env = gym.wrappers.RecordEpisodeStatistics(gym.make(ENV_ID, simulator=sim))
+    env.reset(seed=0)
+    env.step("Let me think.")
+    _, reward, terminated, _, info = env.step("The answer is 72.")
+    assert terminated and (info["episode"]["r"], info["episode"]["l"]) == (reward, 2)
+
+    limited = gym.make(ENV_ID, simulator=sim, max_episode_steps=1)
+    limited.reset(seed=0)
+    obs, reward, terminated, truncated, info = limited.step("Let me think.")
+    assert truncated and not terminated and reward == 0.0 and info["turn"] == 2
+    resumed = DialogueEnv(simulator=sim)
+    assert resumed.reset(options={"snapshot": info["snapshot"]})[0] == obs
+    assert resumed.step("The answer is 72.")[2], "the dialogue resumed from the snapshot ends at its horizon"
+
+
 # ---- vector environment ---------------------------------------------------------------------
 
 
@@ -388,7 +477,7 @@ def test_vector_step_makes_one_user_call(sim: DialogueSimulator, user_backend: R
     assert rewards.dtype == np.float64 and terminated.dtype == truncated.dtype == np.bool_
     assert terminated.tolist() == [True, False, False] and not truncated.any()
     assert math.isfinite(rewards[0]) and rewards[1:].tolist() == [0.0, 0.0]
-    assert infos["snapshot"][0] is None and all(isinstance(s, dict) for s in infos["snapshot"][1:])
+    assert infos["snapshot"][0] is None and all(isinstance(s, str) for s in infos["snapshot"][1:])
     assert [len(o) for o in obs] == [2, 3, 3]
 
     user_backend.calls.clear()
@@ -412,14 +501,14 @@ def test_vector_snapshots_restore_each_env(sim: DialogueSimulator, user_backend:
     user_backend.calls.clear()
     obs_at_snapshot, _, _, _, infos = venv.step(["r0", "r1", "r2"])
     assert len(user_backend.calls) == 1 and len(user_backend.calls[0].conversations) == 3
-    snapshots = _roundtrip(infos["snapshot"])
+    snapshots = [json.loads(text) for text in infos["snapshot"]]
     replies = ["A0", "A1", "A2"]
     obs_next, *_ = venv.step(replies)
 
     other = VectorDialogueEnv(3, simulator=sim)
     restored, restored_infos = other.reset(options={"snapshots": snapshots})
     assert restored == obs_at_snapshot
-    assert restored_infos["snapshot"] == snapshots
+    assert [json.loads(text) for text in restored_infos["snapshot"]] == snapshots
     assert other.step(replies)[0] == obs_next
 
     obs, _ = venv.reset(options={"snapshots": [None, snapshots[1], None], "prompt_ids": [sim.prompt_ids[4]] * 3})
