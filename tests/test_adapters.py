@@ -59,9 +59,16 @@ def simulator(rows: list[PromptRow], tiny_model_path: str) -> DialogueSimulator:
 
 
 @pytest.fixture(scope="module")
-def openenv_url(simulator: DialogueSimulator) -> Iterator[str]:
-    """A real uvicorn server of :func:`create_dialogue_app` on a free port of 127.0.0.1."""
+def openenv_adapter() -> Any:
     pytest.importorskip("openenv.core", reason="the openenv extra is not installed")
+    from envs.adapters import openenv_server
+
+    return openenv_server
+
+
+@pytest.fixture(scope="module")
+def openenv_url(openenv_adapter: Any, simulator: DialogueSimulator) -> Iterator[str]:
+    """A real uvicorn server of :func:`create_dialogue_app` on a free port of 127.0.0.1 (skipped without the extra)."""
     import uvicorn
 
     from envs.adapters.openenv_server import create_dialogue_app
