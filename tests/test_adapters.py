@@ -101,7 +101,7 @@ def test_openenv_session_reset_step_state_and_restore(openenv_url: str, simulato
         assert not result.done and result.reward == 0.0 and observation.messages[-1]["role"] == "user"
         snapshot = observation.info["snapshot"]
         state = env.state()
-        assert state.snapshot == snapshot and state.turn == 1 and state.horizon == 2
+        assert state.snapshot == json.loads(snapshot) and state.turn == 1 and state.horizon == 2
         assert state.config_fingerprint == simulator.fingerprint and state.messages == observation.messages
 
         middle = env.step(DialogueAction(reply=REPLIES[0]))
@@ -156,7 +156,7 @@ def test_vector_env_drives_remote_workers(openenv_url: str, simulator: DialogueS
         remote = VectorDialogueEnv(3, simulator=remote_simulator, autoreset_mode=AutoresetMode.DISABLED)
         remote_obs, remote_infos = remote.reset(options={"snapshots": snapshots})
         local_obs, _ = local.reset(options={"snapshots": snapshots})
-        assert remote_obs == local_obs and remote_infos["snapshot"] == snapshots
+        assert remote_obs == local_obs and remote_infos["snapshot"].tolist() == snapshots.tolist()
         for reply in REPLIES:
             actions = [f"{reply} ({i})" for i in range(3)]
             remote_step, local_step = remote.step(actions), local.step(actions)
@@ -165,7 +165,7 @@ def test_vector_env_drives_remote_workers(openenv_url: str, simulator: DialogueS
             np.testing.assert_allclose(remote_step[1], local_step[1], rtol=1e-5)
             assert (
                 remote_step[2].tolist() == local_step[2].tolist()
-                and remote_step[4]["snapshot"] == local_step[4]["snapshot"]
+                and remote_step[4]["snapshot"].tolist() == local_step[4]["snapshot"].tolist()
             )
         assert remote_step[2].all() and np.isfinite(remote_step[1]).all()
         # a fresh start on a worker (prompt id and horizon chosen by the caller)
