@@ -19,7 +19,10 @@ same machinery from any source with a list of chat messages per row: a ``message
 ``{"role", "content"}`` dicts (common chat datasets), or UltraInteract_pair's multi-turn ``trajectory``
 of ``{"from", "value"}`` turns. Each is mapped to a prompt row the simulator knows (see there).
 
->>> rows, report = load_prompts(default_prompt_file(), tasks=["Math_CoT"], datasets=["gsm8k"])
+The default prompt set (:func:`default_prompt_source`) is the shared file, else, online, the hub dataset
+``openbmb/UltraInteract_sft`` read with the same filters. The cards of every prompt set are in ``data/README.md``.
+
+>>> rows, report = load_prompts(default_prompt_source(), tasks=["Math_CoT"], datasets=["gsm8k"])
 >>> train, evaluation = split_train_eval(rows, eval_fraction=0.1, seed=0)
 >>> dialogues, report = load_offline_dialogues("openbmb/UltraInteract_pair", rows)  # doctest: +SKIP
 """

@@ -31,7 +31,7 @@ from typing import Any
 from dialogsim.backends.transformers_backend import load_tokenizer
 from dialogsim.data import default_prompt_source
 from dialogsim.prompts import PromptRow
-from envs.build import load_prompt_rows
+from envs.build import load_prompt_rows, select_partition
 from refuel.cli import parse_config
 from refuel.config import RefuelConfig
 from refuel.evaluate import EvaluateConfig, evaluation_prompts
@@ -83,8 +83,8 @@ def build_manifests(train_file: Path, eval_file: Path, name: str) -> dict[str, s
         )
     tokenizer = load_tokenizer(train_config.policy_model)
     settings = [getattr(train_config, f) for f in ("prompts", "tasks", "datasets", "splits", "max_prompt_tokens")]
-    train, report = load_prompt_rows(settings[0], tokenizer, *settings[1:], train_config.holdout, "train")
-    heldout, _ = load_prompt_rows(settings[0], tokenizer, *settings[1:], train_config.holdout, "heldout")
+    rows, report = load_prompt_rows(settings[0], tokenizer, *settings[1:])
+    train, heldout = (select_partition(rows, train_config.holdout, part) for part in ("train", "heldout"))
     evaluated = {row.id for row in evaluation_prompts(eval_config)[0]}
     source = train_config.prompts if train_config.prompts is not None else default_prompt_source()
     source_path = Path(source)
