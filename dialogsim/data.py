@@ -19,7 +19,10 @@ same machinery from any source with a list of chat messages per row: a ``message
 ``{"role", "content"}`` dicts (common chat datasets), or UltraInteract_pair's multi-turn ``trajectory``
 of ``{"from", "value"}`` turns. Each is mapped to a prompt row the simulator knows (see there).
 
->>> rows, report = load_prompts(default_prompt_file(), tasks=["Math_CoT"], datasets=["gsm8k"])
+The default prompt set (:func:`default_prompt_source`) is the shared file, else, online, the hub dataset
+``openbmb/UltraInteract_sft`` read with the same filters. The cards of every prompt set are in ``data/README.md``.
+
+>>> rows, report = load_prompts(default_prompt_source(), tasks=["Math_CoT"], datasets=["gsm8k"])
 >>> train, evaluation = split_train_eval(rows, eval_fraction=0.1, seed=0)
 >>> dialogues, report = load_offline_dialogues("openbmb/UltraInteract_pair", rows)  # doctest: +SKIP
 """
@@ -38,10 +41,12 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from datasets import config as datasets_config
 from datasets import load_dataset
 
 from dialogsim.messages import ROLES, Message, MessageFormatError, count_turns, validate_messages
 from dialogsim.prompts import OfflineDialogue, PromptRow, instruction_key
+from dialogsim.rewards.math_verifier import last_boxed
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -50,7 +55,9 @@ logger = logging.getLogger(__name__)
 
 PROMPTS_ENV_VAR = "DIALOGSIM_PROMPTS"
 SHARED_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ultrainteract" / "prompts.jsonl"
+HUB_PROMPTS = "openbmb/UltraInteract_sft"
 HUB_SPLIT = "train"
+ALL = "all"  # a filter list of just this word keeps every value
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 REQUIRED_TEXT_FIELDS = ("id", "task", "dataset")
 OPTIONAL_TEXT_FIELDS = ("reference", "split")
@@ -156,6 +163,40 @@ def default_prompt_file() -> Path:
     )
 
 
+def default_prompt_source(shared: Path = SHARED_PROMPTS, offline: bool | None = None) -> Path | str:
+    """The prompt set to use when none is given: a local file offline, the hub dataset online.
+
+    In order: ``$DIALOGSIM_PROMPTS`` if set; else ``shared`` (the shared ``prompts.jsonl``) if it exists;
+    else, unless offline, the hub id :data:`HUB_PROMPTS` (``openbmb/UltraInteract_sft``), which
+    :func:`load_prompts` reads with the same filters (its rows get ``split="train"`` and, for Math
+    tasks, the response's ``\\boxed{}`` answer as ``reference``; see :func:`_to_prompt_row`). Nothing
+    is fetched here: a hub id is only named.
+
+    Args:
+        shared: the local default file.
+        offline: whether the hub is off limits; ``None`` reads ``datasets.config.HF_HUB_OFFLINE``
+            (set by ``HF_HUB_OFFLINE=1`` or ``HF_DATASETS_OFFLINE=1``).
+
+    Raises:
+        FileNotFoundError: ``$DIALOGSIM_PROMPTS`` names no file, or offline with no ``shared`` file
+            (the message says how to fix either).
+    """
+    if os.environ.get(PROMPTS_ENV_VAR):
+        return default_prompt_file()
+    if shared.is_file():
+        return shared
+    if offline is None:
+        offline = datasets_config.HF_HUB_OFFLINE
+    if offline:
+        raise FileNotFoundError(
+            f"no default prompts: {shared} does not exist and the hub is off (HF_HUB_OFFLINE / "
+            f"HF_DATASETS_OFFLINE is set), so {HUB_PROMPTS} cannot be read; pass --prompts <file>, set "
+            f"${PROMPTS_ENV_VAR}, put the shared data at {shared}, or unset the offline variables"
+        )
+    logger.info("%s does not exist; the default prompts are the hub dataset %s", shared, HUB_PROMPTS)
+    return HUB_PROMPTS
+
+
 def load_prompts(
     source: str | Path,
     *,
@@ -180,9 +221,9 @@ def load_prompts(
     Args:
         source: a ``.jsonl`` / ``.json`` / ``.parquet`` file, a local dataset folder, or a hub dataset
             id such as ``openbmb/UltraInteract_pair`` (split ``train``) in one of the schemas above.
-        tasks: keep only these tasks, e.g. ``["Math_CoT"]``; ``None`` keeps all.
-        datasets: keep only these source datasets, e.g. ``["gsm8k"]``; ``None`` keeps all.
-        splits: keep only these source splits, e.g. ``["train"]``; ``None`` keeps all.
+        tasks: keep only these tasks, e.g. ``["Math_CoT"]``; ``None`` or ``["all"]`` keeps all.
+        datasets: keep only these source datasets, e.g. ``["gsm8k"]``; ``None`` or ``["all"]`` keeps all.
+        splits: keep only these source splits, e.g. ``["train"]``; ``None`` or ``["all"]`` keeps all.
         tokenizer: tokenizer with a chat template, used with ``max_prompt_tokens``.
         max_prompt_tokens: token budget of the templated prompt (tokens); needs ``tokenizer``.
         limit: keep at most this many rows (after everything else).
@@ -559,19 +600,31 @@ def _first_user_turn(trajectory: list[Any]) -> Any:
 
 
 def _to_prompt_row(record: dict[str, Any]) -> PromptRow:
-    """Convert a checked record; fields outside :data:`ROW_FIELDS` and ``meta`` entries go to ``meta``."""
+    """Convert a checked record; fields outside :data:`ROW_FIELDS` and ``meta`` entries go to ``meta``.
+
+    UltraInteract rows (``_sft`` / ``_pair``: they carry ``parent_id``) have neither ``split`` nor
+    ``reference``. They get ``split = "train"``, the only split UltraInteract publishes, so the default
+    ``splits=["train"]`` filter keeps them; an ``_sft`` row of a Math task gets the last ``\\boxed{}``
+    answer of its ``response`` (UltraInteract's SFT responses are its correct trajectories, which end
+    in ``Answer: \\boxed{...}`` for ``Math_CoT``) as ``reference``, and ``None`` when it has none.
+    """
     instruction = record.get("instruction")
     if instruction is None:
         instruction = _first_user_turn(record["trajectory"])
     extra = {name: value for name, value in record.items() if name not in ROW_FIELDS}
     meta = {**(record.get("meta") or {}), **extra}
+    split, reference = record.get("split"), record.get("reference")
+    if record.get("parent_id") is not None:
+        split = split or HUB_SPLIT
+        if reference is None and record["task"].startswith("Math") and isinstance(record.get("response"), str):
+            reference = last_boxed(record["response"])
     return PromptRow(
         id=record["id"],
         task=record["task"],
         dataset=record["dataset"],
         instruction=instruction,
-        reference=record.get("reference"),
-        split=record.get("split") or "",
+        reference=reference,
+        split=split or "",
         meta={name: value for name, value in meta.items() if value is not None},
     )
 
@@ -601,7 +654,7 @@ def _filter_fields(
 ) -> list[PromptRow]:
     """Keep rows whose field value is wanted; count drops as ``report.filtered_<field>``."""
     for name, values in wanted.items():
-        if values is None:
+        if values is None or list(values) == [ALL]:
             continue
         allowed = set(values)
         present = {getattr(row, name) for row in rows}

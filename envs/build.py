@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dialogsim.backends.base import ChatBackend
 from dialogsim.backends.factory import build_backend
 from dialogsim.backends.transformers_backend import load_tokenizer
-from dialogsim.data import default_prompt_file, load_prompts, split_train_eval
+from dialogsim.data import LoadReport, default_prompt_source, load_prompts, split_train_eval
 from dialogsim.models import DEFAULT_MODEL
 from dialogsim.prompts import PromptRow
 from dialogsim.rewards.factory import build_reward_model
 from dialogsim.simulator import DialogueSimulator, EpisodeConfig
 from dialogsim.user import UserSimulator
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def build_simulator(
@@ -40,11 +43,13 @@ def build_simulator(
     max_dialogue_tokens: int = 2048,
     max_prompt_tokens: int = 512,
     reward_per_turn: bool = False,
+    rows: Sequence[PromptRow] | None = None,
 ) -> DialogueSimulator:
     """Load prompts, the user model, the reward model and the policy tokenizer by name.
 
     Args:
-        prompts: prompt file (JSON Lines / Parquet) or hub id; default: the shared UltraInteract file.
+        prompts: prompt file (JSON Lines / Parquet) or hub id; default: :func:`dialogsim.data.default_prompt_source`
+            (the shared UltraInteract-format file, else ``openbmb/UltraInteract_sft`` when online).
         tasks / datasets / splits: prompt filters (see :func:`dialogsim.data.load_prompts`).
         holdout: number of prompts reserved for evaluation (chosen by id hash, seed 0, so training
             and evaluation agree on them without sharing state).
@@ -63,17 +68,14 @@ def build_simulator(
         trust_remote_code: let a hub reward model run its own code (ArmoRM-style heads need it).
         max_horizon / horizon / max_dialogue_tokens / reward_per_turn: see :class:`EpisodeConfig`.
         max_prompt_tokens: prompts longer than this (policy chat template, tokens) are dropped.
+        rows: prompt rows already chosen (e.g. by :func:`load_prompt_rows`); when given, ``prompts``, the
+            filters, ``holdout``, ``partition``, ``limit`` and ``max_prompt_tokens`` are not applied again.
     """
     tokenizer = load_tokenizer(policy_model)
-    rows, _ = load_prompts(
-        prompts if prompts is not None else default_prompt_file(),
-        tasks=tasks,
-        datasets=datasets,
-        splits=splits,
-        tokenizer=tokenizer,
-        max_prompt_tokens=max_prompt_tokens,
-    )
-    rows = select_partition(rows, holdout, partition)[:limit]
+    if rows is None:
+        rows, _ = load_prompt_rows(
+            prompts, tokenizer, tasks, datasets, splits, max_prompt_tokens, holdout, partition, limit
+        )
     if user_engine is None:
         user_engine = build_backend(
             user_backend,
@@ -90,8 +92,36 @@ def build_simulator(
         reward_per_turn=reward_per_turn,
     )
     return DialogueSimulator(
-        rows, user, build_reward_model(reward, trust_remote_code=trust_remote_code), config, tokenizer
+        list(rows), user, build_reward_model(reward, trust_remote_code=trust_remote_code), config, tokenizer
     )
+
+
+def load_prompt_rows(
+    prompts: str | Path | None,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[str] | None = ("Math_CoT",),
+    datasets: Sequence[str] | None = None,
+    splits: Sequence[str] | None = None,
+    max_prompt_tokens: int | None = 512,
+    holdout: int = 0,
+    partition: str = "all",
+    limit: int | None = None,
+) -> tuple[list[PromptRow], LoadReport]:
+    """The prompt rows a simulator runs on, and the load report of the rows dropped by each filter.
+
+    :func:`dialogsim.data.load_prompts` (filters, dedupe, the ``max_prompt_tokens`` budget counted with
+    ``tokenizer``), then :func:`select_partition`, then the first ``limit`` rows. ``prompts=None`` is
+    :func:`dialogsim.data.default_prompt_source`. Raises what those raise.
+    """
+    loaded, report = load_prompts(
+        prompts if prompts is not None else default_prompt_source(),
+        tasks=tasks,
+        datasets=datasets,
+        splits=splits,
+        tokenizer=tokenizer,
+        max_prompt_tokens=max_prompt_tokens,
+    )
+    return select_partition(loaded, holdout, partition)[:limit], report
 
 
 SHARED_FIELDS = (

@@ -1,5 +1,10 @@
 """``refuel-evaluate``: per-turn win rates of candidate policies against a baseline policy.
 
+Prompts: the first ``--n_prompts`` of the ``--holdout`` rows that ``refuel-train`` never trained on, or with
+``--prompts <file> --all_rows`` every row of a test file that passes the filters (``--tasks all`` keeps every
+task); the rows dropped are printed by reason. Policies are labelled from their run's metadata
+(:mod:`refuel.labels`: ``π_0``, ``REFUEL π_1``, ``REBEL-LT π_1`` ...), not by folder name.
+
 Three separate steps:
 
 1. **Generate** (cached). For each held-out prompt, every policy talks to the same simulated user with
@@ -46,9 +51,10 @@ from dialogsim.rewards.code_verifier import CodeTestReward
 from dialogsim.rewards.factory import NO_REWARD_SPEC, build_reward_model
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
-from envs.build import build_simulator_from
+from envs.build import build_simulator_from, load_prompt_rows
 from refuel.cli import parse_config
 from refuel.diagnostics import diagnostics_frame, policy_diagnostics, save_diagnostics
+from refuel.labels import method_names, policy_labels
 from refuel.report import write_html_report
 from refuel.rollout import PolicyRun, run_policies
 from refuel.storage import read_rows, write_rows
@@ -81,11 +87,24 @@ class EvaluateConfig:
     baseline: str = field(default="smollm2-135m-instruct", metadata={"help": "baseline policy (π_0)"})
     output_dir: str = field(default="runs/refuel/eval", metadata={"help": "where dialogues and reports go"})
     prompts: str | None = field(default=None, metadata={"help": "prompt file or hub id; default: shared file"})
-    tasks: list[str] = field(default_factory=lambda: ["Math_CoT"], metadata={"help": "tasks to keep"})
-    datasets: list[str] = field(default_factory=lambda: ["gsm8k"], metadata={"help": "source datasets to keep"})
-    splits: list[str] = field(default_factory=lambda: ["train"], metadata={"help": "source splits to keep"})
+    tasks: list[str] = field(
+        default_factory=lambda: ["Math_CoT"], metadata={"help": "tasks to keep ('all': every one)"}
+    )
+    datasets: list[str] = field(
+        default_factory=lambda: ["gsm8k"], metadata={"help": "source datasets to keep ('all': every one)"}
+    )
+    splits: list[str] = field(
+        default_factory=lambda: ["train"], metadata={"help": "source splits to keep ('all': every one)"}
+    )
     holdout: int = field(default=64, metadata={"help": "held-out prompts (same value as refuel-train's)"})
     n_prompts: int = field(default=16, metadata={"help": "held-out prompts evaluated (dialogues per policy)"})
+    all_rows: bool = field(
+        default=False,
+        metadata={
+            "help": "evaluate every row of --prompts that passes the filters (--tasks/--datasets/--splits, where "
+            "'all' keeps every value, and --max_prompt_tokens) instead of --n_prompts of the --holdout rows"
+        },
+    )
     horizon: int = field(default=3, metadata={"help": "H: turns per evaluation dialogue (paper: 5)"})
     max_new_tokens: int = field(default=160, metadata={"help": "cap on policy reply tokens"})
     temperature: float = field(default=0.8, metadata={"help": "policy sampling temperature"})
@@ -136,29 +155,6 @@ class EvaluateConfig:
         default="compare",
         metadata={"help": "LLM judge prompt: 'compare' (comparison, then A/B) or 'letter' (A/B only; small models)"},
     )
-
-
-def method_name(policy: str, parts: int = 1) -> str:
-    """Readable label: ``runs/x/iteration_0/policy`` → ``iteration_0`` (``parts=2``: ``x/iteration_0``)."""
-    path = Path(policy)
-    path = path.parent if path.name == "policy" else path
-    return "/".join(path.parts[-parts:])
-
-
-def method_names(policies: list[str]) -> dict[str, str]:
-    """A distinct label per policy, using more path parts until the labels differ.
-
-    Raises:
-        ValueError: the same policy is listed twice.
-    """
-    if len(set(policies)) != len(policies):
-        raise ValueError(f"each policy may be evaluated once; got duplicates in {policies}")
-    longest = max(len(Path(policy).parts) for policy in policies)
-    for parts in range(1, longest + 1):
-        names = {policy: method_name(policy, parts) for policy in policies}
-        if len(set(names.values())) == len(policies):
-            return names
-    return {policy: policy for policy in policies}
 
 
 def policy_identity(policy: str) -> dict[str, Any]:
@@ -280,12 +276,13 @@ def evaluate(config: EvaluateConfig) -> dict[str, Path]:
         Paths of ``csv`` (win rates), ``png``, ``judgements``, ``judge_stats``, ``diagnostics`` (CSV),
         ``diagnostics_png`` and ``html``, all in ``<output_dir>/<judge name>/``.
     """
-    names = method_names([config.baseline, *config.candidates])
+    policies = [config.baseline, *config.candidates]
+    names, files = policy_labels(policies), method_names(policies)
+    rows, description = evaluation_prompts(config)
     engine = ServingEngine(config.backend, kv_cache_gib=config.vllm_kv_cache_gib)
     simulator = build_simulator_from(
         replace(config, reward=NO_REWARD_SPEC),  # generation needs no reward; the judge brings its own
-        partition="heldout",
-        limit=config.n_prompts,
+        rows=rows,
         policy_model=config.baseline,
         max_horizon=config.horizon,
         horizon=config.horizon,
@@ -294,8 +291,10 @@ def evaluate(config: EvaluateConfig) -> dict[str, Path]:
         user_base_url=config.user_base_url,
         vllm_kv_cache_gib=config.vllm_kv_cache_gib,
     )
-    rows = generate_dialogues(config, simulator, engine, {p: dialogue_cache(config, p, n) for p, n in names.items()})
-    dialogues = {name: {row["prompt_id"]: row["messages"] for row in rows[policy]} for policy, name in names.items()}
+    generated = generate_dialogues(
+        config, simulator, engine, {p: dialogue_cache(config, p, files[p]) for p in policies}
+    )
+    dialogues = {names[p]: {row["prompt_id"]: row["messages"] for row in generated[p]} for p in policies}
     judge = build_judge(
         config.judge,
         reward=config.reward,
@@ -308,7 +307,42 @@ def evaluate(config: EvaluateConfig) -> dict[str, Path]:
     )
     judgements = judge_dialogues(judge, dialogues, names[config.baseline], simulator.prompts, config.horizon)
     diagnostics = diagnose_policies(config, judge, names, dialogues, simulator.prompts)
-    return write_reports(config, judge.name, names[config.baseline], judgements, dialogues, diagnostics)
+    return write_reports(config, judge.name, names[config.baseline], judgements, dialogues, diagnostics, description)
+
+
+def evaluation_prompts(config: EvaluateConfig) -> tuple[list[PromptRow], str]:
+    """The prompt rows to evaluate on, and one line saying which they are and what was dropped, by reason.
+
+    ``--all_rows``: every row of ``--prompts`` that passes the filters; otherwise the first ``n_prompts`` of
+    the ``holdout`` rows (chosen by id hash, as ``refuel-train`` chose them). The prompt token budget is
+    counted with the baseline's tokenizer. The line is printed and shown in the HTML report.
+
+    Raises:
+        ValueError: ``--all_rows`` without ``--prompts`` (the default set holds the training prompts), or no
+            row left; what :func:`envs.build.load_prompt_rows` raises.
+    """
+    if config.all_rows and config.prompts is None:
+        raise ValueError(
+            "--all_rows evaluates every row of a given file, but --prompts is unset: the default prompt set holds "
+            "the training prompts; pass --prompts <your test file>, or drop --all_rows to use the held-out rows"
+        )
+    rows, report = load_prompt_rows(
+        config.prompts,
+        load_tokenizer(config.baseline),
+        config.tasks,
+        config.datasets,
+        config.splits,
+        config.max_prompt_tokens,
+        config.holdout,
+        "all" if config.all_rows else "heldout",
+        None if config.all_rows else config.n_prompts,
+    )
+    if config.all_rows:
+        description = f"all {len(rows)} rows that pass the filters ({report})"
+    else:
+        description = f"{len(rows)} of the {config.holdout} held-out rows, by id hash ({report})"
+    print(f"prompts: {description}")
+    return rows, description
 
 
 def diagnose_policies(
@@ -361,12 +395,14 @@ def write_reports(
     judgements: pd.DataFrame,
     dialogues: Mapping[str, Mapping[str, list[Message]]],
     diagnostics: pd.DataFrame,
+    prompts: str,
 ) -> dict[str, Path]:
     """Print the win-rate, count, judge and diagnostics tables; write CSVs, PNGs and HTML into
     ``<output_dir>/<judge_name>``.
 
     Args:
         diagnostics: :func:`refuel.diagnostics.diagnostics_frame` of every policy, baseline included.
+        prompts: which prompts were evaluated and what was dropped (:func:`evaluation_prompts`).
     """
     out = Path(config.output_dir) / judge_name
     rates = per_turn_win_rates(judgements, seed=config.seed)
@@ -389,7 +425,7 @@ def write_reports(
     paths["html"] = write_html_report(
         out / "report.html",
         title=title,
-        settings=_report_settings(config, judge_name, len(dialogues[baseline])),
+        settings=_report_settings(config, judge_name, prompts),
         baseline=baseline,
         rates=table,
         counts=counts,
@@ -405,13 +441,13 @@ def write_reports(
     return paths
 
 
-def _report_settings(config: EvaluateConfig, judge_name: str, prompts: int) -> dict[str, Any]:
+def _report_settings(config: EvaluateConfig, judge_name: str, prompts: str) -> dict[str, Any]:
     return {
         "judge": judge_name,
         "baseline": config.baseline,
         "candidates": ", ".join(config.candidates),
-        "prompts": f"{prompts} held-out of {config.prompts or 'the shared prompt file'} "
-        f"(tasks {config.tasks}, datasets {config.datasets}, holdout {config.holdout})",
+        "prompts": f"{config.prompts or 'the default prompt set'} (tasks {config.tasks}, datasets {config.datasets}, "
+        f"splits {config.splits}): {prompts}",
         "horizon": config.horizon,
         "policy sampling": f"temperature {config.temperature}, top_p {config.top_p}, "
         f"{config.max_new_tokens} new tokens",

@@ -217,11 +217,13 @@ def make_plan(
     if config.user_template not in TEMPLATES:
         plan.errors.append(f"user_template={config.user_template!r}: choose one of {sorted(TEMPLATES)}")
     if config.prompts is None:
-        from dialogsim.data import default_prompt_file
+        from dialogsim.data import default_prompt_source
 
-        prompts = f"{default_prompt_file()} (default)"
-        if not default_prompt_file().exists():
-            plan.errors.append(f"prompts unset and the default file {default_prompt_file()} is missing; set prompts")
+        try:
+            prompts = f"{default_prompt_source()} (default)"
+        except FileNotFoundError as error:
+            prompts = "(none)"
+            plan.errors.append(str(error))
     elif Path(config.prompts).expanduser().exists():
         prompts = f"{config.prompts} (file)"
     elif "/" in config.prompts and not config.prompts.startswith((".", "/", "~")):

