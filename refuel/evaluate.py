@@ -43,7 +43,7 @@ from dialogsim.messages import Message
 from dialogsim.models import resolve_model
 from dialogsim.prompts import PromptRow
 from dialogsim.rewards.code_verifier import CodeTestReward
-from dialogsim.rewards.factory import NO_REWARD_SPEC, build_reward_model
+from dialogsim.rewards.factory import NO_REWARD_SPEC, build_reward_model, check_reward_scores
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
 from envs.build import build_simulator_from
@@ -279,7 +279,13 @@ def evaluate(config: EvaluateConfig) -> dict[str, Path]:
     Returns:
         Paths of ``csv`` (win rates), ``png``, ``judgements``, ``judge_stats``, ``diagnostics`` (CSV),
         ``diagnostics_png`` and ``html``, all in ``<output_dir>/<judge name>/``.
+
+    Raises:
+        ValueError: ``--judge reward`` with a ``--reward`` that cannot score the selected tasks
+            (:func:`~dialogsim.rewards.factory.check_reward_scores`), before any dialogue is generated.
     """
+    if config.judge == "reward":  # the judge scores with --reward: refuse it now if it cannot score the tasks
+        check_reward_scores(config.reward, config.tasks)
     names = method_names([config.baseline, *config.candidates])
     engine = ServingEngine(config.backend, kv_cache_gib=config.vllm_kv_cache_gib)
     simulator = build_simulator_from(
