@@ -97,6 +97,9 @@ class AnswerMatchReward:
 
     Scale: unitless, in ``[0, exact_weight + f1_weight]``; with the defaults ``[0, 1.5]``, the range of the
     math reward's correct answers, so a correct answer scores 1.5 and a partly right span its F1 / 2.
+    Measured on the 500 shared HotpotQA rows (one reply each): ``"Answer:\\n<reference>"`` 1.500 (500
+    exact); ``"So the answer is <reference>. It was in the article."`` 1.493 (497 exact: "George I.", "World
+    War I." and "STS-51-L." read as initials); the next row's reference 0.000; the question restated 0.028.
 
     NaN, with the reason counted in :attr:`failures`: ``"unsupported_task:<task>"`` (task not
     ``"Logic"``), ``"no_reference"``, ``"no_assistant_reply"``. :attr:`outcomes` counts scored dialogues as
