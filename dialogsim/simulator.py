@@ -7,6 +7,8 @@ and one reward-model call per step.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -139,10 +141,22 @@ class DialogueSimulator:
         return DialogueState(prompt_id, messages, horizon, np.random.Generator(np.random.PCG64(seed)))
 
     def restore(self, snapshot: Any) -> DialogueState:
-        """A state from a snapshot (see :meth:`DialogueState.from_snapshot`), checked against this config."""
+        """A state from a snapshot (see :meth:`DialogueState.from_snapshot`), checked against this config.
+
+        Raises:
+            SnapshotError: a bad field (see :meth:`DialogueState.from_snapshot`), a prompt id this
+                simulator does not have, or a first user message that is not that prompt row's instruction
+                (up to :func:`~dialogsim.prompts.instruction_key`).
+        """
         state = DialogueState.from_snapshot(snapshot, self.fingerprint, self.config.max_horizon)
         if state.prompt_id not in self.prompts:
             raise SnapshotError(f"snapshot['prompt_id'] {state.prompt_id!r} is not among this env's prompts")
+        first_user = _other_first_user_message(state.messages, self.prompts[state.prompt_id].instruction)
+        if first_user is not None:
+            raise SnapshotError(
+                f"snapshot['messages'] starts with the user message {first_user!r:.60}, which is not the instruction "
+                f"of snapshot['prompt_id'] {state.prompt_id!r}; the snapshot was edited or belongs to another prompt"
+            )
         return state
 
     def count_tokens(self, state: DialogueState) -> int:
@@ -157,27 +171,30 @@ class DialogueSimulator:
             replies: the policy's assistant reply for each.
 
         Returns:
-            One :class:`StepOutcome` per state; states are updated in place.
+            One :class:`StepOutcome` per state; states are updated in place, all of them or (when anything
+            raises: the tokenizer, the reward model, the user's backend) none of them.
 
         Raises:
             RuntimeError: a state is already done.
         """
-        for state, reply in zip(states, replies, strict=True):
+        for state in states:
             if state.done:
                 raise RuntimeError(f"dialogue of prompt {state.prompt_id} has ended; reset it first")
-            state.messages.append({"role": "assistant", "content": reply})
-        tokens = [self.count_tokens(state) for state in states]
-        outcomes = [
-            StepOutcome(
-                reward=0.0,
-                terminated=state.turn >= state.horizon,
-                truncated=state.turn < state.horizon and n > self.config.max_dialogue_tokens,
-                info={"replied_turn": state.turn, "dialogue_tokens": n},
-            )
-            for state, n in zip(states, tokens, strict=True)
-        ]
-        self._score(states, outcomes)
-        self._ask_user(states, outcomes)
+        with _unchanged_on_error(states):
+            for state, reply in zip(states, replies, strict=True):
+                state.messages.append({"role": "assistant", "content": reply})
+            tokens = [self.count_tokens(state) for state in states]
+            outcomes = [
+                StepOutcome(
+                    reward=0.0,
+                    terminated=state.turn >= state.horizon,
+                    truncated=state.turn < state.horizon and n > self.config.max_dialogue_tokens,
+                    info={"replied_turn": state.turn, "dialogue_tokens": n},
+                )
+                for state, n in zip(states, tokens, strict=True)
+            ]
+            self._score(states, outcomes)
+            self._ask_user(states, outcomes)
         return outcomes
 
     def _score(self, states: list[DialogueState], outcomes: list[StepOutcome]) -> None:
@@ -209,6 +226,30 @@ class DialogueSimulator:
             outcomes[i].info["user_parsed"] = user_turn.parsed
 
 
+@contextmanager
+def _unchanged_on_error(states: list[DialogueState]) -> Iterator[None]:
+    """On an exception in the block, put each state's messages, RNG, ``done`` and reward back, then re-raise.
+
+    A step only appends messages, draws from each state's RNG and sets ``done`` / ``final_reward``, so
+    the message count, the RNG state and those two fields are all there is to restore.
+    """
+    saved = [(len(s.messages), s.rng.bit_generator.state, s.done, s.final_reward) for s in states]
+    try:
+        yield
+    except BaseException:
+        for state, (length, rng_state, done, final_reward) in zip(states, saved, strict=True):
+            del state.messages[length:]
+            state.rng.bit_generator.state = rng_state
+            state.done, state.final_reward = done, final_reward
+        raise
+
+
+def _other_first_user_message(messages: list[Message], instruction: str) -> str | None:
+    """The first user message of ``messages`` if it is not ``instruction`` (up to ``instruction_key``), else None."""
+    first_user = next(m["content"] for m in messages if m["role"] == "user")
+    return None if instruction_key(first_user) == instruction_key(instruction) else first_user
+
+
 def _check_prefix(prefix: Any, instruction: str) -> list[Message]:
     """A copy of a start prefix s_k, checked (see :meth:`DialogueSimulator.new_state`).
 
@@ -218,8 +259,8 @@ def _check_prefix(prefix: Any, instruction: str) -> list[Message]:
     messages = validate_messages(prefix, where="options['prefix']")
     if not messages or messages[-1]["role"] != "user":
         raise ValueError("options['prefix'] must end with a user message (the state s_k the policy answers)")
-    first_user = next(m["content"] for m in messages if m["role"] == "user")
-    if instruction_key(first_user) != instruction_key(instruction):
+    first_user = _other_first_user_message(messages, instruction)
+    if first_user is not None:
         raise ValueError(
             f"options['prefix'] starts with the user message {first_user!r:.60}, which is not the instruction "
             f"{instruction!r:.60} of options['prompt_id']; pair each prefix with its own prompt row"

@@ -12,7 +12,7 @@ from dialogsim.backends.transformers_backend import load_tokenizer
 from dialogsim.data import LoadReport, default_prompt_source, load_prompts, split_train_eval
 from dialogsim.models import DEFAULT_MODEL
 from dialogsim.prompts import PromptRow
-from dialogsim.rewards.factory import build_reward_model
+from dialogsim.rewards.factory import build_reward_model, check_reward_scores
 from dialogsim.simulator import DialogueSimulator, EpisodeConfig
 from dialogsim.user import UserSimulator
 
@@ -64,18 +64,25 @@ def build_simulator(
             ``user_backend`` (e.g. the policy's, :func:`dialogsim.backends.serving.user_engine`).
         vllm_kv_cache_gib / vllm_tensor_parallel_size: the user's engine settings when ``user_backend="vllm"``.
         reward: a :func:`dialogsim.rewards.factory.build_reward_model` spec (``"math"``: verifier + MiniLM
-            similarity; or a sequence-classification RM id/path).
+            similarity; ``"none"``: no reward, for generation only; or a sequence-classification RM id/path).
+            It must score every task of the selected rows (checked before the user and reward models load).
         trust_remote_code: let a hub reward model run its own code (ArmoRM-style heads need it).
         max_horizon / horizon / max_dialogue_tokens / reward_per_turn: see :class:`EpisodeConfig`.
         max_prompt_tokens: prompts longer than this (policy chat template, tokens) are dropped.
         rows: prompt rows already chosen (e.g. by :func:`load_prompt_rows`); when given, ``prompts``, the
             filters, ``holdout``, ``partition``, ``limit`` and ``max_prompt_tokens`` are not applied again.
+
+    Raises:
+        ValueError: a built-in ``reward`` that cannot score some task of the selected rows (the message gives
+            the tasks it scores and the ``--reward`` to use; see
+            :func:`~dialogsim.rewards.factory.check_reward_scores`).
     """
     tokenizer = load_tokenizer(policy_model)
     if rows is None:
         rows, _ = load_prompt_rows(
             prompts, tokenizer, tasks, datasets, splits, max_prompt_tokens, holdout, partition, limit
         )
+    check_reward_scores(reward, {row.task for row in rows}, generation_only=True)
     if user_engine is None:
         user_engine = build_backend(
             user_backend,

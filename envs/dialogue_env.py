@@ -9,7 +9,9 @@ import gymnasium as gym
 from dialogsim.dialogue import DialogueState, snapshot_text
 from dialogsim.simulator import DialogueSimulator
 from envs.build import build_simulator
-from envs.spaces import UnicodeText, as_observation, dialogue_space
+from envs.spaces import UnicodeText, as_observation, check_option_keys, check_reply, dialogue_space
+
+RESET_OPTIONS = ("snapshot", "prompt_id", "horizon", "prefix")  # the keys DialogueEnv.reset accepts
 
 
 class DialogueEnv(gym.Env):
@@ -46,7 +48,8 @@ class DialogueEnv(gym.Env):
     ``reset(options={"prefix": messages, "prompt_id": id})`` starts from a message prefix s_k instead
     of s_1 (e.g. the first k user messages of an offline dialogue, ending with a user message; H is
     ``options["horizon"]`` or drawn from k..max_horizon): the policy answers turn k and the simulated
-    user continues the dialogue from there (see :meth:`DialogueSimulator.new_state`).
+    user continues the dialogue from there (see :meth:`DialogueSimulator.new_state`). Any other
+    ``options`` key raises ``ValueError`` (a typo such as ``"snapshots"`` would otherwise start afresh).
 
     ## Episode End
     Terminated after the assistant reply of turn H. Truncated when the chat-templated dialogue
@@ -115,11 +118,14 @@ class DialogueEnv(gym.Env):
 
         Raises:
             KeyError: unknown ``options["prompt_id"]``.
-            ValueError: a bad ``horizon`` or ``prefix`` (see :meth:`DialogueSimulator.new_state`).
-            SnapshotError: a corrupted or foreign snapshot.
+            ValueError: an unknown ``options`` key (accepted: :data:`RESET_OPTIONS`); a bad ``horizon`` or
+                ``prefix`` (see :meth:`DialogueSimulator.new_state`).
+            SnapshotError: a corrupted or foreign snapshot, or one whose first user message is not its
+                prompt row's instruction.
         """
         super().reset(seed=seed)
         options = options or {}
+        check_option_keys(options, RESET_OPTIONS, "DialogueEnv.reset")
         if "snapshot" in options:
             self.state = self.simulator.restore(options["snapshot"])
         else:
@@ -132,15 +138,14 @@ class DialogueEnv(gym.Env):
         Raises:
             RuntimeError: called before ``reset`` or after the episode ended.
             TypeError: ``action`` is not a ``str``.
-            ValueError: ``action`` is longer than ``max_reply_chars``.
+            ValueError: ``action`` is longer than ``max_reply_chars`` or holds a surrogate code point.
+
+        Any error leaves the dialogue as it was before the call (the action is checked first, and the
+        simulator undoes a partial step), so the episode can go on with another reply.
         """
         if self.state is None or self.state.done:
             raise RuntimeError("DialogueEnv.step() called after the episode ended (or before reset); call reset()")
-        if not isinstance(action, str):
-            raise TypeError(f"action must be the assistant reply as a str, got {type(action).__name__}: {action!r:.80}")
-        if not self.action_space.contains(action):
-            raise ValueError(f"reply has {len(action)} characters; the action space allows {self.action_space}")
-        (outcome,) = self.simulator.step([self.state], [action])
+        (outcome,) = self.simulator.step([self.state], [check_reply(action, self.action_space, "action")])
         info = self._info(outcome.info)
         return as_observation(self.state.messages), outcome.reward, outcome.terminated, outcome.truncated, info
 

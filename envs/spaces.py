@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import multiprocessing
+import re
+from collections.abc import Collection
 from types import ModuleType
 from typing import Any, NoReturn
 
@@ -10,6 +13,8 @@ from gymnasium import spaces
 from gymnasium.vector.utils import create_shared_memory
 
 ROLE_CHARSET = frozenset("systemuserassistant")
+# Surrogate code points (U+D800..U+DFFF) are not characters: UTF-8 cannot encode them, so tokenizers fail.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class UnicodeText(spaces.Text):
@@ -20,8 +25,8 @@ class UnicodeText(spaces.Text):
     """
 
     def contains(self, x: Any) -> bool:
-        """Whether ``x`` is a ``str`` with ``min_length <= len(x) <= max_length`` (characters)."""
-        return isinstance(x, str) and self.min_length <= len(x) <= self.max_length
+        """Whether ``x`` is a ``str`` of ``min_length..max_length`` characters with no surrogate code point."""
+        return isinstance(x, str) and self.min_length <= len(x) <= self.max_length and not _SURROGATE.search(x)
 
     def __repr__(self) -> str:
         return f"UnicodeText({self.min_length}, {self.max_length})"
@@ -71,3 +76,39 @@ def dialogue_space(max_chars: int) -> DialogueSpace:
 def as_observation(messages: list[dict[str, str]]) -> tuple[dict[str, str], ...]:
     """A fresh tuple-of-dicts observation for ``messages`` (never shares objects with the state)."""
     return tuple({"role": message["role"], "content": message["content"]} for message in messages)
+
+
+def check_reply(action: Any, space: spaces.Space, where: str) -> str:
+    """``action`` if it is a reply in ``space``, else an error naming ``where`` (e.g. ``"actions[3]"``).
+
+    Raises:
+        TypeError: ``action`` is not a ``str``.
+        ValueError: it holds a surrogate code point (a lone ``"\\ud800"``: not UTF-8 encodable), or is
+            otherwise outside ``space`` (too long, not one of the choices).
+    """
+    if not isinstance(action, str):
+        raise TypeError(f"{where} must be the assistant reply as a str, got {type(action).__name__}: {action!r:.80}")
+    surrogate = _SURROGATE.search(action)
+    if surrogate:
+        raise ValueError(
+            f"{where} holds the surrogate code point {surrogate.group()!r} at character {surrogate.start()}, which "
+            "is not valid Unicode text; decode model output with errors='replace' (or drop the surrogates)"
+        )
+    if not space.contains(action):
+        raise ValueError(f"{where} has {len(action)} characters ({action!r:.40}); the action space allows {space}")
+    return action
+
+
+def check_option_keys(options: dict[str, Any], allowed: Collection[str], where: str) -> None:
+    """Raise unless every key of ``options`` is in ``allowed``; the message suggests the closest allowed key.
+
+    Raises:
+        ValueError: names the unknown key(s), the allowed keys and, for a near miss, the intended key.
+    """
+    unknown = sorted(set(options) - set(allowed), key=str)
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+        raise ValueError(f"{where}: unknown option(s) {', '.join(hints)}; accepted: {', '.join(sorted(allowed))}")

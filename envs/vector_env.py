@@ -11,7 +11,9 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from dialogsim.dialogue import DialogueState, snapshot_text
 from dialogsim.simulator import DialogueSimulator
 from envs.build import build_simulator
-from envs.spaces import UnicodeText, as_observation, dialogue_space
+from envs.spaces import UnicodeText, as_observation, check_option_keys, check_reply, dialogue_space
+
+RESET_OPTIONS = ("snapshots", "prompt_ids", "horizons", "prefixes", "reset_mask")  # VectorDialogueEnv.reset's keys
 
 
 class VectorDialogueEnv(VectorEnv):
@@ -36,7 +38,8 @@ class VectorDialogueEnv(VectorEnv):
     ``{"horizons": [...]}``, ``{"prefixes": [...]}`` (start from a message prefix s_k, e.g. of an
     offline dialogue, with its ``prompt_ids`` entry; see :meth:`DialogueSimulator.new_state`)
     (entries may be ``None``) and ``{"reset_mask": bool array [N]}`` (reset only those; the default
-    resets all). A snapshot wins over the other entries. ``infos`` holds per-env arrays of ``turn``,
+    resets all). A snapshot wins over the other entries; any other key raises ``ValueError``.
+    ``infos`` holds per-env arrays of ``turn``,
     ``horizon``, ``prompt_id`` and ``active`` (a dialogue is in progress) and an object array of
     ``snapshot`` JSON texts (:func:`~dialogsim.dialogue.snapshot_text`; ``None`` where no dialogue
     is in progress), as Gymnasium's ``sync`` and ``async`` modes stack the single env's
@@ -84,12 +87,14 @@ class VectorDialogueEnv(VectorEnv):
         """Start (or restore) the N dialogues, or the masked ones; see the class docstring for ``options``.
 
         Raises:
-            ValueError: an ``options`` list or mask whose length is not ``num_envs``; a bad prefix or
-                horizon (see :meth:`DialogueSimulator.new_state`).
+            ValueError: an unknown ``options`` key (accepted: :data:`RESET_OPTIONS`); an ``options`` list or
+                mask whose length is not ``num_envs``; a bad prefix or horizon (see
+                :meth:`DialogueSimulator.new_state`).
             KeyError: an unknown prompt id.
         """
         super().reset(seed=seed if isinstance(seed, int) or seed is None else int(seed[0]))
         options = options or {}
+        check_option_keys(options, RESET_OPTIONS, "VectorDialogueEnv.reset")
         snapshots = self._per_env(options, "snapshots")
         prompt_ids = self._per_env(options, "prompt_ids")
         horizons = self._per_env(options, "horizons")
@@ -108,18 +113,22 @@ class VectorDialogueEnv(VectorEnv):
     def step(self, actions: Any) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """Advance every dialogue by one reply; one batched user call and one batched reward call.
 
+        All N actions are checked before any dialogue changes, and an error inside the step (a backend or
+        reward failure) leaves every dialogue as it was: one bad slot never corrupts the others.
+
         Raises:
             TypeError: ``actions`` is not a sequence of N ``str`` (names the offending index).
+            ValueError: an action is too long or holds a surrogate code point (names the offending index).
         """
         actions = self._check_actions(actions)
         rewards = np.zeros(self.num_envs, dtype=np.float64)
         terminated = np.zeros(self.num_envs, dtype=bool)
         truncated = np.zeros(self.num_envs, dtype=bool)
         live = [i for i, state in enumerate(self.states) if state is not None and not state.done]
-        if self.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP:
-            for i in set(range(self.num_envs)) - set(live):
-                self.states[i] = self.simulator.new_state(self.np_random)
         outcomes = self.simulator.step([self.states[i] for i in live], [actions[i] for i in live])
+        if self.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP:  # after the step: none if it raised
+            for i in sorted(set(range(self.num_envs)) - set(live)):
+                self.states[i] = self.simulator.new_state(self.np_random)
         for i, outcome in zip(live, outcomes, strict=True):
             rewards[i], terminated[i], truncated[i] = outcome.reward, outcome.terminated, outcome.truncated
         return self._observations(), rewards, terminated, truncated, self._infos()
@@ -135,12 +144,7 @@ class VectorDialogueEnv(VectorEnv):
     def _check_actions(self, actions: Any) -> list[str]:
         if isinstance(actions, str) or len(actions) != self.num_envs:
             raise TypeError(f"actions must be a sequence of {self.num_envs} reply strings, got {actions!r:.80}")
-        for i, action in enumerate(actions):
-            if not isinstance(action, str):
-                raise TypeError(f"actions[{i}] must be a str reply, got {type(action).__name__}")
-            if not self.single_action_space.contains(action):
-                raise ValueError(f"actions[{i}] has {len(action)} characters; allowed {self.single_action_space}")
-        return list(actions)
+        return [check_reply(action, self.single_action_space, f"actions[{i}]") for i, action in enumerate(actions)]
 
     def _observations(self) -> tuple[tuple[dict[str, str], ...], ...]:
         return tuple(as_observation(state.messages) if state is not None else () for state in self.states)

@@ -48,7 +48,7 @@ from dialogsim.messages import Message
 from dialogsim.models import resolve_model
 from dialogsim.prompts import PromptRow
 from dialogsim.rewards.code_verifier import CodeTestReward
-from dialogsim.rewards.factory import NO_REWARD_SPEC, build_reward_model
+from dialogsim.rewards.factory import NO_REWARD_SPEC, build_reward_model, check_reward_scores
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
 from envs.build import build_simulator_from, load_prompt_rows
@@ -275,10 +275,16 @@ def evaluate(config: EvaluateConfig) -> dict[str, Path]:
     Returns:
         Paths of ``csv`` (win rates), ``png``, ``judgements``, ``judge_stats``, ``diagnostics`` (CSV),
         ``diagnostics_png`` and ``html``, all in ``<output_dir>/<judge name>/``.
+
+    Raises:
+        ValueError: ``--judge reward`` with a ``--reward`` that cannot score the selected tasks
+            (:func:`~dialogsim.rewards.factory.check_reward_scores`), before any dialogue is generated.
     """
     policies = [config.baseline, *config.candidates]
     names, files = policy_labels(policies), method_names(policies)
     rows, description = evaluation_prompts(config)
+    if config.judge == "reward":  # the judge scores with --reward: refuse it now if it cannot score the tasks
+        check_reward_scores(config.reward, {row.task for row in rows})
     engine = ServingEngine(config.backend, kv_cache_gib=config.vllm_kv_cache_gib)
     simulator = build_simulator_from(
         replace(config, reward=NO_REWARD_SPEC),  # generation needs no reward; the judge brings its own

@@ -184,7 +184,7 @@ def make_plan(
     Returns:
         A :class:`Plan`; ``plan.ok`` is False when a check failed.
     """
-    from dialogsim.rewards.factory import BUILTIN_SPECS
+    from dialogsim.rewards.factory import BUILTIN_SPECS, check_reward_scores
     from dialogsim.user import TEMPLATES
 
     plan = Plan()
@@ -214,6 +214,10 @@ def make_plan(
             plan.errors.append(
                 f"reward {config.reward} runs its own hub code and needs trust_remote_code; set trust_remote_code: true"
             )
+    try:
+        check_reward_scores(config.reward, config.tasks)
+    except ValueError as error:
+        plan.errors.append(str(error))
     if config.user_template not in TEMPLATES:
         plan.errors.append(f"user_template={config.user_template!r}: choose one of {sorted(TEMPLATES)}")
     if config.prompts is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,11 +15,14 @@ from datasets import Dataset, load_dataset
 
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success rename it onto ``target``, on failure remove it."""
+    """Yield a temporary path beside ``target``; on success rename it onto ``target``, on failure remove it.
+
+    The file gets the permissions of a plain ``open(..., "w")`` (0666 less the umask, e.g. 0644), not the
+    0600 of :func:`tempfile.mkstemp`, so other users can read a run as they could before the rename.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(descriptor)
-    staging = Path(name)
+    staging = target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp"
+    os.close(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield staging
         os.replace(staging, target)

@@ -35,6 +35,7 @@ from dialogsim.backends.transformers_backend import load_tokenizer
 from dialogsim.data import load_offline_dialogues
 from dialogsim.dialogue import fingerprint
 from dialogsim.models import resolve_model
+from dialogsim.rewards.factory import check_reward_scores
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
 from envs.build import SHARED_FIELDS, build_simulator_from
@@ -240,7 +241,12 @@ def run(config: RefuelConfig) -> str:
 
     Under ``accelerate launch`` the main process alone collects and writes the run files; the other
     processes wait for ``pairs.jsonl`` and join the training (each takes its share of every batch).
+
+    Raises:
+        ValueError: ``config.reward`` cannot score the selected tasks, or is ``"none"``
+            (:func:`~dialogsim.rewards.factory.check_reward_scores`).
     """
+    check_reward_scores(config.reward, config.tasks)  # before anything is written or generated
     set_seed(config.seed)
     state = PartialState()
     run_dir = Path(config.output_dir)

@@ -588,7 +588,7 @@ def test_task_routed_reward_sends_rows_by_task(shared_prompts: Path, math_reward
 def test_factory_builds_every_builtin_spec() -> None:
     assert isinstance(build_reward_model("code"), CodeTestReward)
     verifier = build_reward_model("verifier")
-    assert isinstance(verifier, TaskRoutedReward) and set(verifier.routes) == {"Math", "Coding"}
+    assert isinstance(verifier, TaskRoutedReward) and set(verifier.routes) == {"Math", "Coding", "Logic"}
     none = build_reward_model("none")
     assert isinstance(none, NoReward)
     assert all(math.isnan(value) for value in none.score([_dialogue("18")], [MATH_ROW]))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from dialogsim.rewards.answer_match import LOGIC_TASK, AnswerMatchReward
 from dialogsim.rewards.base import RewardModel
 from dialogsim.rewards.code_verifier import CODE_TASK, CodeTestReward
 from dialogsim.rewards.embedding import SentenceEmbedder
@@ -18,6 +21,16 @@ VERIFIER_SPEC = "verifier"
 NO_REWARD_SPEC = "none"
 MATH_TASK_PREFIX = "Math"
 BUILTIN_SPECS = (MATH_SPEC, MATH_FORMAT_SPEC, CODE_SPEC, VERIFIER_SPEC, NO_REWARD_SPEC)
+# The task prefixes each built-in reward scores (rows of other tasks get NaN); a sequence-classification
+# reward model scores every task.
+SCORED_TASKS: dict[str, tuple[str, ...]] = {
+    MATH_SPEC: (MATH_TASK_PREFIX,),
+    MATH_FORMAT_SPEC: (MATH_TASK_PREFIX,),
+    CODE_SPEC: (CODE_TASK,),
+    VERIFIER_SPEC: (MATH_TASK_PREFIX, CODE_TASK, LOGIC_TASK),
+    NO_REWARD_SPEC: (),
+}
+EXAMPLE_REWARD_MODEL = "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2"
 
 
 def build_reward_model(spec: str, device: str = "cpu", trust_remote_code: bool = False) -> RewardModel:
@@ -31,8 +44,9 @@ def build_reward_model(spec: str, device: str = "cpu", trust_remote_code: bool =
               intermediate quantities − copying the prompt, no model (``Math*`` rows);
             * ``"code"``: :class:`CodeTestReward`, the row's reference tests run on the reply's code in a
               sandboxed process (``Coding`` rows);
-            * ``"verifier"``: :class:`TaskRoutedReward` sending ``Math*`` rows to ``"math"`` and
-              ``Coding`` rows to ``"code"`` (others NaN);
+            * ``"verifier"``: :class:`TaskRoutedReward` sending ``Math*`` rows to ``"math"``, ``Coding`` rows
+              to ``"code"`` and ``Logic`` rows to :class:`AnswerMatchReward` (HotpotQA exact match + token
+              F1 against the reference); others NaN;
             * ``"none"``: :class:`NoReward` (NaN for every dialogue), for dialogue generation only;
             * otherwise a Hugging Face id / local folder of a sequence-classification reward model, e.g.
               ``"Skywork/Skywork-Reward-Llama-3.1-8B-v0.2"`` or ``"RLHFlow/ArmoRM-Llama3-8B-v0.1"``.
@@ -58,7 +72,51 @@ def build_reward_model(spec: str, device: str = "cpu", trust_remote_code: bool =
         return CodeTestReward()
     if builtin == VERIFIER_SPEC:
         math_reward = MathAnswerReward(embedder=SentenceEmbedder(device=device))
-        return TaskRoutedReward({MATH_TASK_PREFIX: math_reward, CODE_TASK: CodeTestReward()})
+        return TaskRoutedReward(
+            {MATH_TASK_PREFIX: math_reward, CODE_TASK: CodeTestReward(), LOGIC_TASK: AnswerMatchReward()}
+        )
     if builtin == NO_REWARD_SPEC:
         return NoReward()
     return SequenceClassificationReward(name, device=device, trust_remote_code=trust_remote_code)
+
+
+def check_reward_scores(spec: str, tasks: Iterable[str] | None, generation_only: bool = False) -> None:
+    """Refuse, before anything is generated, a reward that cannot score every selected task.
+
+    Built-in rewards score the task prefixes of :data:`SCORED_TASKS` (NaN elsewhere, so every pair of
+    those rows would be dropped as ``invalid_reward`` after the whole collection); a sequence-classification
+    reward model scores every task. ``"none"`` scores nothing: it is accepted only for generation.
+
+    Args:
+        spec: a :func:`build_reward_model` spec (the ``--reward`` value).
+        tasks: the selected UltraInteract tasks (``--tasks``, or the tasks of the loaded rows); ``None``
+            (every task of the prompt file, not known before loading) checks only ``"none"``.
+        generation_only: the caller only generates dialogues (the env, ``refuel-evaluate``'s dialogues),
+            so ``"none"`` is fine.
+
+    Raises:
+        ValueError: names the reward, the tasks it cannot score, the tasks it can and the ``--reward`` to use.
+    """
+    builtin = spec.strip().lower()
+    if builtin not in SCORED_TASKS or (builtin == NO_REWARD_SPEC and generation_only):
+        return
+    selected = sorted(set(tasks)) if tasks is not None else []
+    unscored = [task for task in selected if not task.startswith(SCORED_TASKS[builtin])]
+    if builtin != NO_REWARD_SPEC and not unscored:
+        return
+    covering = [
+        name for name, prefixes in SCORED_TASKS.items() if selected and all(t.startswith(prefixes) for t in selected)
+    ]
+    fix = " or ".join(f"--reward {name}" for name in covering) or (
+        f"--reward <a sequence-classification reward model id or folder, e.g. {EXAMPLE_REWARD_MODEL}> (scores any task)"
+    )
+    if builtin == NO_REWARD_SPEC:
+        raise ValueError(
+            "--reward none scores no dialogue: it is for generating dialogues only (the env, refuel-evaluate), "
+            f"and training would drop every pair; pass {fix}"
+        )
+    scored = ", ".join(f"{p}*" if p == MATH_TASK_PREFIX else p for p in SCORED_TASKS[builtin])
+    raise ValueError(
+        f"--reward {builtin} scores only {scored} rows, not the selected task(s) {', '.join(unscored)} (their "
+        f"rewards would all be NaN and every pair dropped); pass {fix}, or select scorable tasks with --tasks"
+    )

@@ -79,12 +79,18 @@ def _box_content(text: str, start: int) -> str | None:
     return token.group(1).rstrip(".,;") if token else None
 
 
+def answer_phrase(text: str) -> str | None:
+    """The rest of the line after the last "answer is" / "Answer:" / "####" phrase (a line break right after
+    the phrase is skipped, as in ``"Answer:\nParis"``), or ``None`` when the text has no such phrase."""
+    matches = list(_ANSWER_PHRASE.finditer(text))
+    return matches[-1].group("answer") if matches else None
+
+
 def _answer_phrase(text: str) -> str | None:
     """The answer after the last "answer is" / "Answer:" / "####" phrase, cleaned of prose."""
-    matches = list(_ANSWER_PHRASE.finditer(text))
-    if not matches:
+    answer = answer_phrase(text)
+    if answer is None:
         return None
-    answer = matches[-1].group("answer")
     inline = _INLINE_MATH.search(answer)
     if inline:
         return inline.group("math").strip()
