@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import socket
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def test_vector_env_bad_slot_changes_no_slot(sim: DialogueSimulator) -> None:
     """One lone surrogate among N actions raises ValueError naming its index; no slot changes; the next step works."""
     venv = VectorDialogueEnv(3, simulator=sim)
     _, infos = venv.reset(seed=0)
-    before = copy.deepcopy(infos["snapshot"])
+    before = [json.loads(text) for text in infos["snapshot"]]
     with pytest.raises(ValueError, match=r"actions\[1\] holds the surrogate"):
         venv.step(["one", LONE_SURROGATE, "three"])
     assert _snapshots(venv) == before
@@ -108,7 +109,7 @@ def test_user_backend_failure_leaves_env_and_rng_unchanged(unreachable_user_sim:
     _, infos = venv.reset(seed=0)
     with pytest.raises(ServerError):
         venv.step(["a", "b"])
-    assert _snapshots(venv) == infos["snapshot"]
+    assert _snapshots(venv) == [json.loads(text) for text in infos["snapshot"]]
 
 
 def test_snapshot_with_a_replaced_prompt_is_refused(sim: DialogueSimulator) -> None:

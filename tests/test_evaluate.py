@@ -234,20 +234,21 @@ def test_all_rows_evaluates_every_row_of_a_file_with_labels_from_the_run(
     flags = ["--candidates", str(candidate), "--baseline", tiny_model_path, "--user_model", tiny_model_path]
     flags += ["--output_dir", str(tmp_path / "eval"), "--prompts", str(test_file), "--all_rows"]
     flags += ["--tasks", "all", "--datasets", "all", "--splits", "all", "--max_prompt_tokens", str(MAX_PROMPT_TOKENS)]
-    main([*flags, "--horizon", "1", "--max_new_tokens", "4", "--reward", "math"])
+    main([*flags, "--horizon", "1", "--max_new_tokens", "4", "--reward", "verifier"])
 
     printed = capsys.readouterr().out
     assert (
         "prompts: all 3 rows that pass the filters (" + str(test_file) + ": kept 3 of 5 prompts (dropped: task 0, "
         "dataset 0, split 0, duplicate 1, over token budget 1, over limit 0))"
     ) in printed
-    out = tmp_path / "eval" / "reward-math"
+    out = tmp_path / "eval" / "reward-verifier"
     judgements = pd.read_csv(out / "judgements.csv")
     assert set(judgements["method"]) == {"REFUEL π_1"}
     assert set(judgements["prompt_id"]) == {raw_row["id"] for raw_row in json_rows(test_file)[:3]}
-    # the math reward cannot score the Coding row: counted invalid, not guessed
+    # the verifier scores the Coding row by running its tests (4-token replies pass none); `--reward math`, which
+    # cannot score it, is refused before any generation (tests/test_reward_tasks.py)
     coding = judgements["prompt_id"] == json_rows(test_file)[2]["id"]
-    assert judgements.loc[coding, "outcome"].isna().all() and (judgements.loc[coding, "reason"] == "reward_nan").all()
+    assert (judgements.loc[coding, ["score_first", "score_second"]] == 0.0).all().all()
     assert list(pd.read_csv(out / "win_rates.csv")["method"].unique()) == ["REFUEL π_1"]
     assert set(pd.read_csv(out / "diagnostics.csv")["method"]) == {"π_0", "REFUEL π_1"}
     html = (out / "report.html").read_text()
