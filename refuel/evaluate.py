@@ -52,6 +52,7 @@ from refuel.diagnostics import diagnostics_frame, policy_diagnostics, save_diagn
 from refuel.report import write_html_report
 from refuel.rollout import PolicyRun, run_policies
 from refuel.storage import read_rows, write_rows
+from refuel.validation import check_fields
 from refuel.winrate import count_table, judge_statistics, paper_table, per_turn_win_rates, save_report
 
 logger = logging.getLogger(__name__)
@@ -81,9 +82,9 @@ class EvaluateConfig:
     baseline: str = field(default="smollm2-135m-instruct", metadata={"help": "baseline policy (π_0)"})
     output_dir: str = field(default="runs/refuel/eval", metadata={"help": "where dialogues and reports go"})
     prompts: str | None = field(default=None, metadata={"help": "prompt file or hub id; default: shared file"})
-    tasks: list[str] = field(default_factory=lambda: ["Math_CoT"], metadata={"help": "tasks to keep"})
-    datasets: list[str] = field(default_factory=lambda: ["gsm8k"], metadata={"help": "source datasets to keep"})
-    splits: list[str] = field(default_factory=lambda: ["train"], metadata={"help": "source splits to keep"})
+    tasks: list[str] | None = field(default_factory=lambda: ["Math_CoT"], metadata={"help": "tasks to keep"})
+    datasets: list[str] | None = field(default_factory=lambda: ["gsm8k"], metadata={"help": "source datasets to keep"})
+    splits: list[str] | None = field(default_factory=lambda: ["train"], metadata={"help": "source splits to keep"})
     holdout: int = field(default=64, metadata={"help": "held-out prompts (same value as refuel-train's)"})
     n_prompts: int = field(default=16, metadata={"help": "held-out prompts evaluated (dialogues per policy)"})
     horizon: int = field(default=3, metadata={"help": "H: turns per evaluation dialogue (paper: 5)"})
@@ -136,6 +137,9 @@ class EvaluateConfig:
         default="compare",
         metadata={"help": "LLM judge prompt: 'compare' (comparison, then A/B) or 'letter' (A/B only; small models)"},
     )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def method_name(policy: str, parts: int = 1) -> str:

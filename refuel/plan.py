@@ -37,25 +37,13 @@ REMOTE_CODE_REWARDS = ("armorm",)  # reward models whose hub code must run (trus
 
 
 def check_memory_options(config: RefuelConfig) -> None:
-    """Validate the run config's memory and scale-out fields (``lora_*``, ``effective_batch_size``).
+    """Validate the memory fields that :func:`refuel.validation.check_fields` cannot (its ranges cover ``lora_*``).
 
     Raises:
-        ValueError: names each bad field, its value and the allowed range.
+        ValueError: ``lora_target_modules`` is empty.
     """
-    checks = {
-        "lora_r": config.lora_r >= 0,
-        "lora_alpha": config.lora_alpha > 0,
-        "lora_dropout": 0 <= config.lora_dropout < 1,
-        "lora_target_modules": bool(config.lora_target_modules),
-        "effective_batch_size": config.effective_batch_size is None or config.effective_batch_size >= 1,
-    }
-    bad = [name for name, ok in checks.items() if not ok]
-    if bad:
-        raise ValueError(
-            f"invalid RefuelConfig values: {', '.join(f'{n}={getattr(config, n)!r}' for n in bad)} "
-            "(lora_r >= 0, lora_alpha > 0, 0 <= lora_dropout < 1, lora_target_modules non-empty, "
-            "effective_batch_size >= 1 or unset)"
-        )
+    if not config.lora_target_modules:
+        raise ValueError("invalid RefuelConfig values: lora_target_modules=[] (valid: all-linear, or module names)")
 
 
 @dataclass

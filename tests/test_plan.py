@@ -104,7 +104,6 @@ def test_lora_is_valid_on_ddp_only(offline: None) -> None:
         (("--reward", "./no/such/rm"), None, "fsdp.yaml", "reward='./no/such/rm': no such folder"),
         (("--max_grad_norm", "0.5"), None, "deepspeed_zero3.yaml", "gradient_clipping=1.0 differs from max_grad_norm"),
         (("--user_base_url", "localhost:8000"), None, "fsdp.yaml", "user_base_url='localhost:8000' is not an http"),
-        (("--lora_dropout", "1.5"), None, "ddp.yaml", "lora_dropout=1.5"),
         (("--max_new_tokens", "9000"), None, "fsdp.yaml", "max_new_tokens=9000 must be below"),
     ],
 )
