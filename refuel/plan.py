@@ -129,29 +129,19 @@ def read_launch(path: Path | None, num_processes: int | None, plan: Plan) -> Lau
 
 
 def describe_model(field_name: str, value: str, plan: Plan) -> str:
-    """What kind of model name ``value`` is; an ill-formed name is recorded in ``plan.errors``."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    """What kind of model name ``value`` is; an invalid name (:func:`~dialogsim.models.check_model_name`) is
+    recorded in ``plan.errors``."""
+    from dialogsim.models import EMBEDDED_MODELS, check_model_name
 
-    from dialogsim.models import EMBEDDED_MODELS
-
+    try:
+        check_model_name(field_name, value)
+    except ValueError as error:
+        plan.errors.append(str(error))
+        return "invalid"
     if value.lower() in EMBEDDED_MODELS:
         return "embedded model (PyPI package)"
     if Path(value).expanduser().exists():
         return "local folder"
-    problem = None
-    if value.startswith((".", "/", "~")) or "/" not in value:
-        problem = "no such folder, and not an org/name hub id"
-    else:
-        try:
-            validate_repo_id(value)
-        except HFValidationError as error:
-            problem = f"not a valid hub id ({error})"
-    if problem:
-        embedded = ", ".join(sorted(EMBEDDED_MODELS))
-        plan.errors.append(
-            f"{field_name}={value!r}: {problem}; use an embedded name ({embedded}), a folder or org/name"
-        )
-        return "invalid"
     return "hub id, checked for form only"
 
 
