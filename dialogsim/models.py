@@ -48,8 +48,8 @@ def check_model_name(field: str, name: str) -> None:
     """Check, without loading or downloading anything, that ``name`` can name a model.
 
     Valid: an embedded model name (:data:`EMBEDDED_MODELS`), an existing folder, or a well-formed hub id.
-    A name close to an embedded one (``smollm2-135m``) is refused with the known names, instead of the
-    hub connection error that loading it would give.
+    A name without ``/`` close to an embedded one (``smollm2-135m``) is refused with the known names,
+    instead of the hub connection error that loading it would give.
 
     Args:
         field: the setting that holds ``name`` (for the message), e.g. ``"policy_model"``.
@@ -62,7 +62,7 @@ def check_model_name(field: str, name: str) -> None:
     if name.lower() in EMBEDDED_MODELS or Path(name).expanduser().exists():
         return
     known = ", ".join(sorted(EMBEDDED_MODELS))
-    close = difflib.get_close_matches(name.lower(), EMBEDDED_MODELS, n=1)
+    close = [] if "/" in name else difflib.get_close_matches(name.lower(), EMBEDDED_MODELS, n=1)
     problem = f"not a known model name (did you mean {close[0]!r}?)" if close else None
     if problem is None:
         try:

@@ -40,7 +40,7 @@ from dialogsim.judges.base import JudgePair, PairwiseJudge
 from dialogsim.judges.factory import build_judge
 from dialogsim.judges.reward_judge import RewardModelJudge
 from dialogsim.messages import Message
-from dialogsim.models import resolve_model
+from dialogsim.models import check_model_name, resolve_model
 from dialogsim.prompts import PromptRow
 from dialogsim.rewards.code_verifier import CodeTestReward
 from dialogsim.rewards.factory import NO_REWARD_SPEC, build_reward_model
@@ -277,13 +277,33 @@ def judge_dialogues(
     )
 
 
+def check_policies(config: EvaluateConfig) -> None:
+    """Check every model name of ``config`` (:func:`~dialogsim.models.check_model_name`) before anything loads.
+
+    Raises:
+        ValueError: a candidate, the baseline, the user or the LLM judge is neither a known name, an existing
+            folder nor a hub id (e.g. a candidate's ``policy`` folder that a training run never wrote).
+    """
+    names = [("baseline", config.baseline), *(("candidates", candidate) for candidate in config.candidates)]
+    if config.user_backend != "openai":
+        names.append(("user_model", config.user_model))
+    if config.judge == "llm" and config.judge_backend != "openai":
+        names.append(("judge_model", config.judge_model))
+    for field_name, name in names:
+        check_model_name(field_name, name)
+
+
 def evaluate(config: EvaluateConfig) -> dict[str, Path]:
     """Generate (or reuse) dialogues, judge every turn, diagnose every policy, print the tables, write the reports.
+
+    Raises:
+        ValueError: a model name is invalid (:func:`check_policies`), before anything is generated.
 
     Returns:
         Paths of ``csv`` (win rates), ``png``, ``judgements``, ``judge_stats``, ``diagnostics`` (CSV),
         ``diagnostics_png`` and ``html``, all in ``<output_dir>/<judge name>/``.
     """
+    check_policies(config)
     names = method_names([config.baseline, *config.candidates])
     engine = ServingEngine(config.backend, kv_cache_gib=config.vllm_kv_cache_gib)
     simulator = build_simulator_from(

@@ -30,6 +30,7 @@ from urllib.parse import urlparse
 
 from refuel.cli import parse_config
 from refuel.config import RefuelConfig
+from refuel.stages import RunFolder, RunFolderError
 
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 SHARDED_TYPES = ("DEEPSPEED", "FSDP")
@@ -278,6 +279,16 @@ def make_plan(
         plan.warnings.append(f"at most {train_pairs} training pairs per iteration: less than one step of {effective}")
     if validation_pairs == 0:
         plan.warnings.append("no validation pairs: validation_fraction × pairs_per_iteration rounds to 0")
+    step_checkpoints = (steps - 1) // config.checkpoint_every if config.checkpoint_every else 0
+    if step_checkpoints == 0 and not config.checkpoint_minutes:
+        plan.warnings.append(
+            f"no training checkpoint will be written (≤ {steps} steps, checkpoint_every {config.checkpoint_every}, "
+            "checkpoint_minutes 0): a kill during training loses it; set checkpoint_minutes or checkpoint_every"
+        )
+    try:
+        RunFolder(Path(config.output_dir)).check(config)
+    except RunFolderError as error:
+        plan.errors.append(str(error))
 
     # the plan
     run_config = str(config_file) if config_file else "<run config>"
@@ -326,6 +337,13 @@ def make_plan(
         f"weight decay {config.weight_decay:g}, gradient clipping {config.max_grad_norm}",
         f"objective      {objective}; π_t log-probs once per iteration before the steps (no reference model)",
         f"memory         {', '.join(memory)}",
+        f"checkpoints    {step_checkpoints} per iteration by steps (every {config.checkpoint_every or 'never'}), "
+        + (
+            f"plus one after any step ending ≥ {config.checkpoint_minutes:g} min after the last"
+            if config.checkpoint_minutes
+            else "none by time"
+        )
+        + "; none after the last step",
         f"output         {config.output_dir}/iteration_<t>/policy (π_(t+1), a plain save_pretrained folder)",
     ]
     return plan
