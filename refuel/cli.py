@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,8 +40,8 @@ def _read_config_file(path: Path, parser: HfArgumentParser, config_class: type) 
     """The file's field: value mapping, with YAML's scalars read as the flags would read them.
 
     A bare string for a list field is a one-item list (``tasks: Math_CoT`` is ``[Math_CoT]``, not its
-    letters) and a number that YAML 1.1 leaves as a string (``1e-6``) is a float. Other types are checked
-    when the config is built (:func:`refuel.validation.check_fields`).
+    letters) and a number for a float field is a float, also where YAML 1.1 reads a string (``1e-6``).
+    Other types are checked when the config is built (:func:`refuel.validation.check_fields`).
     """
     if not path.exists():
         parser.error(f"--config {path}: file not found")
@@ -56,10 +57,12 @@ def _read_config_file(path: Path, parser: HfArgumentParser, config_class: type) 
     for name, value in values.items():
         if name not in hints:
             continue
-        kinds = {typing.get_origin(option) or option for option in typing.get_args(hints[name]) or [hints[name]]}
+        annotation = hints[name]
+        options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+        kinds = {typing.get_origin(option) or option for option in options}
         if isinstance(value, str) and list in kinds:
             values[name] = [value]
-        elif isinstance(value, str) and float in kinds:
+        elif isinstance(value, str | int) and not isinstance(value, bool) and float in kinds:
             with contextlib.suppress(ValueError):
                 values[name] = float(value)
     return values

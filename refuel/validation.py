@@ -93,25 +93,30 @@ FIELD_RANGES: dict[str, Range] = {
 }
 
 
-def _type_problem(value: Any, annotation: Any) -> str | None:
-    """Why ``value`` does not fit ``annotation`` (int, float, bool, str, list[str], or one of them | None)."""
-    if isinstance(annotation, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        (annotation,) = [option for option in options if option is not type(None)]
+def _expected(annotation: Any) -> tuple[tuple[type, ...], str]:
+    """The Python types that fit ``annotation`` (int, float, bool, str, list[str], or one of them | None)
+    and how to say so; ``bool`` is kept apart from ``int``."""
     if typing.get_origin(annotation) is list:
-        ok = isinstance(value, list) and all(isinstance(item, str) for item in value)
-        return None if ok else "a list of strings"
-    if annotation is int:
-        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
-    if annotation is float:
-        return None if isinstance(value, int | float) and not isinstance(value, bool) else "a number"
-    if annotation is bool:
-        return None if isinstance(value, bool) else "true or false"
-    if annotation is str:
-        return None if isinstance(value, str) else "a string (in YAML, quote words such as no / yes / off)"
-    return None
+        return (list,), "a list of strings"
+    return {
+        int: ((int,), "an integer"),
+        float: ((int, float), "a finite number"),
+        bool: ((bool,), "true or false"),
+        str: ((str,), "a string (in YAML, quote words such as no / yes / off)"),
+    }.get(annotation, ((object,), "any value"))
+
+
+def _fits(value: Any, annotation: Any) -> tuple[bool, str]:
+    """Whether ``value`` fits ``annotation``, and the description of what fits."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    (annotation,) = [option for option in options if option is not type(None)]
+    allowed, kind = _expected(annotation)
+    if value is None:
+        return type(None) in options, kind
+    ok = isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
+    if ok and list in allowed:
+        ok = all(isinstance(item, str) for item in value)
+    return ok, kind
 
 
 def check_fields(config: Any) -> None:
@@ -125,11 +130,10 @@ def check_fields(config: Any) -> None:
     problems = []
     for spec in fields(config):
         value = getattr(config, spec.name)
-        expected = _type_problem(value, hints[spec.name])
+        fits, kind = _fits(value, hints[spec.name])
         valid = FIELD_RANGES.get(spec.name)
-        if expected is None and (valid is None or value is None or value in valid):
+        if fits and (valid is None or value is None or value in valid):
             continue
-        kind = expected or ("an integer" if isinstance(value, int) else "a finite number")
         problems.append(f"{spec.name}={value!r} (valid: {kind}{f' {valid}' if valid else ''})")
     if problems:
         raise ValueError(f"invalid {type(config).__name__} values: {', '.join(problems)}")

@@ -196,3 +196,32 @@ def test_evaluate_with_each_judge_reuses_the_dialogues(
         assert paths["diagnostics_png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert "Per-turn diagnostics" in paths["html"].read_text()
     assert diagnostics.loc[diagnostics["turn"] == 1, "dialogues"].tolist() == [2, 2]
+
+
+def test_a_missing_candidate_is_refused_before_any_dialogue_is_generated(
+    tmp_path: Path, tiny_model_path: str, shared_prompts: Path, one_torch_thread: None
+) -> None:
+    """A candidate folder that no run wrote: refused naming it, and the baseline's dialogues are not generated."""
+    missing = tmp_path / "run" / "iteration_0" / "policy"
+    config = EvaluateConfig(
+        candidates=[str(missing)],
+        baseline=tiny_model_path,
+        user_model=tiny_model_path,
+        output_dir=str(tmp_path / "eval"),
+        prompts=str(shared_prompts),
+        n_prompts=1,
+        horizon=1,
+        holdout=HOLDOUT,
+        max_new_tokens=4,
+        max_prompt_tokens=MAX_PROMPT_TOKENS,
+    )
+    with pytest.raises(ValueError, match=f"candidates='{missing}': no such folder"):
+        evaluate(config)
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize(("field", "value"), [("horizon", 9), ("temperature", float("inf")), ("n_prompts", 0)])
+def test_evaluate_settings_are_checked_like_the_training_ones(field: str, value: float) -> None:
+    """The shared field check (refuel.validation) runs for refuel-evaluate too, with the valid range."""
+    with pytest.raises(ValueError, match=f"{field}="):
+        EvaluateConfig(**{field: value})
