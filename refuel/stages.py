@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from refuel.storage import write_json
 
 RUN_MARKER = "run.json"
 RUN_FORMAT = "refuel-train run"
+LEGACY_KEYS = {"output_dir", "policy_model", "pairs_per_iteration"}  # in every run's config.json, in no model's
 
 COLLECTION_FIELDS = (
     *SHARED_FIELDS,
@@ -122,13 +122,11 @@ class RunFolder:
 
     def _read_legacy_run(self) -> bool:
         """Adopt a run written before ``run.json``: its ``config.json`` stands for every stage on disk."""
-        path = self.folder / "config.json"
-        names = {spec.name for spec in fields(RefuelConfig)}
         try:
-            values = json.loads(path.read_text())
+            values = json.loads((self.folder / "config.json").read_text())
         except (OSError, ValueError):
             return False
-        if not isinstance(values, dict) or "pairs_per_iteration" not in values or not set(values) <= names:
+        if not isinstance(values, dict) or not set(values) >= LEGACY_KEYS:
             return False
         for iteration in self.folder.glob("iteration_*"):
             for stage, files in STAGE_FILES.items():
