@@ -348,11 +348,11 @@ class RefuelTrainer:
         self._non_finite_loss = False
         bad_loss, bad_norm = (self.accelerator.reduce(flags, reduction="sum") > 0).tolist()
         if bad_loss or bad_norm:
+            norm_text = "unknown" if norm is None else f"{float(norm):g}"
             raise NonFiniteTrainingError(
                 f"{'a micro-batch loss' if bad_loss else 'the gradient norm'} is not finite (last micro-batch loss "
-                f"{loss.item():g}, gradient norm {None if norm is None else float(norm):g}); the optimizer step was "
-                "not taken. Check the pairs' rewards for huge values (collection.json, pairs.jsonl), or lower "
-                "eta or learning_rate"
+                f"{loss.item():g}, gradient norm {norm_text}); the optimizer step was not taken. Check the pairs' "
+                "rewards for huge values (collection.json, pairs.jsonl), or lower eta or learning_rate"
             )
 
     def train(
