@@ -8,7 +8,9 @@ Every ``refuel-train`` flag is accepted (flags override the ``--config`` file), 
   count, engine (DDP, DeepSpeed, FSDP) and mixed precision are checked against the run config.
 - ``--num_processes N``: overrides the file's process count, as ``accelerate launch`` does.
 
-What is checked: the fields and their combinations (LoRA only where adapters can be merged, precision
+What is checked: every field's type and range (:mod:`refuel.validation`, the check ``refuel-train`` runs),
+``--output_dir`` (a new folder, or a run whose recorded stage settings agree: :mod:`refuel.stages`), the
+fields' combinations (LoRA only where adapters can be merged, precision
 and clipping agreeing with the engine, vLLM tensor parallelism within the GPUs, the user server's
 URL), per-device batch × accumulation × processes = ``effective_batch_size``, and that every model name
 is an embedded model, an existing folder or a well-formed hub id. Hub ids are checked for form only:
