@@ -7,6 +7,7 @@ Any other string is returned unchanged, so Hugging Face hub ids and local paths 
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import shutil
@@ -41,6 +42,35 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def check_model_name(field: str, name: str) -> None:
+    """Check, without loading or downloading anything, that ``name`` can name a model.
+
+    Valid: an embedded model name (:data:`EMBEDDED_MODELS`), an existing folder, or a well-formed hub id.
+    A name without ``/`` close to an embedded one (``smollm2-135m``) is refused with the known names,
+    instead of the hub connection error that loading it would give.
+
+    Args:
+        field: the setting that holds ``name`` (for the message), e.g. ``"policy_model"``.
+
+    Raises:
+        ValueError: names the field, the value, the known names and what else is accepted.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.lower() in EMBEDDED_MODELS or Path(name).expanduser().exists():
+        return
+    known = ", ".join(sorted(EMBEDDED_MODELS))
+    close = [] if "/" in name else difflib.get_close_matches(name.lower(), EMBEDDED_MODELS, n=1)
+    problem = f"not a known model name (did you mean {close[0]!r}?)" if close else None
+    if problem is None:
+        try:
+            validate_repo_id(name)
+        except HFValidationError:
+            problem = "no such folder, and not a hub id (org/name)"
+    if problem:
+        raise ValueError(f"{field}={name!r}: {problem}; known names: {known}; or give an existing folder or a hub id")
 
 
 def cache_dir() -> Path:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import types
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,14 +29,20 @@ def parse_config(config_class: type[ConfigT], argv: Sequence[str] | None, descri
     parser = HfArgumentParser(config_class, description=description)
     parser.add_argument("--config", type=Path, help="YAML or JSON file of defaults; flags override it")
     if known.config is not None:
-        parser.set_defaults(**_read_config_file(known.config, parser))
+        parser.set_defaults(**_read_config_file(known.config, parser, config_class))
     config, *_, remaining = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
     if remaining:
         parser.error(f"unrecognized arguments: {' '.join(remaining)} (see --help for the flags)")
     return config
 
 
-def _read_config_file(path: Path, parser: HfArgumentParser) -> dict[str, Any]:
+def _read_config_file(path: Path, parser: HfArgumentParser, config_class: type) -> dict[str, Any]:
+    """The file's field: value mapping, with YAML's scalars read as the flags would read them.
+
+    A bare string for a list field is a one-item list (``tasks: Math_CoT`` is ``[Math_CoT]``, not its
+    letters) and a number for a float field is a float, also where YAML 1.1 reads a string (``1e-6``).
+    Other types are checked when the config is built (:func:`refuel.validation.check_fields`).
+    """
     if not path.exists():
         parser.error(f"--config {path}: file not found")
     text = path.read_text()
@@ -44,4 +53,16 @@ def _read_config_file(path: Path, parser: HfArgumentParser) -> dict[str, Any]:
     unknown = sorted(set(values) - known)
     if unknown:
         parser.error(f"--config {path}: unknown keys {unknown}; valid keys are the flags of --help")
+    hints = typing.get_type_hints(config_class)
+    for name, value in values.items():
+        if name not in hints:
+            continue
+        annotation = hints[name]
+        options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+        kinds = {typing.get_origin(option) or option for option in options}
+        if isinstance(value, str) and list in kinds:
+            values[name] = [value]
+        elif isinstance(value, str | int) and not isinstance(value, bool) and float in kinds:
+            with contextlib.suppress(ValueError):
+                values[name] = float(value)
     return values

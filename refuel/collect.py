@@ -337,9 +337,9 @@ def _batches(
     """The generator behind :func:`iter_pair_batches` (which checks its arguments eagerly)."""
     env = VectorDialogueEnv(2 * batch_size, simulator=simulator, autoreset_mode=AutoresetMode.DISABLED)
     starts = range(0, len(points), batch_size)
-    for index, start in enumerate(tqdm(starts, desc="collect pairs", unit="batch")):
-        if index in skip:
-            continue
+    todo = [index for index in range(len(starts)) if index not in skip]  # the bar counts only batches run now
+    for index in tqdm(todo, desc="collect pairs", unit="batch"):
+        start = starts[index]
         rng = np.random.default_rng([seed, index])
         batch_points = points[start : start + batch_size]
         batch = _run_batch(env, policy, rollin_policy, batch_points, sampling, rng)

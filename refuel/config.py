@@ -6,10 +6,12 @@ from dataclasses import dataclass, field
 
 from dialogsim.backends.factory import BACKENDS
 from dialogsim.backends.serving import ServingEngine
+from refuel.validation import check_fields
 
 METHODS = ("refuel", "rebel_lt", "dpo_lt")
 PAIR_LAYOUTS = ("shared_prefix", "separate")
 ROLLINS = ("current", "reference", "dataset")  # as refuel.collect.ROLLINS
+RESTARTABLE_STAGES = ("collection", "training")  # as refuel.stages.STAGE_FIELDS
 
 
 def _help(text: str) -> dict[str, str]:
@@ -33,9 +35,9 @@ class RefuelConfig:
         default=False, metadata=_help("let a hub reward model run its own code (ArmoRM needs it)")
     )
     prompts: str | None = field(default=None, metadata=_help("prompt file or hub id; default: shared file"))
-    tasks: list[str] = field(default_factory=lambda: ["Math_CoT"], metadata=_help("UltraInteract tasks to keep"))
-    datasets: list[str] = field(default_factory=lambda: ["gsm8k"], metadata=_help("source datasets to keep"))
-    splits: list[str] = field(default_factory=lambda: ["train"], metadata=_help("source splits to keep"))
+    tasks: list[str] | None = field(default_factory=lambda: ["Math_CoT"], metadata=_help("UltraInteract tasks to keep"))
+    datasets: list[str] | None = field(default_factory=lambda: ["gsm8k"], metadata=_help("source datasets to keep"))
+    splits: list[str] | None = field(default_factory=lambda: ["train"], metadata=_help("source splits to keep"))
     holdout: int = field(default=64, metadata=_help("prompts reserved for evaluation (never trained on)"))
     iterations: int = field(default=1, metadata=_help("REFUEL iterations t = 0..T-1 (paper: 2)"))
     pairs_per_iteration: int = field(default=32, metadata=_help("reset points tried per iteration"))
@@ -98,6 +100,20 @@ class RefuelConfig:
     checkpoint_every: int = field(
         default=10, metadata=_help("optimizer steps between resumable training checkpoints (0: none)")
     )
+    checkpoint_minutes: float = field(
+        default=2.0,
+        metadata=_help(
+            "also checkpoint once this many minutes of training passed since the last checkpoint (0: never); "
+            "a checkpoint of SmolLM2-135M is ~1.6 GB (fp32 weights + AdamW's two moments)"
+        ),
+    )
+    restart_stage: str | None = field(
+        default=None,
+        metadata=_help(
+            "collection | training: start that stage over in a run folder whose recorded settings differ "
+            "(the stage's files and every later iteration are removed); unset: a differing rerun is refused"
+        ),
+    )
     per_device_batch_size: int = field(default=4, metadata=_help("pairs per micro-batch"))
     gradient_accumulation_steps: int = field(default=2, metadata=_help("micro-batches per optimizer step"))
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm"))
@@ -133,22 +149,16 @@ class RefuelConfig:
     seed: int = field(default=0, metadata=_help("seed of collection, data order and initialisation"))
 
     def __post_init__(self) -> None:
+        check_fields(self)
         checks = {
-            "iterations": self.iterations >= 1,
-            "pairs_per_iteration": self.pairs_per_iteration >= 2,
-            "eta": self.eta > 0,
-            "temperature": self.temperature > 0,
-            "validation_fraction": 0 <= self.validation_fraction < 1,
-            "per_device_batch_size": self.per_device_batch_size >= 1,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps >= 1,
             "backend": self.backend in ServingEngine.SYNCABLE,
             "method": self.method in METHODS,
             "pair_layout": self.pair_layout in PAIR_LAYOUTS,
             "rollin": self.rollin in ROLLINS and (self.rollin == "current" or self.method == "refuel"),
             "offline_dialogues": self.rollin != "dataset" or bool(self.offline_dialogues),
-            "dpo_beta": self.dpo_beta > 0,
             "user_backend": self.user_backend in (*BACKENDS, "auto"),
             "user_base_url": self.user_backend != "openai" or bool(self.user_base_url),
+            "restart_stage": self.restart_stage in (None, *RESTARTABLE_STAGES),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

@@ -45,7 +45,7 @@ from dialogsim.judges.base import JudgePair, PairwiseJudge
 from dialogsim.judges.factory import build_judge
 from dialogsim.judges.reward_judge import RewardModelJudge
 from dialogsim.messages import Message
-from dialogsim.models import resolve_model
+from dialogsim.models import check_model_name, resolve_model
 from dialogsim.prompts import PromptRow
 from dialogsim.rewards.code_verifier import CodeTestReward
 from dialogsim.rewards.factory import NO_REWARD_SPEC, build_reward_model, check_reward_scores
@@ -58,6 +58,7 @@ from refuel.labels import method_names, policy_labels
 from refuel.report import write_html_report
 from refuel.rollout import PolicyRun, run_policies
 from refuel.storage import read_rows, write_rows
+from refuel.validation import check_fields
 from refuel.winrate import count_table, judge_statistics, paper_table, per_turn_win_rates, save_report
 
 logger = logging.getLogger(__name__)
@@ -87,13 +88,13 @@ class EvaluateConfig:
     baseline: str = field(default="smollm2-135m-instruct", metadata={"help": "baseline policy (π_0)"})
     output_dir: str = field(default="runs/refuel/eval", metadata={"help": "where dialogues and reports go"})
     prompts: str | None = field(default=None, metadata={"help": "prompt file or hub id; default: shared file"})
-    tasks: list[str] = field(
+    tasks: list[str] | None = field(
         default_factory=lambda: ["Math_CoT"], metadata={"help": "tasks to keep ('all': every one)"}
     )
-    datasets: list[str] = field(
+    datasets: list[str] | None = field(
         default_factory=lambda: ["gsm8k"], metadata={"help": "source datasets to keep ('all': every one)"}
     )
-    splits: list[str] = field(
+    splits: list[str] | None = field(
         default_factory=lambda: ["train"], metadata={"help": "source splits to keep ('all': every one)"}
     )
     holdout: int = field(default=64, metadata={"help": "held-out prompts (same value as refuel-train's)"})
@@ -155,6 +156,9 @@ class EvaluateConfig:
         default="compare",
         metadata={"help": "LLM judge prompt: 'compare' (comparison, then A/B) or 'letter' (A/B only; small models)"},
     )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def policy_identity(policy: str) -> dict[str, Any]:
@@ -269,8 +273,27 @@ def judge_dialogues(
     )
 
 
+def check_policies(config: EvaluateConfig) -> None:
+    """Check every model name of ``config`` (:func:`~dialogsim.models.check_model_name`) before anything loads.
+
+    Raises:
+        ValueError: a candidate, the baseline, the user or the LLM judge is neither a known name, an existing
+            folder nor a hub id (e.g. a candidate's ``policy`` folder that a training run never wrote).
+    """
+    names = [("baseline", config.baseline), *(("candidates", candidate) for candidate in config.candidates)]
+    if config.user_backend != "openai":
+        names.append(("user_model", config.user_model))
+    if config.judge == "llm" and config.judge_backend != "openai":
+        names.append(("judge_model", config.judge_model))
+    for field_name, name in names:
+        check_model_name(field_name, name)
+
+
 def evaluate(config: EvaluateConfig) -> dict[str, Path]:
     """Generate (or reuse) dialogues, judge every turn, diagnose every policy, print the tables, write the reports.
+
+    Raises:
+        ValueError: a model name is invalid (:func:`check_policies`), before anything is generated.
 
     Returns:
         Paths of ``csv`` (win rates), ``png``, ``judgements``, ``judge_stats``, ``diagnostics`` (CSV),
@@ -280,6 +303,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Path]:
         ValueError: ``--judge reward`` with a ``--reward`` that cannot score the selected tasks
             (:func:`~dialogsim.rewards.factory.check_reward_scores`), before any dialogue is generated.
     """
+    check_policies(config)
     policies = [config.baseline, *config.candidates]
     names, files = policy_labels(policies), method_names(policies)
     rows, description = evaluation_prompts(config)

@@ -8,7 +8,9 @@ Every ``refuel-train`` flag is accepted (flags override the ``--config`` file), 
   count, engine (DDP, DeepSpeed, FSDP) and mixed precision are checked against the run config.
 - ``--num_processes N``: overrides the file's process count, as ``accelerate launch`` does.
 
-What is checked: the fields and their combinations (LoRA only where adapters can be merged, precision
+What is checked: every field's type and range (:mod:`refuel.validation`, the check ``refuel-train`` runs),
+``--output_dir`` (a new folder, or a run whose recorded stage settings agree: :mod:`refuel.stages`), the
+fields' combinations (LoRA only where adapters can be merged, precision
 and clipping agreeing with the engine, vLLM tensor parallelism within the GPUs, the user server's
 URL), per-device batch × accumulation × processes = ``effective_batch_size``, and that every model name
 is an embedded model, an existing folder or a well-formed hub id. Hub ids are checked for form only:
@@ -30,6 +32,7 @@ from urllib.parse import urlparse
 
 from refuel.cli import parse_config
 from refuel.config import RefuelConfig
+from refuel.stages import RunFolder, RunFolderError
 
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 SHARDED_TYPES = ("DEEPSPEED", "FSDP")
@@ -37,25 +40,13 @@ REMOTE_CODE_REWARDS = ("armorm",)  # reward models whose hub code must run (trus
 
 
 def check_memory_options(config: RefuelConfig) -> None:
-    """Validate the run config's memory and scale-out fields (``lora_*``, ``effective_batch_size``).
+    """Validate the memory fields that :func:`refuel.validation.check_fields` cannot (its ranges cover ``lora_*``).
 
     Raises:
-        ValueError: names each bad field, its value and the allowed range.
+        ValueError: ``lora_target_modules`` is empty.
     """
-    checks = {
-        "lora_r": config.lora_r >= 0,
-        "lora_alpha": config.lora_alpha > 0,
-        "lora_dropout": 0 <= config.lora_dropout < 1,
-        "lora_target_modules": bool(config.lora_target_modules),
-        "effective_batch_size": config.effective_batch_size is None or config.effective_batch_size >= 1,
-    }
-    bad = [name for name, ok in checks.items() if not ok]
-    if bad:
-        raise ValueError(
-            f"invalid RefuelConfig values: {', '.join(f'{n}={getattr(config, n)!r}' for n in bad)} "
-            "(lora_r >= 0, lora_alpha > 0, 0 <= lora_dropout < 1, lora_target_modules non-empty, "
-            "effective_batch_size >= 1 or unset)"
-        )
+    if not config.lora_target_modules:
+        raise ValueError("invalid RefuelConfig values: lora_target_modules=[] (valid: all-linear, or module names)")
 
 
 @dataclass
@@ -141,29 +132,19 @@ def read_launch(path: Path | None, num_processes: int | None, plan: Plan) -> Lau
 
 
 def describe_model(field_name: str, value: str, plan: Plan) -> str:
-    """What kind of model name ``value`` is; an ill-formed name is recorded in ``plan.errors``."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    """What kind of model name ``value`` is; an invalid name (:func:`~dialogsim.models.check_model_name`) is
+    recorded in ``plan.errors``."""
+    from dialogsim.models import EMBEDDED_MODELS, check_model_name
 
-    from dialogsim.models import EMBEDDED_MODELS
-
+    try:
+        check_model_name(field_name, value)
+    except ValueError as error:
+        plan.errors.append(str(error))
+        return "invalid"
     if value.lower() in EMBEDDED_MODELS:
         return "embedded model (PyPI package)"
     if Path(value).expanduser().exists():
         return "local folder"
-    problem = None
-    if value.startswith((".", "/", "~")) or "/" not in value:
-        problem = "no such folder, and not an org/name hub id"
-    else:
-        try:
-            validate_repo_id(value)
-        except HFValidationError as error:
-            problem = f"not a valid hub id ({error})"
-    if problem:
-        embedded = ", ".join(sorted(EMBEDDED_MODELS))
-        plan.errors.append(
-            f"{field_name}={value!r}: {problem}; use an embedded name ({embedded}), a folder or org/name"
-        )
-        return "invalid"
     return "hub id, checked for form only"
 
 
@@ -306,6 +287,16 @@ def make_plan(
         plan.warnings.append(f"at most {train_pairs} training pairs per iteration: less than one step of {effective}")
     if validation_pairs == 0:
         plan.warnings.append("no validation pairs: validation_fraction × pairs_per_iteration rounds to 0")
+    step_checkpoints = (steps - 1) // config.checkpoint_every if config.checkpoint_every else 0
+    if step_checkpoints == 0 and not config.checkpoint_minutes:
+        plan.warnings.append(
+            f"no training checkpoint will be written (≤ {steps} steps, checkpoint_every {config.checkpoint_every}, "
+            "checkpoint_minutes 0): a kill during training loses it; set checkpoint_minutes or checkpoint_every"
+        )
+    try:
+        RunFolder(Path(config.output_dir)).check(config)
+    except RunFolderError as error:
+        plan.errors.append(str(error))
 
     # the plan
     run_config = str(config_file) if config_file else "<run config>"
@@ -354,6 +345,13 @@ def make_plan(
         f"weight decay {config.weight_decay:g}, gradient clipping {config.max_grad_norm}",
         f"objective      {objective}; π_t log-probs once per iteration before the steps (no reference model)",
         f"memory         {', '.join(memory)}",
+        f"checkpoints    {step_checkpoints} per iteration by steps (every {config.checkpoint_every or 'never'}), "
+        + (
+            f"plus one after any step ending ≥ {config.checkpoint_minutes:g} min after the last"
+            if config.checkpoint_minutes
+            else "none by time"
+        )
+        + "; none after the last step",
         f"output         {config.output_dir}/iteration_<t>/policy (π_(t+1), a plain save_pretrained folder)",
     ]
     return plan

@@ -3,6 +3,7 @@
 Layout of one iteration's collection folder::
 
     <folder>/manifest.json       settings fingerprint and, per finished batch, its shard file, drops, sources
+                                 and collection seconds
     <folder>/shard-<b>.jsonl     the kept pairs of batch b (absent when every pair of the batch was dropped)
 
 A batch counts as done only once the manifest lists it; the manifest is rewritten atomically after
@@ -61,9 +62,10 @@ class PairShards:
         """Indices of the batches already on disk."""
         return frozenset(int(index) for index in self.manifest["batches"])
 
-    def write(self, index: int, batch: CollectionResult) -> None:
-        """Store batch ``index``: its shard first (atomic), then the manifest entry (atomic)."""
+    def write(self, index: int, batch: CollectionResult, seconds: float = 0.0) -> None:
+        """Store batch ``index`` and the ``seconds`` it took: its shard first (atomic), then the manifest entry."""
         entry: dict[str, Any] = {
+            "seconds": seconds,
             "pairs": len(batch.pairs),
             "dropped": dict(batch.dropped),
             "sources": dict(batch.sources),
@@ -74,6 +76,10 @@ class PairShards:
             write_rows(batch.pairs, self.folder / entry["file"])
         self.manifest["batches"][str(index)] = entry
         write_json(self.manifest, self.folder / MANIFEST)
+
+    def seconds(self) -> float:
+        """Collection time of the batches on disk, summed over every run that wrote some (seconds)."""
+        return sum(entry.get("seconds", 0.0) for entry in self.manifest["batches"].values())
 
     def read(self) -> CollectionResult:
         """All stored pairs in batch order, and the summed drop counts.

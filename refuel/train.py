@@ -1,14 +1,17 @@
 """``refuel-train``: N REFUEL iterations, each collect → π_t log-probs → regression → π_{t+1}.
 
-Run directory layout (every file written atomically; a re-run resumes after the last finished stage)::
+Run directory layout (every file written atomically; a re-run resumes after the last finished stage,
+and is refused if its settings differ from those a started stage recorded: :mod:`refuel.stages`)::
 
-    <output_dir>/config.json
+    <output_dir>/run.json                       marks the folder as a run; each stage's settings (refuel.stages)
+    <output_dir>/config.json                    the settings of the latest (accepted) invocation
     <output_dir>/provenance.json                package versions, model weight and data file SHA-256
     <output_dir>/iteration_<t>/shards/          collection in progress: one shard per batch + manifest.json
     <output_dir>/iteration_<t>/checkpoints/     training in progress: the latest resumable training state
     <output_dir>/iteration_<t>/pairs.jsonl      collected pairs with token ids, masks (and π_t log-probs)
     <output_dir>/iteration_<t>/collection.json  drops by reason, user parse rate, tokenisation checks
-    <output_dir>/iteration_<t>/metrics.json     drops by reason, validation before/after, step log
+    <output_dir>/iteration_<t>/metrics.json     drops by reason, validation before/after, step log; written
+                                                last, it marks the iteration as done
     <output_dir>/iteration_<t>/policy/          π_{t+1} (save_pretrained folder)
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -34,17 +38,18 @@ from dialogsim.backends.serving import ServingEngine, resolve_user_backend, user
 from dialogsim.backends.transformers_backend import load_tokenizer
 from dialogsim.data import load_offline_dialogues
 from dialogsim.dialogue import fingerprint
-from dialogsim.models import resolve_model
+from dialogsim.models import check_model_name, resolve_model
 from dialogsim.rewards.factory import check_reward_scores
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
-from envs.build import SHARED_FIELDS, build_simulator_from
+from envs.build import build_simulator_from
 from refuel.cli import parse_config
 from refuel.collect import ResetDistribution, iter_pair_batches
 from refuel.config import RefuelConfig
 from refuel.pairs import tokenize_pair
 from refuel.provenance import run_provenance
 from refuel.shards import PairShards
+from refuel.stages import RunFolder, RunFolderError, stage_settings
 from refuel.storage import read_rows, write_json, write_rows
 from refuel.trainer import RefuelTrainer
 
@@ -106,25 +111,6 @@ class PolicyEngine:
         return self.current.role(policy_path)
 
 
-COLLECTION_FIELDS = (
-    *SHARED_FIELDS,
-    "pairs_per_iteration",
-    "max_horizon",
-    "max_new_tokens",
-    "temperature",
-    "top_p",
-    "generation_batch_size",
-    "backend",
-    "method",
-    "rollin",
-    "rollin_beta",
-    "dataset_weight",
-    "offline_dialogues",
-    "offline_limit",
-    "seed",
-)
-
-
 def build_reset(config: RefuelConfig, simulator: DialogueSimulator, stats: dict[str, Any]) -> ResetDistribution | None:
     """Where pairs start (``--rollin``); ``None`` for the LT baselines (π_ref roll-ins to h = H).
 
@@ -166,7 +152,7 @@ def prepare_pairs(
         logger.info("resuming: reusing %s", path)
         return
     policy_path = stats["policy_in"]
-    settings = {name: getattr(config, name) for name in COLLECTION_FIELDS} | {"policy": policy_path}
+    settings = stage_settings(config, "collection") | {"policy": policy_path}
     shards = PairShards(path.with_name("shards"), fingerprint(settings))
     if shards.done():
         logger.info("resuming: %d collected batches on disk in %s", len(shards.done()), shards.folder)
@@ -183,10 +169,11 @@ def prepare_pairs(
         skip=shards.done(),
         reset=build_reset(config, simulator, stats),
     )
-    for index, batch in batches:
-        shards.write(index, batch)
+    for index, batch in batches:  # a batch's seconds include the set-up before it (engine start, planning)
+        shards.write(index, batch, seconds=time.perf_counter() - started)
+        started = time.perf_counter()
     result = shards.read()
-    stats["collection_seconds"] = time.perf_counter() - started
+    stats["collection_seconds"] = shards.seconds()  # of every run that collected, not only the last one
     stats["dropped"] = dict(result.dropped)
     stats["reset_sources"] = dict(result.sources)
     stats["user_parse_rate"] = simulator.user.parse_rate
@@ -220,7 +207,7 @@ def train_iteration(
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
     trainer = RefuelTrainer(config, model, tokenizer, train_rows, val_rows)
     before = {split: asdict(trainer.validate(split)) for split in ("train", "validation")}
-    log = trainer.train(checkpoints, config.checkpoint_every)
+    log = trainer.train(checkpoints, config.checkpoint_every, config.checkpoint_minutes)
     after = {split: asdict(trainer.validate(split)) for split in ("train", "validation")}
     metrics = {
         "train_pairs": len(train_rows),
@@ -239,44 +226,61 @@ def train_iteration(
 def run(config: RefuelConfig) -> str:
     """Run all iterations; returns the folder of the last policy π_T.
 
-    Under ``accelerate launch`` the main process alone collects and writes the run files; the other
-    processes wait for ``pairs.jsonl`` and join the training (each takes its share of every batch).
+    Before anything is written or loaded, the reward is checked against the selected tasks and the run folder
+    is checked (:class:`~refuel.stages.RunFolder`): a folder of another program, or stages recorded with
+    settings that differ from ``config``'s, are refused. Under ``accelerate launch`` the main process alone
+    collects and writes the run files; the other processes wait for ``pairs.jsonl`` and join the training
+    (each takes its share of every batch).
 
     Raises:
         ValueError: ``config.reward`` cannot score the selected tasks, or is ``"none"``
-            (:func:`~dialogsim.rewards.factory.check_reward_scores`).
+            (:func:`~dialogsim.rewards.factory.check_reward_scores`); a model name is neither a known name,
+            a folder nor a hub id.
+        RunFolderError: ``output_dir`` is not this run's folder (see :meth:`~refuel.stages.RunFolder.check`).
     """
     check_reward_scores(config.reward, config.tasks)  # before anything is written or generated
+    run_dir = Path(config.output_dir)
+    folder = RunFolder(run_dir)
+    restart = folder.check(config)
+    check_model_name("policy_model", config.policy_model)
+    if config.user_backend != "openai":
+        check_model_name("user_model", config.user_model)
     set_seed(config.seed)
     state = PartialState()
-    run_dir = Path(config.output_dir)
     if state.is_main_process:
+        if restart is not None:
+            logger.warning("--restart_stage %s: starting %s's %s over", config.restart_stage, *restart)
+            folder.restart(*restart)
+        folder.save()
         write_json(asdict(config), run_dir / "config.json")
         models = {"policy": config.policy_model, "user": config.user_model, "reward": config.reward}
         write_json(run_provenance(models, [config.prompts]), run_dir / "provenance.json")
+    state.wait_for_everyone()
     simulator: DialogueSimulator | None = None
     tokenizer = load_tokenizer(config.policy_model)
     policy_path = resolve_model(config.policy_model)
     engine = PolicyEngine(config)
     for iteration in range(config.iterations):
         iteration_dir = run_dir / f"iteration_{iteration}"
-        if (iteration_dir / "policy" / "config.json").exists():
+        if (iteration_dir / "metrics.json").exists():  # written last
             logger.info("resuming: iteration %d already trained", iteration)
             policy_path = str(iteration_dir / "policy")
             continue
         stats: dict[str, Any] = {"iteration": iteration, "policy_in": policy_path}
         if state.is_main_process:
+            folder.record(iteration, "collection", config)
             simulator = simulator or build_training_simulator(config, engine)
             prepare_pairs(config, simulator, engine, iteration, stats)
+            folder.record(iteration, "training", config)
         state.wait_for_everyone()
         rows = read_rows(iteration_dir / "pairs.jsonl")
         stats |= json.loads((iteration_dir / "collection.json").read_text()) | {"pairs": len(rows)}
         trainer, metrics = train_iteration(config, rows, policy_path, tokenizer, iteration_dir / "checkpoints")
         trainer.save(iteration_dir / "policy", tokenizer)
         if state.is_main_process:
-            shutil.rmtree(iteration_dir / "checkpoints", ignore_errors=True)
             write_rows(rows, iteration_dir / "pairs.jsonl")  # now with the π_t log-probs
-            write_json(stats | metrics, iteration_dir / "metrics.json")
+            write_json(stats | metrics, iteration_dir / "metrics.json")  # marks the iteration as done
+            shutil.rmtree(iteration_dir / "checkpoints", ignore_errors=True)
             _report(iteration_dir, stats | metrics)
         state.wait_for_everyone()
         policy_path = str(iteration_dir / "policy")
@@ -303,7 +307,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``refuel-train`` / ``python -m refuel.train``."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = parse_config(RefuelConfig, argv, description=__doc__)
-    print(f"final policy: {run(config)}")
+    try:
+        print(f"final policy: {run(config)}")
+    except RunFolderError as error:
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

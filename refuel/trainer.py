@@ -30,6 +30,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
@@ -52,6 +53,10 @@ from refuel.pairs import pad_pairs
 from refuel.plan import check_memory_options
 
 SHARDED_ENGINES = (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """A loss or the gradient norm of an optimizer step is not finite; the step was not taken."""
 
 
 @dataclass
@@ -147,6 +152,7 @@ class RefuelTrainer:
         self._check_launch()
         self.pad_id = tokenizer.pad_token_id
         self._merged = False
+        self._non_finite_loss = False  # a micro-batch loss of the step being accumulated was not finite
         model = apply_memory_options(model, config)
         group = self.effective_batch_size  # pairs per optimizer step
         splits = {"train": train_rows, "validation": val_rows}
@@ -313,18 +319,45 @@ class RefuelTrainer:
 
         Returns:
             The micro-batch's REFUEL loss (detached scalar, nats²).
+
+        Raises:
+            NonFiniteTrainingError: at the end of an accumulation, a micro-batch loss or the gradient norm
+                was not finite (in any process); the optimizer step is not taken, so the weights stay those
+                of the last good step.
         """
         with self.accelerator.accumulate(self.model):
             loss, _, _ = self._pair_terms(batch)
+            self._non_finite_loss |= not bool(torch.isfinite(loss.detach()))
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients:
-                self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+                norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+                self._check_finite(loss, norm)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad()
         return loss.detach()
 
-    def train(self, checkpoints: Path | None = None, checkpoint_every: int = 0) -> list[dict[str, float]]:
+    def _check_finite(self, loss: torch.Tensor, norm: torch.Tensor | None) -> None:
+        """Raise (in every process alike) if a loss of this step or the gradient norm is not finite.
+
+        ``norm`` is the global norm (None where the engine clips by itself, e.g. DeepSpeed); the loss flags
+        are summed over the processes, so all of them stop at the same step.
+        """
+        bad_norm = norm is not None and not bool(torch.isfinite(norm))
+        flags = torch.tensor([float(self._non_finite_loss), float(bad_norm)], device=self.accelerator.device)
+        self._non_finite_loss = False
+        bad_loss, bad_norm = (self.accelerator.reduce(flags, reduction="sum") > 0).tolist()
+        if bad_loss or bad_norm:
+            norm_text = "unknown" if norm is None else f"{float(norm):g}"
+            raise NonFiniteTrainingError(
+                f"{'a micro-batch loss' if bad_loss else 'the gradient norm'} is not finite (last micro-batch loss "
+                f"{loss.item():g}, gradient norm {norm_text}); the optimizer step was not taken. Check the pairs' "
+                "rewards for huge values (collection.json, pairs.jsonl), or lower eta or learning_rate"
+            )
+
+    def train(
+        self, checkpoints: Path | None = None, checkpoint_every: int = 0, checkpoint_minutes: float = 0.0
+    ) -> list[dict[str, float]]:
         """Run ``epochs`` passes of gradient steps; returns the per-optimizer-step log.
 
         Each entry has ``loss`` (the step's mean micro-batch loss over all processes, nats²) and ``lr``
@@ -336,9 +369,14 @@ class RefuelTrainer:
                 restored and the micro-batches already trained on are skipped (the seeded data order is
                 replayed, so the rest comes in the same order as in an uninterrupted run).
             checkpoint_every: write a checkpoint every this many optimizer steps (0: never).
+            checkpoint_minutes: also write one after a step that ends this many minutes (wall clock, the
+                main process's) after the last checkpoint or the start (0: never). No checkpoint follows
+                the last step: π_{t+1} is saved next.
 
         Raises:
             RuntimeError: called after :meth:`save` merged LoRA adapters into the weights.
+            NonFiniteTrainingError: a loss or gradient of step n is not finite; the weights are those after
+                step n − 1 (never updated with non-finite values) and the checkpoints stay on disk.
         """
         if self._merged:
             raise RuntimeError("save() merged the LoRA adapters into π_{t+1}; start a new RefuelTrainer to train on")
@@ -356,13 +394,21 @@ class RefuelTrainer:
             unit="step",
             disable=not self.accelerator.is_local_main_process,
         )
+        last_checkpoint = time.monotonic()
         for epoch in range(self.config.epochs):
             self.model.train()
             losses: list[torch.Tensor] = []
             for index, (_, batch) in enumerate(self.train_loader):
                 if (epoch, index) <= done:
                     continue  # trained on before the checkpoint; iterating keeps the data order
-                losses.append(self.training_step(batch))
+                try:
+                    losses.append(self.training_step(batch))
+                except NonFiniteTrainingError as error:
+                    kept = f"; the last checkpoint is in {checkpoints}" if checkpoints is not None else ""
+                    raise NonFiniteTrainingError(
+                        f"training stopped at optimizer step {len(log) + 1} of {self.total_steps}: {error}. The "
+                        f"weights are those after step {len(log)}; nothing was saved{kept}"
+                    ) from None
                 if not self.accelerator.sync_gradients:
                     continue
                 loss = self.accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
@@ -370,11 +416,21 @@ class RefuelTrainer:
                 log.append({"loss": loss, "lr": self.scheduler.get_last_lr()[0]})
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.4f}")
-                if checkpoints is not None and checkpoint_every and len(log) % checkpoint_every == 0:
+                minutes = (time.monotonic() - last_checkpoint) / 60
+                due = bool(checkpoint_every and len(log) % checkpoint_every == 0)
+                due |= bool(checkpoint_minutes and minutes >= checkpoint_minutes)
+                if checkpoints is not None and len(log) < self.total_steps and self._agree(due):
                     position = {"epoch": epoch, "batch": index, "accelerate_step": self.accelerator.step, "log": log}
                     save_training_state(self.accelerator, checkpoints, len(log), position)
+                    last_checkpoint = time.monotonic()
         progress.close()
         return log
+
+    def _agree(self, decision: bool) -> bool:
+        """The main process's ``decision``, in every process (a checkpoint is collective; clocks differ)."""
+        if self.accelerator.num_processes == 1:
+            return decision
+        return broadcast_object_list([decision])[0]
 
     def save(self, folder: Path, tokenizer: PreTrainedTokenizerBase) -> None:
         """Write π_{t+1} as a plain ``save_pretrained`` folder, atomically (staging folder, then rename).
@@ -384,10 +440,19 @@ class RefuelTrainer:
         that the next iteration loads as π_t, and the trainer's model is that plain model afterwards.
         DeepSpeed ZeRO-3 / FSDP gather the full state dict (ZeRO-3: 16-bit weights); only the main
         process writes.
+
+        Raises:
+            NonFiniteTrainingError: a weight is NaN or infinite (nothing is written).
         """
         if self.config.lora_r and not self._merged:
             self.model = self.accelerator.unwrap_model(self.model).merge_and_unload()
             self._merged = True
+        bad = [name for name, weight in self.model.named_parameters() if not weight.detach().isfinite().all()]
+        flag = torch.tensor([float(bool(bad))], device=self.accelerator.device)
+        if self.accelerator.reduce(flag, reduction="sum").item():  # every process's shard, so all stop alike
+            raise NonFiniteTrainingError(
+                f"refusing to save π_(t+1) to {folder}: non-finite weights ({bad[:3] or 'in another process'})"
+            )
         self.accelerator.wait_for_everyone()
         sharded = self.accelerator.distributed_type in SHARDED_ENGINES
         state_dict = self.accelerator.get_state_dict(self.model) if sharded else None  # collective

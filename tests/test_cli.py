@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -179,4 +180,38 @@ def test_help_prints_every_flag(module: str, capsys: pytest.CaptureFixture[str])
 def test_invalid_combinations_name_the_field(argv: list[str], field: str) -> None:
     """Settings that cannot work together are refused when the config is built, naming the field."""
     with pytest.raises(ValueError, match=field):
+        parse_config(RefuelConfig, argv, description="test")
+
+
+@pytest.mark.parametrize(
+    ("yaml_line", "message"),
+    [
+        ("pairs_per_iteration: 4.5", "pairs_per_iteration=4.5 (valid: an integer ≥ 2)"),
+        ("max_horizon: 9", "max_horizon=9 (valid: an integer ≥ 1 and ≤ 5)"),
+        ("max_horizon: 0", "max_horizon=0 (valid: an integer ≥ 1 and ≤ 5)"),
+        ("eta: .inf", "eta=inf (valid: a finite number > 0)"),
+        ("learning_rate: -1", "learning_rate=-1.0 (valid: a finite number > 0)"),
+        ("top_p: 1.5", "top_p=1.5 (valid: a finite number > 0 and ≤ 1)"),
+        ("mixed_precision: no", "mixed_precision=False (valid: a string"),
+        ("datasets: [1, 2]", "datasets=[1, 2] (valid: a list of strings)"),
+    ],
+)
+def test_config_file_values_are_checked_for_type_and_range(yaml_line: str, message: str, tmp_path: Path) -> None:
+    """Values from a YAML file bypass argparse's types: the field check refuses them with the valid range."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_line + "\n")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_config(RefuelConfig, ["--config", str(path)], description="test")
+
+
+def test_a_scalar_task_in_a_config_file_is_one_task(tmp_path: Path) -> None:
+    """``tasks: Math_CoT`` is the one task Math_CoT, not the letters M, a, t, h, …"""
+    path = tmp_path / "run.yaml"
+    path.write_text("tasks: Math_CoT\n")
+    assert parse_config(RefuelConfig, ["--config", str(path)], description="test").tasks == ["Math_CoT"]
+
+
+@pytest.mark.parametrize("argv", [["--eta", "inf"], ["--learning_rate", "nan"], ["--max_horizon", "6"]])
+def test_non_finite_or_out_of_range_flags_are_refused(argv: list[str]) -> None:
+    with pytest.raises(ValueError, match=argv[0].removeprefix("--") + "="):
         parse_config(RefuelConfig, argv, description="test")

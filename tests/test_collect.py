@@ -202,3 +202,13 @@ def test_any_batch_reruns_alone_exactly(simulator: DialogueSimulator, policy: Tr
     resumed = dict(iter_pair_batches(simulator, policy, N_PAIRS, SAMPLING, seed=5, batch_size=2, skip=frozenset({0})))
     assert list(full) == [0, 1] and list(resumed) == [1]
     assert resumed[1].pairs == full[1].pairs and resumed[1].dropped == full[1].dropped
+
+
+def test_a_resumed_collection_counts_only_the_batches_it_runs(
+    simulator: DialogueSimulator, policy: TransformersBackend, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With batch 0 on disk, the progress bar runs over the one batch left (1/1), not 2/2 (its rate would lie)."""
+    capsys.readouterr()
+    list(iter_pair_batches(simulator, policy, N_PAIRS, SAMPLING, seed=5, batch_size=2, skip=frozenset({0})))
+    err = capsys.readouterr().err
+    assert "1/1" in err and "2/2" not in err

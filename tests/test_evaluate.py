@@ -262,3 +262,32 @@ def json_rows(path: Path) -> list[dict]:
 def test_all_rows_needs_a_prompt_file() -> None:
     with pytest.raises(ValueError, match="pass --prompts <your test file>"):
         evaluation_prompts(EvaluateConfig(all_rows=True))
+
+
+def test_a_missing_candidate_is_refused_before_any_dialogue_is_generated(
+    tmp_path: Path, tiny_model_path: str, shared_prompts: Path, one_torch_thread: None
+) -> None:
+    """A candidate folder that no run wrote: refused naming it, and the baseline's dialogues are not generated."""
+    missing = tmp_path / "run" / "iteration_0" / "policy"
+    config = EvaluateConfig(
+        candidates=[str(missing)],
+        baseline=tiny_model_path,
+        user_model=tiny_model_path,
+        output_dir=str(tmp_path / "eval"),
+        prompts=str(shared_prompts),
+        n_prompts=1,
+        horizon=1,
+        holdout=HOLDOUT,
+        max_new_tokens=4,
+        max_prompt_tokens=MAX_PROMPT_TOKENS,
+    )
+    with pytest.raises(ValueError, match=f"candidates='{missing}': no such folder"):
+        evaluate(config)
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize(("field", "value"), [("horizon", 9), ("temperature", float("inf")), ("n_prompts", 0)])
+def test_evaluate_settings_are_checked_like_the_training_ones(field: str, value: float) -> None:
+    """The shared field check (refuel.validation) runs for refuel-evaluate too, with the valid range."""
+    with pytest.raises(ValueError, match=f"{field}="):
+        EvaluateConfig(**{field: value})

@@ -104,7 +104,6 @@ def test_lora_is_valid_on_ddp_only(offline: None) -> None:
         (("--reward", "./no/such/rm"), None, "fsdp.yaml", "reward='./no/such/rm': no such folder"),
         (("--max_grad_norm", "0.5"), None, "deepspeed_zero3.yaml", "gradient_clipping=1.0 differs from max_grad_norm"),
         (("--user_base_url", "localhost:8000"), None, "fsdp.yaml", "user_base_url='localhost:8000' is not an http"),
-        (("--lora_dropout", "1.5"), None, "ddp.yaml", "lora_dropout=1.5"),
         (("--max_new_tokens", "9000"), None, "fsdp.yaml", "max_new_tokens=9000 must be below"),
     ],
 )
@@ -144,3 +143,46 @@ def test_cpu_main_config_plans_a_single_process(offline: None, capsys: pytest.Ca
         main(["--config", str(RECIPE), "--eta", "-1"])
     assert exit_info.value.code == 1
     assert "eta=-1.0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("flags", "yaml_line", "message"),
+    [
+        (("--max_horizon", "9"), None, "max_horizon=9 (valid: an integer ≥ 1 and ≤ 5)"),
+        (("--learning_rate", "-1"), None, "learning_rate=-1.0 (valid: a finite number > 0)"),
+        (("--eta", "inf"), None, "eta=inf (valid: a finite number > 0)"),
+        ((), "pairs_per_iteration: 4.5", "pairs_per_iteration=4.5 (valid: an integer ≥ 2)"),
+    ],
+)
+def test_plan_refuses_what_train_refuses(
+    flags: tuple[str, ...], yaml_line: str | None, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """refuel-plan runs the same field check as refuel-train, before anything else: exit 1 with the valid range."""
+    config = tmp_path / "run.yaml"
+    config.write_text((REPO / "configs" / "cpu_main.yaml").read_text() + (yaml_line or "") + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config), *flags])
+    assert exit_info.value.code == 1
+    assert message in capsys.readouterr().out
+
+
+def test_plan_reads_a_scalar_task_as_one_task(tmp_path: Path, offline: None) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text((REPO / "configs" / "cpu_main.yaml").read_text() + "tasks: Math_CoT\n")
+    plan = make_plan(parse_config(RefuelConfig, ["--config", str(config)], description="test"))
+    assert any("tasks Math_CoT;" in line for line in plan.lines), plan.lines
+
+
+def test_plan_says_when_a_run_writes_no_training_checkpoint(offline: None) -> None:
+    """The main job (6 steps) gets a checkpoint by time by default; without one the plan warns."""
+    main_job = ["--config", str(REPO / "configs" / "cpu_main.yaml")]
+    plan = make_plan(parse_config(RefuelConfig, main_job, description="test"))
+    assert not any("no training checkpoint" in warning for warning in plan.warnings)
+    assert any(line.startswith("checkpoints") and "2 min" in line for line in plan.lines)
+    plan = make_plan(parse_config(RefuelConfig, [*main_job, "--checkpoint_minutes", "0"], description="test"))
+    assert any("no training checkpoint will be written (≤ 6 steps" in warning for warning in plan.warnings)
+
+
+def test_plan_refuses_an_output_dir_that_is_not_a_run(tiny_model_path: str, offline: None) -> None:
+    plan = make_plan(parse_config(RefuelConfig, ["--output_dir", tiny_model_path], description="test"))
+    assert any("not a refuel-train run" in error for error in plan.errors), plan.errors

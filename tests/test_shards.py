@@ -109,3 +109,11 @@ def test_sigkill_during_collection_then_resume_gives_the_uninterrupted_pairs(
     assert resumed == expected and len({row["snapshot_json"] for row in resumed}) == len(resumed)
     collection = json.loads((killed / "iteration_0" / "collection.json").read_text())
     assert collection["dropped"] == json.loads((reference / "iteration_0" / "collection.json").read_text())["dropped"]
+
+
+def test_collection_seconds_add_up_over_resumed_runs(tmp_path: Path) -> None:
+    """A run that collected batch 0 in 2 s, killed, then a resume that collected batch 1 in 3 s: 5 s in all."""
+    PairShards(tmp_path, "s").write(0, _batch(1), seconds=2.0)
+    resumed = PairShards(tmp_path, "s")
+    resumed.write(1, _batch(1), seconds=3.0)
+    assert resumed.seconds() == 5.0 and PairShards(tmp_path, "s").seconds() == 5.0

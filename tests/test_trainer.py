@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from dialogsim.backends.transformers_backend import chat_prompt_ids, load_tokenizer
 from refuel.config import RefuelConfig
 from refuel.pairs import reference_logprobs
-from refuel.trainer import RefuelTrainer, ValidationMetrics, save_pretrained_atomic
+from refuel.trainer import NonFiniteTrainingError, RefuelTrainer, ValidationMetrics, save_pretrained_atomic
 
 ETA = 1.0
 TEMPERATURE = 0.8
@@ -322,3 +322,36 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_weights(
         uninterrupted.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
     ):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_non_finite_loss_stops_training_before_the_step_and_nothing_non_finite_is_saved(
+    tokenizer: PreTrainedTokenizerBase, load_model: Callable[[], PreTrainedModel], tmp_path: Path
+) -> None:
+    """Rewards so large that η(r − r') overflows: training stops at step 1 with the cause, weights untouched."""
+    rows = make_pairs(tokenizer, 4)
+    for row in rows:
+        row["reward"] = 3e38  # finite in fp32; η · r is not
+    model = load_model()
+    initial = _snapshot(model)
+    config = _config(tmp_path, epochs=1, per_device_batch_size=2)
+    trainer = RefuelTrainer(config, model, tokenizer, rows, [])
+    with pytest.raises(NonFiniteTrainingError, match=r"step 1 of 2: a micro-batch loss is not finite.*lower eta"):
+        trainer.train(tmp_path / "checkpoints", checkpoint_every=1)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, initial[name], rtol=0, atol=0, msg=name)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(NonFiniteTrainingError, match="refusing to save"):
+        trainer.save(tmp_path / "policy", tokenizer)
+    assert not (tmp_path / "policy").exists()
+
+
+def test_checkpoints_are_also_written_by_elapsed_time(
+    tokenizer: PreTrainedTokenizerBase, load_model: Callable[[], PreTrainedModel], tmp_path: Path
+) -> None:
+    """checkpoint_every 0 with a time limit every step passes: a checkpoint after each step but the last."""
+    config = _config(tmp_path, epochs=1, per_device_batch_size=2, learning_rate=1e-3)
+    trainer = RefuelTrainer(config, load_model(), tokenizer, make_pairs(tokenizer, 8), [])
+    checkpoints = tmp_path / "checkpoints"
+    log = trainer.train(checkpoints, checkpoint_every=0, checkpoint_minutes=1e-9)
+    assert len(log) == 4 and [path.name for path in checkpoints.iterdir()] == ["checkpoint-3"]
