@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import PartialState
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, set_seed
 
 from dialogsim.backends.base import ChatBackend, WeightSyncBackend
@@ -41,6 +40,7 @@ from envs.build import SHARED_FIELDS, build_simulator_from
 from refuel.cli import parse_config
 from refuel.collect import ResetDistribution, iter_pair_batches
 from refuel.config import RefuelConfig
+from refuel.distributed import build_accelerator
 from refuel.pairs import tokenize_pair
 from refuel.provenance import run_provenance
 from refuel.shards import PairShards
@@ -240,9 +240,13 @@ def run(config: RefuelConfig) -> str:
 
     Under ``accelerate launch`` the main process alone collects and writes the run files; the other
     processes wait for ``pairs.jsonl`` and join the training (each takes its share of every batch).
+
+    Raises:
+        LaunchMismatchError: before any collection, when ``accelerate`` runs another engine or process
+            count than the launch asked for (:func:`refuel.distributed.build_accelerator`).
     """
     set_seed(config.seed)
-    state = PartialState()
+    state = build_accelerator(config)  # before any collection: refuses a launch that fell back
     run_dir = Path(config.output_dir)
     if state.is_main_process:
         write_json(asdict(config), run_dir / "config.json")
