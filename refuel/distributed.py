@@ -107,15 +107,20 @@ def check_launch(accelerator: Accelerator, config: RefuelConfig, requested: Requ
     asked = f"the launch asked for {requested.describe()} but accelerate built {obtained}"
     on_cpu = requested.cpu or accelerator.device.type == "cpu"
     if accelerator.num_processes != requested.processes:
-        why = (
-            "no GPU is visible and ACCELERATE_USE_CPU is not true, so accelerate did not join the processes "
-            "into one process group: each would collect and train alone on all pairs"
-            if accelerator.distributed_type == DistributedType.NO and not torch.cuda.is_available()
-            else "accelerate did not join all launched processes into its process group"
-        )
-        raise LaunchMismatchError(
-            f"{asked}: {why}. Launch on GPUs, or set ACCELERATE_USE_CPU=true for CPU processes (gloo backend)."
-        )
+        if accelerator.distributed_type == DistributedType.DEEPSPEED and on_cpu:
+            why = (
+                "accelerate runs DeepSpeed only on GPUs: on CPU it starts DeepSpeed's process group but counts "
+                "1 process and shards no data. Launch on GPUs, or on CPU with configs/accelerate/fsdp.yaml"
+            )
+        elif accelerator.distributed_type == DistributedType.NO and not torch.cuda.is_available():
+            why = (
+                "no GPU is visible and ACCELERATE_USE_CPU is not true, so accelerate did not join the processes "
+                "into one process group: each would collect and train alone on all pairs. Launch on GPUs, or "
+                "set ACCELERATE_USE_CPU=true for CPU processes (gloo backend)"
+            )
+        else:
+            why = "accelerate did not join all launched processes into its process group; check the launch's rendezvous"
+        raise LaunchMismatchError(f"{asked}: {why}.")
     sharded = accelerator.distributed_type in SHARDED_ENGINES or shards_on_cpu(accelerator, requested)
     if requested.engine == "FSDP" and not sharded:
         why = (

@@ -189,6 +189,7 @@ def _accelerate_launch(engine: str, target: list[str], cpu: bool = True) -> subp
         *target,
     ]
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])  # this checkout
     env = env | {"ACCELERATE_USE_CPU": "true"} if cpu else {k: v for k, v in env.items() if k != "ACCELERATE_USE_CPU"}
     start = time.monotonic()
     process = subprocess.run(
