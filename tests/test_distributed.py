@@ -89,6 +89,7 @@ def _config(output_dir: Path, per_device: int, accumulation: int, lora_r: int) -
         gradient_accumulation_steps=accumulation,
         effective_batch_size=GLOBAL_BATCH,
         lora_r=lora_r,
+        checkpoint_every=0,  # no resumable checkpoints (refused under FSDP2 on CPU processes)
         seed=0,
     )
 
