@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -160,7 +161,7 @@ def step_collection(_: Path, model_path: str) -> dict:
     ]
     simulator = DialogueSimulator(prompts, user, MathAnswerReward(), EpisodeConfig(max_horizon=2), policy.tokenizer)
     collected = collect_pairs(simulator, policy, 4, SamplingParams(temperature=1.0, max_new_tokens=8), seed=0)
-    stats: dict = {}
+    stats: Counter[str] = Counter()
     rows = [tokenize_pair(pair, policy.tokenizer, stats) for pair in collected.pairs]
     assert rows or collected.dropped, "no pairs and no drops"
     return {"pairs": len(rows), "dropped": dict(collected.dropped), "tokenization": dict(stats)}
