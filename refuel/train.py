@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import PartialState
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, set_seed
 
 from dialogsim.backends.base import ChatBackend, WeightSyncBackend
@@ -46,6 +45,7 @@ from envs.build import build_simulator_from
 from refuel.cli import parse_config
 from refuel.collect import ResetDistribution, iter_pair_batches
 from refuel.config import RefuelConfig
+from refuel.distributed import build_accelerator
 from refuel.pairs import tokenize_pair
 from refuel.provenance import run_provenance
 from refuel.shards import PairShards
@@ -237,6 +237,8 @@ def run(config: RefuelConfig) -> str:
             (:func:`~dialogsim.rewards.factory.check_reward_scores`); a model name is neither a known name,
             a folder nor a hub id.
         RunFolderError: ``output_dir`` is not this run's folder (see :meth:`~refuel.stages.RunFolder.check`).
+        LaunchMismatchError: before any collection, when ``accelerate`` runs another engine or process
+            count than the launch asked for (:func:`refuel.distributed.build_accelerator`).
     """
     check_reward_scores(config.reward, config.tasks)  # before anything is written or generated
     run_dir = Path(config.output_dir)
@@ -246,7 +248,7 @@ def run(config: RefuelConfig) -> str:
     if config.user_backend != "openai":
         check_model_name("user_model", config.user_model)
     set_seed(config.seed)
-    state = PartialState()
+    state = build_accelerator(config)  # before any collection: refuses a launch that fell back
     if state.is_main_process:
         if restart is not None:
             logger.warning("--restart_stage %s: starting %s's %s over", config.restart_stage, *restart)

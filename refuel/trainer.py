@@ -22,6 +22,8 @@ configs are in ``configs/accelerate/``). What makes P processes × b pairs equal
 - **Pair layout**: ``shared_prefix`` (default) computes s_h once per pair and logits at the reply
   positions only (:mod:`refuel.packing`); ``separate`` runs two padded sequences per pair.
 - **Saving**: only the main process writes; DeepSpeed ZeRO-3 and FSDP first gather the full weights.
+- **Launch**: the ``Accelerator`` must run the engine and process count the launch asked for; FSDP2 on
+  CPU processes is sharded by refuel itself (:mod:`refuel.distributed`).
 """
 
 from __future__ import annotations
@@ -37,8 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedType, broadcast_object_list, gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
@@ -46,13 +47,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_sc
 from refuel.batching import StepGroupSampler, plan_micro_batches
 from refuel.checkpoints import latest_training_state, save_training_state
 from refuel.config import RefuelConfig
+from refuel.distributed import build_accelerator, full_state_dict, fully_shard_on_cpu
 from refuel.logprobs import masked_sequence_logprobs
 from refuel.loss import dpo_loss, refuel_loss, sign_agreement
 from refuel.packing import PackedPairs, pack_pairs, packed_pair_logprobs
 from refuel.pairs import pad_pairs
 from refuel.plan import check_memory_options
-
-SHARDED_ENGINES = (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -128,6 +128,8 @@ class RefuelTrainer:
         ValueError: no training pairs; invalid memory options; the launch gives another accumulation
             or effective batch than the config; LoRA with a sharded engine (DeepSpeed, FSDP).
         ImportError: LoRA without ``peft``.
+        LaunchMismatchError: the ``Accelerator`` runs another engine or process count than the launch
+            asked for (see :mod:`refuel.distributed`).
         RuntimeError: ``accelerate`` sharded the pairs otherwise than the step count assumes.
     """
 
@@ -143,9 +145,7 @@ class RefuelTrainer:
             raise ValueError("no training pairs: collect more pairs or lower validation_fraction")
         check_memory_options(config)
         self.config = config
-        self.accelerator = Accelerator(
-            gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision
-        )
+        self.accelerator = build_accelerator(config)  # refuses a launch that fell back to another engine
         processes = self.accelerator.num_processes
         accumulation = config.gradient_accumulation_steps
         self.effective_batch_size = config.per_device_batch_size * accumulation * processes
@@ -153,7 +153,7 @@ class RefuelTrainer:
         self.pad_id = tokenizer.pad_token_id
         self._merged = False
         self._non_finite_loss = False  # a micro-batch loss of the step being accumulated was not finite
-        model = apply_memory_options(model, config)
+        model = fully_shard_on_cpu(apply_memory_options(model, config), self.accelerator)
         group = self.effective_batch_size  # pairs per optimizer step
         splits = {"train": train_rows, "validation": val_rows}
         self.plans = {
@@ -205,7 +205,7 @@ class RefuelTrainer:
             self._attach_reference_logprobs(split, rows)
 
     def _check_launch(self) -> None:
-        """The launch agrees with the config: accumulation, effective batch, LoRA only where it can be merged."""
+        """The launch agrees with the config: accumulation and effective batch."""
         config, accelerator = self.config, self.accelerator
         if accelerator.gradient_accumulation_steps != config.gradient_accumulation_steps:
             raise ValueError(
@@ -221,12 +221,6 @@ class RefuelTrainer:
                 f"{effective}, but effective_batch_size is "
                 f"{config.effective_batch_size}; launch with the intended number of processes or change "
                 "per_device_batch_size / gradient_accumulation_steps"
-            )
-        if config.lora_r and accelerator.distributed_type in SHARDED_ENGINES:
-            raise ValueError(
-                f"LoRA (lora_r={config.lora_r}) is not supported with {accelerator.distributed_type.value}: the "
-                "adapters are merged into full-precision weights on save; launch with DDP "
-                "(configs/accelerate/ddp.yaml) or set lora_r 0"
             )
 
     @torch.no_grad()
@@ -454,8 +448,7 @@ class RefuelTrainer:
                 f"refusing to save π_(t+1) to {folder}: non-finite weights ({bad[:3] or 'in another process'})"
             )
         self.accelerator.wait_for_everyone()
-        sharded = self.accelerator.distributed_type in SHARDED_ENGINES
-        state_dict = self.accelerator.get_state_dict(self.model) if sharded else None  # collective
+        state_dict = full_state_dict(self.accelerator, self.model)  # collective; None when not sharded
         if self.accelerator.is_main_process:
             save_pretrained_atomic(self.accelerator.unwrap_model(self.model), tokenizer, folder, state_dict)
         self.accelerator.wait_for_everyone()
