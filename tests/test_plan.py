@@ -132,10 +132,14 @@ def test_unknown_keys_in_an_accelerate_config_fail(tmp_path: Path, offline: None
     assert any("missing.yaml" in error for error in missing.errors)
 
 
-def test_cpu_main_config_plans_a_single_process(offline: None, capsys: pytest.CaptureFixture[str]) -> None:
-    """The CPU main job needs no accelerate config; main() exits 0 and 1 as documented."""
+def test_cpu_main_config_plans_a_single_process(
+    offline: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CPU main job needs no accelerate config; main() exits 0 and 1 as documented.
+
+    The run folder is a fresh one: the config's own (runs/cpu-main) may hold a real run of other settings."""
     with pytest.raises(SystemExit) as exit_info:
-        main(["--config", str(REPO / "configs" / "cpu_main.yaml")])
+        main(["--config", str(REPO / "configs" / "cpu_main.yaml"), "--output_dir", str(tmp_path / "run")])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "refuel-train --config" in out and "1 (single process" in out and "[embedded model (PyPI package)]" in out
