@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Does it learn on an LLM? (issue 13 item 3.) From the same π_0 (SmolLM2-135M-Instruct) and under one budget:
 #   1. REFUEL, REBEL-LT and DPO-LT, 2 iterations of 256 pairs each (configs/experiment/train.yaml: reward
-#      math_format, fp32, shared-prefix pairs; the main job's other settings);
+#      math_format, fp32, shared-prefix pairs, 64-token replies, 1 epoch; see Sizing below);
 #   2. every policy (REFUEL π_1 and π_2, REBEL-LT and DPO-LT after their 2nd iteration) against π_0 on the 200
 #      held-out GSM8K prompts, H = 3, judged by the training reward (configs/experiment/eval.yaml): the paper's
 #      method × turn table with 95 % intervals, the per-turn diagnostics, plots, an HTML report;
@@ -11,7 +11,7 @@
 # Usage:
 #   bash scripts/experiment.sh            # full run, in the background; log in runs/experiment/experiment.log
 #   bash scripts/experiment.sh --smoke    # 1 iteration of 16 pairs, 8 prompts: measures the speeds for sizing
-#   BACKEND=vllm bash scripts/experiment.sh          # policy engine of training and evaluation (default transformers)
+#   BACKEND=transformers bash scripts/experiment.sh  # policy engine of training and evaluation (default vllm)
 #   USER_BACKEND=transformers ...                    # simulated-user engine (default auto: the policy's kind)
 #   EXPERIMENT_LOCK=/tmp/cpu.lock bash scripts/...   # the background job waits for this lock (shared machines)
 #   EXPERIMENT_FOREGROUND=1 bash scripts/...         # run in this shell instead
@@ -21,28 +21,14 @@
 # DPO-LT's first iteration trains on REBEL-LT's first-iteration pairs (copied): both roll in with π_ref and
 # reset at h = H with the same seed, so collecting them again would give the same pairs.
 #
-# Sizing (≤ 2 h on 2 cores). Budget of the full run:
+# Sizing (README "Does it learn on an LLM?", Sizing). Budget of the full run, the issue's floor:
 #   collection: REFUEL 2 × 256 + REBEL-LT 2 × 256 + DPO-LT 256 (its first iteration is shared) = 1280 pairs;
-#   training:   6 iterations × 192 training pairs (validation 25 %) × 2 epochs = 2304 pair-epochs;
+#   training:   6 iterations × (π_t log-probs on 256 pairs, validation on 64 before and after, 24 steps of 8 pairs);
 #   evaluation: 5 policies (π_0 + 4) × 200 prompts = 1000 dialogues of H = 3.
-# Measured by `bash scripts/experiment.sh --smoke` (2026-11-30; the 2 cores held under the shared lock; transformers
-# for policy and user, bf16; its summary.md prints the speeds and this projection):
-#   collection: REFUEL 16 pairs in 142.8 s = 6.72 pairs/min; REBEL-LT 16 pairs in 201.4 s = 4.77 pairs/min
-#               (π_ref's roll-ins are separate engine calls); pooled 5.58 pairs/min;
-#   training:   24 pair-epochs in 103 s (REBEL-LT) and 120 s (DPO-LT) from collection.json to metrics.json
-#               (model load, π_t log-probs, validation before and after, 4 steps, save) = 11.9 pair-epochs/min;
-#               the gradient steps alone: 14.8 s per step of 8 pairs = 32 pair-epochs/min;
-#   evaluation: 4 policies × 8 prompts = 32 dialogues of H = 3 in 327 s (one batch of 32 per turn: 105, 125,
-#               74 s) = 5.87 dialogues/min; the full run's batches are also 32 conversations.
-# Projection of the full run on transformers:
-#   collection: 512 / 6.72 + 768 / 4.77 = 76 + 161 = 237 min;
-#   training:   2304 / 11.9 = 193 min (small-run overheads included; with the steps at 32 pair-epochs/min and
-#               three forward passes over each iteration's 256 pairs at about a third of a step's cost per pair,
-#               6 × (384 / 32 + 3 × 256 × 0.62 s / 60) = 6 × (12 + 8) ≈ 120 min);
-#   evaluation: 1000 / 5.87 = 170 min;
-#   total ≈ 527–600 min ≈ 9–10 h: the issue's budget (≥ 256 pairs per iteration, ≥ 200 prompts) does NOT fit
-#   in 2 h on 2 cores at the measured speeds; it needs ≈ 4.5–5× faster roll-outs and training. The script keeps
-#   the issue's budget; run it with BACKEND=vllm once vLLM roll-outs are faster (re-measure with --smoke).
+# Cut from the main job's settings to approach 2 h: 64-token replies, 1 epoch, collection batches of 128 pairs,
+# one vLLM engine for π_t and the simulated user (BACKEND=transformers for both on transformers). Measured
+# (2026-11-30): REFUEL collection of 256 pairs ≈ 3 min alone on the cores; a training iteration ≈ 25 min alone
+# (compute-bound fp32 steps of ≈ 33 s); projected ≈ 3.5 h in all: the issue's 2 h does NOT fit at this budget.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
