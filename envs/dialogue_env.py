@@ -73,11 +73,12 @@ class DialogueEnv(gym.Env):
     - ``"vector_entry_point"`` (the default): :class:`envs.vector_env.VectorDialogueEnv`, one process,
       one batched user-model call and one batched reward call per step for all N conversations
       (REFUEL collection uses it);
-    - ``"async"`` with ``vector_kwargs={"shared_memory": False}``: Gymnasium's ``AsyncVectorEnv``,
+    - ``"async"`` with ``vector_kwargs={"shared_memory": False, "context": "spawn"}``: Gymnasium's ``AsyncVectorEnv``,
       one worker process per conversation, each loading its own models once; Gymnasium first builds
       one env in the main process to read the spaces (dialogues are variable-length text, which
       cannot live in shared memory; without the flag ``make_vec`` raises a ``TypeError`` saying so,
-      see :class:`envs.spaces.DialogueSpace`);
+      see :class:`envs.spaces.DialogueSpace`; spawned workers, as a forked one fails once PyTorch's
+      thread pool has run in the parent);
     - ``"sync"``: Gymnasium's ``SyncVectorEnv``, N single envs stepped one after another in this
       process (one model call per conversation; for compatibility with tools that expect it; pass
       one ``simulator=`` to share the models, otherwise each env loads its own).

@@ -48,7 +48,8 @@ class DialogueSpace(spaces.Sequence):
     Its own class so that Gymnasium's ``AsyncVectorEnv`` stops with a message that says what to do:
     a dialogue is variable-length text, which has no fixed-size shared-memory layout, so the env
     runs in ``async`` mode only with ``vector_kwargs={"shared_memory": False}`` (the observations
-    then travel through the worker pipes).
+    then travel through the worker pipes). Add ``"context": "spawn"``: a worker forked from a process
+    whose PyTorch OpenMP pool has already run fails with "Invalid thread pool" when it loads its model.
     """
 
 
@@ -61,8 +62,9 @@ def _no_shared_memory(space: DialogueSpace, n: int = 1, ctx: ModuleType = multip
     """
     raise TypeError(
         "dialogsim envs observe dialogues (variable-length text), which AsyncVectorEnv cannot keep in "
-        "shared memory. For one process per conversation pass vector_kwargs={'shared_memory': False}: "
-        "gym.make_vec(env_id, num_envs=N, vectorization_mode='async', vector_kwargs={'shared_memory': False}); "
+        "shared memory. For one process per conversation pass vector_kwargs={'shared_memory': False, "
+        "'context': 'spawn'} (spawned workers: PyTorch's thread pool does not survive a fork): gym.make_vec(env_id, "
+        "num_envs=N, vectorization_mode='async', vector_kwargs={'shared_memory': False, 'context': 'spawn'}); "
         "for one process that batches each step's model calls over all N conversations use "
         "vectorization_mode='vector_entry_point' (the default)."
     )

@@ -58,7 +58,7 @@ from refuel.labels import method_names, policy_labels
 from refuel.report import write_html_report
 from refuel.rollout import PolicyRun, run_policies
 from refuel.storage import read_rows, write_rows
-from refuel.validation import check_fields
+from refuel.validation import NON_NEGATIVE, check_fields
 from refuel.winrate import count_table, judge_statistics, paper_table, per_turn_win_rates, save_report
 
 logger = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class EvaluateConfig:
     )
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        check_fields(self, {"temperature": NON_NEGATIVE})  # 0: greedy replies, a valid evaluation setting
 
 
 def policy_identity(policy: str) -> dict[str, Any]:

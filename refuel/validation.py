@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -119,8 +120,11 @@ def _fits(value: Any, annotation: Any) -> tuple[bool, str]:
     return ok, kind
 
 
-def check_fields(config: Any) -> None:
+def check_fields(config: Any, ranges: Mapping[str, Range] | None = None) -> None:
     """Check every field of the dataclass ``config``: its type, and its range if :data:`FIELD_RANGES` names it.
+
+    ``ranges`` replaces :data:`FIELD_RANGES`' entries for this config (e.g. greedy decoding, temperature 0,
+    is valid for an evaluation but not for training, whose log-probs are taken at the temperature).
 
     Raises:
         ValueError: names each bad field, its value and what is valid, e.g.
@@ -131,7 +135,7 @@ def check_fields(config: Any) -> None:
     for spec in fields(config):
         value = getattr(config, spec.name)
         fits, kind = _fits(value, hints[spec.name])
-        valid = FIELD_RANGES.get(spec.name)
+        valid = (ranges or {}).get(spec.name, FIELD_RANGES.get(spec.name))
         if fits and (valid is None or value is None or value in valid):
             continue
         problems.append(f"{spec.name}={value!r} (valid: {kind}{f' {valid}' if valid else ''})")

@@ -406,8 +406,8 @@ def test_async_vector_mode_by_default_says_what_to_use(make_simulator: Callable[
 
 
 def test_async_vector_mode_without_shared_memory_runs_an_episode(tiny_model_path: str, shared_prompts: Path) -> None:
-    """With vector_kwargs={"shared_memory": False}, 2 worker processes, each building its env (and models) from
-    the kwargs, run a 2-turn episode; a snapshot from their info restores exactly in this process."""
+    """With vector_kwargs={"shared_memory": False, "context": "spawn"}, 2 worker processes, each building its env
+    (and models) from the kwargs, run a 2-turn episode; a snapshot from their info restores exactly in this process."""
     kwargs = {
         "prompts": shared_prompts,
         "datasets": ["gsm8k"],
@@ -419,7 +419,11 @@ def test_async_vector_mode_without_shared_memory_runs_an_episode(tiny_model_path
         "horizon": 2,
     }
     venv = gym.make_vec(
-        ENV_ID, num_envs=2, vectorization_mode="async", vector_kwargs={"shared_memory": False}, **kwargs
+        ENV_ID,
+        num_envs=2,
+        vectorization_mode="async",
+        vector_kwargs={"shared_memory": False, "context": "spawn"},
+        **kwargs,
     )
     try:
         obs, infos = venv.reset(seed=0)

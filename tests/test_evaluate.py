@@ -286,6 +286,13 @@ def test_a_missing_candidate_is_refused_before_any_dialogue_is_generated(
     assert not (tmp_path / "eval").exists()
 
 
+def test_greedy_evaluation_is_valid_but_greedy_training_is_not() -> None:
+    """Temperature 0 (greedy) is a valid evaluation; training takes log-probs at the temperature, so not there."""
+    assert EvaluateConfig(temperature=0.0).temperature == 0.0
+    with pytest.raises(ValueError, match=r"temperature=0\.0"):
+        RefuelConfig(temperature=0.0)
+
+
 @pytest.mark.parametrize(("field", "value"), [("horizon", 9), ("temperature", float("inf")), ("n_prompts", 0)])
 def test_evaluate_settings_are_checked_like_the_training_ones(field: str, value: float) -> None:
     """The shared field check (refuel.validation) runs for refuel-evaluate too, with the valid range."""
