@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +12,8 @@ from typing import Any, TypeVar
 
 import yaml
 from transformers import HfArgumentParser
+
+from refuel.validation import union_members
 
 ConfigT = TypeVar("ConfigT")
 
@@ -57,9 +58,7 @@ def _read_config_file(path: Path, parser: HfArgumentParser, config_class: type) 
     for name, value in values.items():
         if name not in hints:
             continue
-        annotation = hints[name]
-        options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-        kinds = {typing.get_origin(option) or option for option in options}
+        kinds = {typing.get_origin(option) or option for option in union_members(hints[name])}
         if isinstance(value, str) and list in kinds:
             values[name] = [value]
         elif isinstance(value, str | int) and not isinstance(value, bool) and float in kinds:

@@ -292,16 +292,14 @@ def check_policies(config: EvaluateConfig) -> None:
 def evaluate(config: EvaluateConfig) -> dict[str, Path]:
     """Generate (or reuse) dialogues, judge every turn, diagnose every policy, print the tables, write the reports.
 
-    Raises:
-        ValueError: a model name is invalid (:func:`check_policies`), before anything is generated.
-
     Returns:
         Paths of ``csv`` (win rates), ``png``, ``judgements``, ``judge_stats``, ``diagnostics`` (CSV),
         ``diagnostics_png`` and ``html``, all in ``<output_dir>/<judge name>/``.
 
     Raises:
-        ValueError: ``--judge reward`` with a ``--reward`` that cannot score the selected tasks
-            (:func:`~dialogsim.rewards.factory.check_reward_scores`), before any dialogue is generated.
+        ValueError: before any dialogue is generated: a model name is invalid (:func:`check_policies`), the
+            prompt selection is (:func:`evaluation_prompts`), or ``--judge reward`` comes with a ``--reward``
+            that cannot score the selected tasks (:func:`~dialogsim.rewards.factory.check_reward_scores`).
     """
     check_policies(config)
     policies = [config.baseline, *config.candidates]

@@ -107,9 +107,14 @@ def _expected(annotation: Any) -> tuple[tuple[type, ...], str]:
     }.get(annotation, ((object,), "any value"))
 
 
+def union_members(annotation: Any) -> tuple[Any, ...]:
+    """The members of a ``X | Y`` annotation (``(list[str], NoneType)``), or ``(annotation,)`` for any other."""
+    return typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+
+
 def _fits(value: Any, annotation: Any) -> tuple[bool, str]:
     """Whether ``value`` fits ``annotation``, and the description of what fits."""
-    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    options = union_members(annotation)
     (annotation,) = [option for option in options if option is not type(None)]
     allowed, kind = _expected(annotation)
     if value is None:
