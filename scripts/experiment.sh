@@ -98,28 +98,40 @@ last=$((iterations - 1))
 engines=(--backend "$backend" --user_backend "$user_backend")
 train=(--config configs/experiment/train.yaml "${engines[@]}" --iterations "$iterations"
   --pairs_per_iteration "$pairs" "${sizing[@]}")
+# evaluate CANDIDATE...: every candidate against π_0 on the held-out prompts. Each policy's dialogues are cached
+# in $out/eval/dialogues, so a later call with more candidates generates only the new ones.
+evaluate() {
+  refuel-evaluate --config configs/experiment/eval.yaml "${engines[@]}" --n_prompts "$prompts" \
+    --output_dir "$out/eval" --candidates "$@"
+}
+refuel_policies=()
+for ((t = 0; t < iterations; t++)); do
+  refuel_policies+=("$out/refuel/iteration_$t/policy")
+done
+evaluated="$out/eval/.all-methods" # written when the evaluation of every method has ended
 for method in refuel rebel_lt dpo_lt; do
   if [[ -f $out/$method/iteration_$last/policy/config.json ]]; then
     echo "=== $method: all $iterations iteration(s) trained, skipped"
-    continue
+  else
+    if [[ $method == dpo_lt && -f $out/rebel_lt/iteration_0/pairs.jsonl ]]; then
+      copy_if_absent "$out/rebel_lt/iteration_0/collection.json" "$out/dpo_lt/iteration_0/collection.json"
+      copy_if_absent "$out/rebel_lt/iteration_0/pairs.jsonl" "$out/dpo_lt/iteration_0/pairs.jsonl"
+    fi
+    stage "train-$method" refuel-train "${train[@]}" --method "$method" --output_dir "$out/$method" "$@"
   fi
-  if [[ $method == dpo_lt && -f $out/rebel_lt/iteration_0/pairs.jsonl ]]; then
-    copy_if_absent "$out/rebel_lt/iteration_0/collection.json" "$out/dpo_lt/iteration_0/collection.json"
-    copy_if_absent "$out/rebel_lt/iteration_0/pairs.jsonl" "$out/dpo_lt/iteration_0/pairs.jsonl"
+  # REFUEL's policies are evaluated as soon as they exist: its table can be read while the baselines train.
+  if [[ $method == refuel && ! -f $evaluated ]]; then
+    stage evaluate-refuel evaluate "${refuel_policies[@]}"
+    python -m refuel.analysis --run_dir "$out" --eval_dir "$judge_dir" --methods refuel
   fi
-  stage "train-$method" refuel-train "${train[@]}" --method "$method" --output_dir "$out/$method" "$@"
 done
 
-candidates=()
-for ((t = 0; t < iterations; t++)); do
-  candidates+=("$out/refuel/iteration_$t/policy")
-done
-candidates+=("$out/rebel_lt/iteration_$last/policy" "$out/dpo_lt/iteration_$last/policy")
-if [[ -f $judge_dir/report.html ]]; then
-  echo "=== evaluation done ($judge_dir/report.html), skipped"
+if [[ -f $evaluated ]]; then
+  echo "=== evaluation of every method done ($judge_dir/report.html), skipped"
 else
-  stage evaluate refuel-evaluate --config configs/experiment/eval.yaml "${engines[@]}" \
-    --n_prompts "$prompts" --output_dir "$out/eval" --candidates "${candidates[@]}"
+  stage evaluate evaluate "${refuel_policies[@]}" "$out/rebel_lt/iteration_$last/policy" \
+    "$out/dpo_lt/iteration_$last/policy"
+  touch "$evaluated"
 fi
 
 python -m refuel.analysis --run_dir "$out" --eval_dir "$judge_dir" --methods refuel rebel_lt dpo_lt
