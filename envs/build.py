@@ -15,39 +15,38 @@ from dialogsim.prompts import PromptRow
 from dialogsim.rewards.factory import build_reward_model, check_reward_scores
 from dialogsim.simulator import DialogueSimulator, EpisodeConfig
 from dialogsim.user import UserSimulator
+from envs.config import SimulatorConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
 def build_simulator(
-    prompts: str | Path | None = None,
-    tasks: Sequence[str] | None = ("Math_CoT",),
-    datasets: Sequence[str] | None = None,
-    splits: Sequence[str] | None = None,
-    limit: int | None = None,
-    holdout: int = 0,
+    config: SimulatorConfig | None = None,
+    *,
     partition: str = "all",
+    limit: int | None = None,
     policy_model: str = DEFAULT_MODEL,
-    user_model: str = DEFAULT_MODEL,
-    user_template: str = "student",
     user_backend: str = "transformers",
     user_base_url: str | None = None,
     user_engine: ChatBackend | None = None,
     vllm_kv_cache_gib: float = 4.0,
     vllm_tensor_parallel_size: int = 1,
-    reward: str = "math",
-    trust_remote_code: bool = False,
     max_horizon: int = 3,
     horizon: int | None = None,
-    max_dialogue_tokens: int = 2048,
-    max_prompt_tokens: int = 512,
     reward_per_turn: bool = False,
     rows: Sequence[PromptRow] | None = None,
+    **settings: Any,
 ) -> DialogueSimulator:
     """Load prompts, the user model, the reward model and the policy tokenizer by name.
 
+    ``config`` (default ``SimulatorConfig()``) names the prompts, the simulated user and the reward;
+    ``settings`` replace single fields of it by name (``build_simulator(tasks=["Math_CoT"], reward="none")``,
+    as ``gym.make`` passes them). The other arguments are how this simulator runs: engines, partition,
+    horizon.
+
     Args:
+        config: a :class:`~envs.config.SimulatorConfig` (or a command's config, which is one). Its fields:
         prompts: prompt file (JSON Lines / Parquet) or hub id; default: :func:`dialogsim.data.default_prompt_source`
             (the shared UltraInteract-format file, else ``openbmb/UltraInteract_sft`` when online).
         tasks / datasets / splits: prompt filters (see :func:`dialogsim.data.load_prompts`).
@@ -75,32 +74,41 @@ def build_simulator(
     Raises:
         ValueError: a built-in ``reward`` that cannot score some task of the selected rows (the message gives
             the tasks it scores and the ``--reward`` to use; see
-            :func:`~dialogsim.rewards.factory.check_reward_scores`).
+            :func:`~dialogsim.rewards.factory.check_reward_scores`); a field of ``config`` out of range.
+        TypeError: a name in ``settings`` that is not a :class:`~envs.config.SimulatorConfig` field.
     """
+    config = SimulatorConfig(**(config or SimulatorConfig()).simulator_settings() | settings)
     tokenizer = load_tokenizer(policy_model)
     if rows is None:
         rows, _ = load_prompt_rows(
-            prompts, tokenizer, tasks, datasets, splits, max_prompt_tokens, holdout, partition, limit
+            config.prompts,
+            tokenizer,
+            config.tasks,
+            config.datasets,
+            config.splits,
+            config.max_prompt_tokens,
+            config.holdout,
+            partition,
+            limit,
         )
-    check_reward_scores(reward, {row.task for row in rows}, generation_only=True)
+    check_reward_scores(config.reward, {row.task for row in rows}, generation_only=True)
     if user_engine is None:
         user_engine = build_backend(
             user_backend,
-            user_model,
+            config.user_model,
             base_url=user_base_url,
             kv_cache_gib=vllm_kv_cache_gib,
             tensor_parallel_size=vllm_tensor_parallel_size,
         )
-    user = UserSimulator(user_engine, user_template)
-    config = EpisodeConfig(
+    user = UserSimulator(user_engine, config.user_template)
+    episode = EpisodeConfig(
         max_horizon=max_horizon,
         horizon=horizon,
-        max_dialogue_tokens=max_dialogue_tokens,
+        max_dialogue_tokens=config.max_dialogue_tokens,
         reward_per_turn=reward_per_turn,
     )
-    return DialogueSimulator(
-        list(rows), user, build_reward_model(reward, trust_remote_code=trust_remote_code), config, tokenizer
-    )
+    reward = build_reward_model(config.reward, trust_remote_code=config.trust_remote_code)
+    return DialogueSimulator(list(rows), user, reward, episode, tokenizer)
 
 
 def load_prompt_rows(
@@ -109,7 +117,7 @@ def load_prompt_rows(
     tasks: Sequence[str] | None = ("Math_CoT",),
     datasets: Sequence[str] | None = None,
     splits: Sequence[str] | None = None,
-    max_prompt_tokens: int | None = 512,
+    max_prompt_tokens: int | None = 384,
     holdout: int = 0,
     partition: str = "all",
     limit: int | None = None,
@@ -129,26 +137,6 @@ def load_prompt_rows(
         max_prompt_tokens=max_prompt_tokens,
     )
     return select_partition(loaded, holdout, partition)[:limit], report
-
-
-SHARED_FIELDS = (
-    "prompts",
-    "tasks",
-    "datasets",
-    "splits",
-    "holdout",
-    "user_model",
-    "user_template",
-    "reward",
-    "trust_remote_code",
-    "max_dialogue_tokens",
-    "max_prompt_tokens",
-)
-
-
-def build_simulator_from(config: object, **settings: Any) -> DialogueSimulator:
-    """:func:`build_simulator` with the :data:`SHARED_FIELDS` read from a run config, plus ``settings``."""
-    return build_simulator(**{name: getattr(config, name) for name in SHARED_FIELDS}, **settings)
 
 
 def select_partition(rows: list[PromptRow], holdout: int, partition: str) -> list[PromptRow]:

@@ -2,7 +2,7 @@
 
 π_t's log-probs and the trained policy's log-probs must come from identical computations, or the
 relative log-ratio is not 0 before the first step: in bf16 a pair's log-prob changes by up to 0.3 nats
-with the padding and company of its micro-batch (DESIGN.md §7). So the micro-batches are formed once per
+with the padding and company of its micro-batch (README, "Training path"). So the micro-batches are formed once per
 iteration and never re-formed: π_t's log-probs are computed on them, validation runs on them, and each
 epoch trains on them in a new order.
 
@@ -18,12 +18,46 @@ epoch trains on them in a new order.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+
+def validation_count(pairs: int, fraction: float) -> int:
+    """Pairs of an iteration held out for validation: ``round(fraction × pairs)``, none when ``pairs`` ≤ 2."""
+    return round(fraction * pairs) if pairs > 2 else 0
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """An iteration's optimizer steps, for the trainer and for ``refuel-plan`` alike.
+
+    Attributes:
+        micro_batches_per_process: ``ceil(micro-batches / P)``: accelerate's default ``even_batches``
+            sharding deals every process that many (repeating the first ones to fill the last round).
+        steps: optimizer steps: ``epochs × ceil(micro_batches_per_process / accumulation)``.
+        warmup: linear warm-up steps before the cosine decay: ``floor(warmup_ratio × steps)``; the floor keeps
+            short iterations from spending their first step at learning rate 0 (transformers' warm-up
+            starts from 0).
+    """
+
+    micro_batches_per_process: int
+    steps: int
+    warmup: int
+
+
+def step_schedule(
+    micro_batches: int, processes: int, accumulation: int, epochs: int, warmup_ratio: float
+) -> StepSchedule:
+    """The :class:`StepSchedule` of ``micro_batches`` micro-batches (per epoch) on ``processes`` processes."""
+    per_process = math.ceil(micro_batches / processes)
+    steps = epochs * math.ceil(per_process / accumulation)
+    return StepSchedule(per_process, steps, int(warmup_ratio * steps))
 
 
 def pair_length(row: dict[str, Any]) -> int:

@@ -28,6 +28,8 @@ def parse_config(config_class: type[ConfigT], argv: Sequence[str] | None, descri
     pre.add_argument("--config", type=Path)
     known, rest = pre.parse_known_args(argv)
     parser = HfArgumentParser(config_class, description=description)
+    for action in parser._actions:  # Literal choices are checked with the config (ValueError naming the field)
+        action.choices = None
     parser.add_argument("--config", type=Path, help="YAML or JSON file of defaults; flags override it")
     if known.config is not None:
         parser.set_defaults(**_read_config_file(known.config, parser, config_class))
@@ -42,7 +44,7 @@ def _read_config_file(path: Path, parser: HfArgumentParser, config_class: type) 
 
     A bare string for a list field is a one-item list (``tasks: Math_CoT`` is ``[Math_CoT]``, not its
     letters) and a number for a float field is a float, also where YAML 1.1 reads a string (``1e-6``).
-    Other types are checked when the config is built (:func:`refuel.validation.check_fields`).
+    Other types are checked when the config is built (:func:`refuel.validation.check_config`).
     """
     if not path.exists():
         parser.error(f"--config {path}: file not found")

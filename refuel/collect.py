@@ -1,6 +1,6 @@
 """REFUEL pair collection on the vector env: roll-in with π_t to turn h, reset, two replies, roll-outs.
 
-Follows the REFUEL public code (DESIGN.md §4): the horizon H is drawn uniformly from
+Follows the REFUEL public code (Gao et al., 2025, arXiv 2410.04612): the horizon H is drawn uniformly from
 1..max_horizon, the reset turn h uniformly from 1..H; both dialogues share the state s_h and differ
 from the turn-h reply on; both are scored at the horizon.
 
@@ -10,11 +10,10 @@ its snapshot and from then on carry y and y'. Every round makes one policy call 
 conversations (two when the roll-in policy differs from π_t), one user call and one reward call, so
 roll-ins, both branches and all roll-outs of a batch share calls, and a batch needs max(H) rounds.
 
-Where pairs start is a choice (:class:`ResetDistribution`): roll in with the current policy π_t
-(REFUEL); with a reference policy π_ref, mixed with prompt starts (the PPO++ idea: start states from
-β·D + (1−β)·d^{π_ref}); or reset to prefixes of offline dialogues with some probability and roll in
-with π_t otherwise (the DR-PO idea: reset the learner to states of demonstrations). Every pair row
-records its ``reset_source``.
+Where pairs start is decided by one :class:`~refuel.resets.ResetDistribution` (:mod:`refuel.resets`): roll in
+with the current policy π_t (REFUEL); with the initial policy π_ref, mixed with prompt starts (the PPO++ idea);
+or reset to prefixes of offline dialogues (the DR-PO idea); at h ~ U{1..H}, or at h = H for the last-turn
+baselines. Every pair row records its ``reset_source``.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,12 +34,10 @@ from dialogsim.prompts import OfflineDialogue
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
 from envs.vector_env import VectorDialogueEnv
+from refuel.resets import REFUEL_RESET, ResetDistribution, ResetPoint, plan_reset_points
 from refuel.rollout import draw_seed
 
 DROP_REASONS = ("identical_replies", "truncated", "invalid_reward")
-RESET_TURNS = ("uniform", "last")
-ROLLINS = ("current", "reference", "dataset")
-RESET_SOURCES = ("current", "reference", "prompt", "dataset")
 
 
 @dataclass
@@ -58,91 +55,6 @@ class CollectionResult:
 
 
 @dataclass(frozen=True)
-class ResetDistribution:
-    """The distribution of the reset states s_h that REFUEL pairs start from.
-
-    - ``rollin="current"`` (REFUEL, the default): roll in with π_t to h ~ U{1..H}.
-    - ``rollin="reference"``: with probability ``beta`` the pair starts at the prompt (h = 1, no
-      roll-in; ``reset_source`` ``"prompt"``), otherwise it rolls in with π_ref (the ``rollin_policy``
-      backend of :func:`collect_pairs`) to h ~ U{1..H}. The idea of PPO++ (Chang et al., 2023,
-      arXiv 2306.11816): start states from β·D + (1−β)·d^{π_ref}, D the prompt distribution.
-    - ``rollin="dataset"``: with probability ``dataset_weight`` the pair resets to the prefix s_k of
-      an offline dialogue (its messages up to and including its k-th user message), h = k, and π_t
-      answers and continues from there with the simulated user; otherwise it rolls in with π_t. The
-      idea of DR-PO (Chang et al., 2024, arXiv 2404.08495): reset the learner to states of offline
-      demonstrations, so it is trained where its own roll-ins rarely go.
-
-    Pair rows record their ``reset_source`` (``"current"``, ``"reference"``, ``"prompt"`` or
-    ``"dataset"``). The mixture is drawn per reset point from the collection seed, on top of the
-    usual plan (prompt, H, h), which it leaves unchanged (see :func:`plan_reset_points`).
-
-    Attributes:
-        rollin: ``"current"`` | ``"reference"`` | ``"dataset"``.
-        beta: β ∈ [0, 1], probability of a prompt start (``rollin="reference"`` only).
-        dataset_weight: w ∈ [0, 1], probability of a dataset reset (``rollin="dataset"`` only).
-        offline: the offline dialogues (``rollin="dataset"`` only), from
-            :func:`dialogsim.data.load_offline_dialogues`; each one's ``prompt_id`` must be among the
-            simulator's prompts.
-
-    Raises:
-        ValueError: unknown ``rollin``; ``beta`` or ``dataset_weight`` outside [0, 1] or given for
-            another ``rollin``; ``rollin="dataset"`` without offline dialogues, or offline
-            dialogues for another ``rollin``.
-        TypeError: an ``offline`` entry that is not an :class:`~dialogsim.prompts.OfflineDialogue`.
-
-    >>> ResetDistribution("reference", beta=0.5)
-    ResetDistribution(rollin='reference', beta=0.5, dataset_weight=0.0)
-    """
-
-    rollin: str = "current"
-    beta: float = 0.0
-    dataset_weight: float = 0.0
-    offline: tuple[OfflineDialogue, ...] = field(default=(), repr=False)
-
-    def __post_init__(self) -> None:
-        if self.rollin not in ROLLINS:
-            raise ValueError(f"rollin must be one of {ROLLINS}, got {self.rollin!r}")
-        object.__setattr__(self, "offline", tuple(self.offline))
-        for name, value, owner in (
-            ("beta", self.beta, "reference"),
-            ("dataset_weight", self.dataset_weight, "dataset"),
-        ):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
-            if value and self.rollin != owner:
-                raise ValueError(f"{name}={value} applies to rollin={owner!r} only; this is rollin={self.rollin!r}")
-        if self.rollin == "dataset" and not self.offline:
-            raise ValueError(
-                "rollin='dataset' needs offline dialogues: offline=tuple(dialogsim.data.load_offline_dialogues(...)[0])"
-            )
-        if self.offline and self.rollin != "dataset":
-            raise ValueError(f"offline dialogues apply to rollin='dataset' only; this is rollin={self.rollin!r}")
-        for index, dialogue in enumerate(self.offline):
-            if not isinstance(dialogue, OfflineDialogue):
-                raise TypeError(f"offline[{index}] must be an OfflineDialogue, got {type(dialogue).__name__}")
-
-    @property
-    def mixture(self) -> float:
-        """Probability that a reset point comes from the mixed-in part (β or w)."""
-        return self.beta if self.rollin == "reference" else self.dataset_weight
-
-
-@dataclass(frozen=True)
-class ResetPoint:
-    """Where one pair starts: the prompt, the horizon H, the reset turn h (1 ≤ h ≤ H) and the source.
-
-    ``source`` is the pair's ``reset_source``; for ``"dataset"`` the pair starts from
-    ``offline.prefix(turn)``.
-    """
-
-    prompt_id: str
-    horizon: int
-    turn: int
-    source: str = "current"
-    offline: OfflineDialogue | None = None
-
-
-@dataclass(frozen=True)
 class Branch:
     """One finished dialogue of a pair: its messages, horizon reward, truncation and turn-h reply."""
 
@@ -152,107 +64,6 @@ class Branch:
     reply: Completion
 
 
-def plan_reset_points(
-    simulator: DialogueSimulator,
-    n_pairs: int,
-    rng: np.random.Generator,
-    reset_turn: str = "uniform",
-    reset: ResetDistribution | None = None,
-) -> list[ResetPoint]:
-    """One reset point per pair: prompts without replacement (cycling), H ~ U{1..max_horizon}, h.
-
-    Then, for ``reset`` with β or w > 0, each point is independently replaced with that probability
-    (draws from a generator seeded after the plan above, which therefore does not change):
-
-    - ``rollin="reference"``: a prompt start, h = 1 (same prompt and H), source ``"prompt"``.
-    - ``rollin="dataset"``: a reset to an offline dialogue d (cycling through them in a random order),
-      whose prompt replaces the planned one, H kept, h = k: the planned h if d has at least h user
-      messages, else k ~ U{1..K_d}; so k ~ U{1..min(H, K_d)} (with ``reset_turn="last"``,
-      k = min(H, K_d)). Source ``"dataset"``.
-
-    The other points have source ``"reference"`` for ``rollin="reference"``, else ``"current"``.
-
-    Args:
-        reset_turn: ``"uniform"`` draws h ~ U{1..H} (REFUEL); ``"last"`` sets h = H (the last-turn
-            "LT" baselines of the paper).
-        reset: the reset distribution; ``None`` is ``ResetDistribution()`` (roll in with π_t).
-
-    Raises:
-        ValueError: unknown ``reset_turn``.
-    """
-    if reset_turn not in RESET_TURNS:
-        raise ValueError(f"reset_turn must be one of {RESET_TURNS}, got {reset_turn!r}")
-    reset = reset or ResetDistribution()
-    source = "reference" if reset.rollin == "reference" else "current"
-    order = rng.permutation(len(simulator.prompt_ids))
-    points = []
-    for index in range(n_pairs):
-        prompt_id = simulator.prompt_ids[int(order[index % len(order)])]
-        horizon = simulator.config.horizon or int(rng.integers(1, simulator.config.max_horizon + 1))
-        turn = horizon if reset_turn == "last" else int(rng.integers(1, horizon + 1))
-        points.append(ResetPoint(prompt_id, horizon, turn, source))
-    if reset.mixture == 0:
-        return points
-    mix = np.random.default_rng(int(rng.integers(2**63)))
-    chosen = np.flatnonzero(mix.random(n_pairs) < reset.mixture)
-    if reset.rollin == "reference":
-        for index in chosen:
-            points[index] = replace(points[index], turn=1, source="prompt")
-        return points
-    offline_order = mix.permutation(len(reset.offline))
-    for rank, index in enumerate(chosen):
-        dialogue = reset.offline[int(offline_order[rank % len(offline_order)])]
-        points[index] = _dataset_point(points[index], dialogue, reset_turn, mix)
-    return points
-
-
-def _dataset_point(
-    point: ResetPoint, dialogue: OfflineDialogue, reset_turn: str, rng: np.random.Generator
-) -> ResetPoint:
-    """``point`` moved to the prefix s_k of ``dialogue``: k ~ U{1..min(H, K_d)}, or min(H, K_d) for "last"."""
-    longest = min(point.horizon, dialogue.turns)
-    if reset_turn == "last":
-        turn = longest
-    else:  # the planned h ~ U{1..H} if it is ≤ K_d, else a fresh draw: uniform on 1..min(H, K_d) either way
-        turn = point.turn if point.turn <= longest else int(rng.integers(1, longest + 1))
-    return replace(point, prompt_id=dialogue.prompt_id, turn=turn, source="dataset", offline=dialogue)
-
-
-def resolve_reset(
-    reset: ResetDistribution | None,
-    simulator: DialogueSimulator,
-    policy: ChatBackend,
-    rollin_policy: ChatBackend | None,
-) -> ResetDistribution:
-    """The reset distribution a collection uses, checked against the simulator and the backends.
-
-    ``reset=None`` keeps the behaviour from before reset distributions existed: roll in with
-    ``rollin_policy`` if one is given (``rollin="reference"``, β = 0: the last-turn baselines), else
-    with π_t (``rollin="current"``).
-
-    Raises:
-        ValueError: ``rollin="reference"`` without ``rollin_policy``; ``rollin_policy`` with
-            ``rollin="current"`` / ``"dataset"`` (they roll in with π_t); an offline dialogue whose
-            ``prompt_id`` the simulator does not know.
-    """
-    if reset is None:
-        return ResetDistribution("reference" if rollin_policy is not None else "current")
-    if reset.rollin == "reference" and rollin_policy is None:
-        raise ValueError("rollin='reference' rolls in with π_ref: pass its backend as rollin_policy=")
-    if reset.rollin != "reference" and rollin_policy is not None and rollin_policy is not policy:
-        raise ValueError(
-            f"rollin={reset.rollin!r} rolls in with the current policy π_t, so rollin_policy must be None; "
-            "use ResetDistribution('reference', beta=...) to roll in with π_ref"
-        )
-    unknown = [d.id for d in reset.offline if d.prompt_id not in simulator.prompts]
-    if unknown:
-        raise ValueError(
-            f"{len(unknown)} offline dialogues belong to prompts the simulator does not have (first: {unknown[:3]}); "
-            "load them with dialogsim.data.load_offline_dialogues(source, list(simulator.prompts.values()))"
-        )
-    return reset
-
-
 def collect_pairs(
     simulator: DialogueSimulator,
     policy: ChatBackend,
@@ -260,9 +71,8 @@ def collect_pairs(
     sampling: SamplingParams,
     seed: int,
     batch_size: int = 32,
-    rollin_policy: ChatBackend | None = None,
-    reset_turn: str = "uniform",
-    reset: ResetDistribution | None = None,
+    reset: ResetDistribution = REFUEL_RESET,
+    initial_policy: ChatBackend | None = None,
 ) -> CollectionResult:
     """Collect up to ``n_pairs`` REFUEL pairs with the current policy π_t, in memory.
 
@@ -273,23 +83,21 @@ def collect_pairs(
         sampling: π_t's sampling settings (temperature is also used for the log-probabilities).
         seed: seeds prompt order, H, h, the reset mixture and every backend call.
         batch_size: pairs advanced together (2 × batch_size conversations in the vector env).
-        rollin_policy: backend of π_ref that generates turns 1..h−1 for ``rollin="reference"``;
-            with ``reset=None`` giving it rolls in with it (the histories of the last-turn baselines),
-            and ``None`` rolls in with π_t (REFUEL).
-        reset_turn: see :func:`plan_reset_points`.
-        reset: where pairs start (:class:`ResetDistribution`); ``None``: see :func:`resolve_reset`.
+        reset: where pairs start and the reset turn rule (:class:`~refuel.resets.ResetDistribution`); the
+            default is REFUEL's (roll in with π_t, h ~ U{1..H}).
+        initial_policy: backend of π_ref, the initial policy, that generates turns 1..h−1 when
+            ``reset.rollin == "initial"`` (e.g. :meth:`~refuel.resets.ResetDistribution.last_turn`, the
+            last-turn baselines); ``None`` otherwise.
 
     Returns:
         The kept pairs as dicts (see :func:`pair_record`), the drop counts and the reset points per
         source, merged over the batches of :func:`iter_pair_batches`.
 
     Raises:
-        ValueError: see :func:`resolve_reset` and :func:`plan_reset_points`.
+        ValueError: see :meth:`~refuel.resets.ResetDistribution.check`.
     """
     result = CollectionResult()
-    batches = iter_pair_batches(
-        simulator, policy, n_pairs, sampling, seed, batch_size, rollin_policy, reset_turn, reset=reset
-    )
+    batches = iter_pair_batches(simulator, policy, n_pairs, sampling, seed, batch_size, reset, initial_policy)
     for _, batch in batches:
         result.pairs += batch.pairs
         result.dropped.update(batch.dropped)
@@ -304,10 +112,9 @@ def iter_pair_batches(
     sampling: SamplingParams,
     seed: int,
     batch_size: int = 32,
-    rollin_policy: ChatBackend | None = None,
-    reset_turn: str = "uniform",
+    reset: ResetDistribution = REFUEL_RESET,
+    initial_policy: ChatBackend | None = None,
     skip: frozenset[int] = frozenset(),
-    reset: ResetDistribution | None = None,
 ) -> Iterator[tuple[int, CollectionResult]]:
     """Yield ``(batch index, that batch's pairs and drops)`` one batch at a time (streaming).
 
@@ -317,11 +124,11 @@ def iter_pair_batches(
     the others come out exactly as in an uninterrupted run.
 
     Raises:
-        ValueError: see :func:`resolve_reset` and :func:`plan_reset_points` (raised before any batch).
+        ValueError: see :meth:`~refuel.resets.ResetDistribution.check` (raised before any batch).
     """
-    reset = resolve_reset(reset, simulator, policy, rollin_policy)
-    points = plan_reset_points(simulator, n_pairs, np.random.default_rng(seed), reset_turn, reset)
-    return _batches(simulator, policy, rollin_policy or policy, points, sampling, seed, batch_size, skip)
+    reset.check(simulator, policy, initial_policy)
+    points = plan_reset_points(simulator, n_pairs, np.random.default_rng(seed), reset)
+    return _batches(simulator, policy, initial_policy or policy, points, sampling, seed, batch_size, skip)
 
 
 def _batches(

@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,114 +50,17 @@ from dialogsim.rewards.code_verifier import CodeTestReward
 from dialogsim.rewards.factory import NO_REWARD_SPEC, build_reward_model, check_reward_scores
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
-from envs.build import build_simulator_from, load_prompt_rows
+from envs.build import build_simulator, load_prompt_rows
 from refuel.cli import parse_config
+from refuel.config import GENERATION_FIELDS, EvaluateConfig
 from refuel.diagnostics import diagnostics_frame, policy_diagnostics, save_diagnostics
 from refuel.labels import method_names, policy_labels
 from refuel.report import write_html_report
 from refuel.rollout import PolicyRun, run_policies
 from refuel.storage import read_rows, write_rows
-from refuel.validation import NON_NEGATIVE, check_fields
 from refuel.winrate import count_table, judge_statistics, paper_table, per_turn_win_rates, save_report
 
 logger = logging.getLogger(__name__)
-
-# Settings that only concern judging or output: they are left out of the dialogue cache key.
-JUDGING_FIELDS = (
-    "candidates",
-    "output_dir",
-    "reward",
-    "trust_remote_code",
-    "judge",
-    "judge_backend",
-    "judge_model",
-    "judge_base_url",
-    "judge_max_new_tokens",
-    "judge_template",
-)
-
-
-@dataclass
-class EvaluateConfig:
-    """Settings of a per-turn win-rate evaluation; the ``refuel-evaluate`` flags are generated from it."""
-
-    candidates: list[str] = field(
-        default_factory=lambda: ["runs/refuel/iteration_0/policy"], metadata={"help": "candidate policies"}
-    )
-    baseline: str = field(default="smollm2-135m-instruct", metadata={"help": "baseline policy (π_0)"})
-    output_dir: str = field(default="runs/refuel/eval", metadata={"help": "where dialogues and reports go"})
-    prompts: str | None = field(default=None, metadata={"help": "prompt file or hub id; default: shared file"})
-    tasks: list[str] | None = field(
-        default_factory=lambda: ["Math_CoT"], metadata={"help": "tasks to keep ('all': every one)"}
-    )
-    datasets: list[str] | None = field(
-        default_factory=lambda: ["gsm8k"], metadata={"help": "source datasets to keep ('all': every one)"}
-    )
-    splits: list[str] | None = field(
-        default_factory=lambda: ["train"], metadata={"help": "source splits to keep ('all': every one)"}
-    )
-    holdout: int = field(default=64, metadata={"help": "held-out prompts (same value as refuel-train's)"})
-    n_prompts: int = field(default=16, metadata={"help": "held-out prompts evaluated (dialogues per policy)"})
-    all_rows: bool = field(
-        default=False,
-        metadata={
-            "help": "evaluate every row of --prompts that passes the filters (--tasks/--datasets/--splits, where "
-            "'all' keeps every value, and --max_prompt_tokens) instead of --n_prompts of the --holdout rows"
-        },
-    )
-    horizon: int = field(default=3, metadata={"help": "H: turns per evaluation dialogue (paper: 5)"})
-    max_new_tokens: int = field(default=160, metadata={"help": "cap on policy reply tokens"})
-    temperature: float = field(default=0.8, metadata={"help": "policy sampling temperature"})
-    top_p: float = field(default=1.0, metadata={"help": "policy nucleus sampling mass"})
-    backend: str = field(
-        default="transformers",
-        metadata={"help": "policy engine: 'transformers' or 'vllm' (one engine; later policies' weights swapped in)"},
-    )
-    user_model: str = field(default="smollm2-135m-instruct", metadata={"help": "simulated-user model"})
-    user_template: str = field(default="student", metadata={"help": "'student' or 'paper'"})
-    user_backend: str = field(
-        default="auto",
-        metadata={
-            "help": "simulated-user engine: 'auto' (the policy's; on vllm the user shares the policies' engine when "
-            "its model has their architecture, weights swapped per call), 'transformers', 'vllm' (an engine of its "
-            "own) or 'openai'"
-        },
-    )
-    user_base_url: str | None = field(
-        default=None, metadata={"help": "OpenAI-compatible server of the user model (user_backend=openai)"}
-    )
-    vllm_kv_cache_gib: float = field(default=4.0, metadata={"help": "vLLM KV-cache space per engine on CPU (GiB)"})
-    max_dialogue_tokens: int = field(default=2048, metadata={"help": "token budget per dialogue"})
-    max_prompt_tokens: int = field(default=384, metadata={"help": "drop prompts longer than this (tokens)"})
-    seed: int = field(default=0, metadata={"help": "seed of prompt choice, user and policy sampling"})
-    judge: str = field(
-        default="reward",
-        metadata={"help": "'reward' (--reward scores each truncated dialogue; ties ½) or 'llm' (pairwise chat judge)"},
-    )
-    reward: str = field(
-        default="math",
-        metadata={"help": "reward judge's model: 'math', 'code', 'verifier' or a sequence-classification RM id/path"},
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "let a hub reward model run its own code (ArmoRM needs it)"}
-    )
-    judge_backend: str = field(
-        default="transformers", metadata={"help": "LLM judge engine: 'transformers', 'vllm' or 'openai'"}
-    )
-    judge_model: str = field(
-        default="smollm2-135m-instruct", metadata={"help": "LLM judge model (for 'openai': the server's model name)"}
-    )
-    judge_base_url: str | None = field(
-        default=None, metadata={"help": "OpenAI-compatible server URL, e.g. http://127.0.0.1:8000/v1"}
-    )
-    judge_max_new_tokens: int = field(default=192, metadata={"help": "cap on LLM judge reply tokens"})
-    judge_template: str = field(
-        default="compare",
-        metadata={"help": "LLM judge prompt: 'compare' (comparison, then A/B) or 'letter' (A/B only; small models)"},
-    )
-
-    def __post_init__(self) -> None:
-        check_fields(self, {"temperature": NON_NEGATIVE})  # 0: greedy replies, a valid evaluation setting
 
 
 def policy_identity(policy: str) -> dict[str, Any]:
@@ -176,7 +78,7 @@ def dialogue_cache(config: EvaluateConfig, policy: str, name: str) -> Path:
     The key holds the user's engine kind (``user_backend="auto"`` resolved), not whether it shares the policy's.
     """
     user_backend = resolve_user_backend(config.user_backend, config.backend)
-    settings = {k: v for k, v in asdict(replace(config, user_backend=user_backend)).items() if k not in JUDGING_FIELDS}
+    settings = {name: getattr(config, name) for name in GENERATION_FIELDS} | {"user_backend": user_backend}
     key = fingerprint({"generation": fingerprint(settings), "policy": policy_identity(policy)})
     return Path(config.output_dir) / "dialogues" / f"{name.replace('/', '_')}-{key}.jsonl"
 
@@ -308,8 +210,9 @@ def evaluate(config: EvaluateConfig) -> dict[str, Path]:
     if config.judge == "reward":  # the judge scores with --reward: refuse it now if it cannot score the tasks
         check_reward_scores(config.reward, {row.task for row in rows})
     engine = ServingEngine(config.backend, kv_cache_gib=config.vllm_kv_cache_gib)
-    simulator = build_simulator_from(
-        replace(config, reward=NO_REWARD_SPEC),  # generation needs no reward; the judge brings its own
+    simulator = build_simulator(
+        config,
+        reward=NO_REWARD_SPEC,  # generation needs no reward; the judge brings its own
         rows=rows,
         policy_model=config.baseline,
         max_horizon=config.horizon,

@@ -4,7 +4,7 @@ A policy trained by ``refuel-train`` lives in ``<run>/iteration_<t>/policy``; it
 ``metrics.json`` (``"iteration": t``) and the run folder ``config.json`` (the :class:`~refuel.config.RefuelConfig`:
 ``method``, ``rollin``, ``policy_model`` = π_0). Iteration t trains π_t into π_{t+1}, so that policy is
 labelled ``"<method> π_{t+1}"``: ``REFUEL π_1``, ``REFUEL π_2``, ``REBEL-LT π_1``, ``DPO-LT π_1``, with the
-roll-in added when it is not the default (``REFUEL π_1 (roll-in reference)``). A policy that is the π_0
+roll-in added when it is not the default (``REFUEL π_1 (roll-in initial)``). A policy that is the π_0
 of one of those runs is ``π_0``. Any other policy (a model name, a hub id, a folder without run metadata)
 keeps its folder-based name (:func:`method_name`).
 

@@ -30,23 +30,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from refuel.batching import step_schedule, validation_count
 from refuel.cli import parse_config
 from refuel.config import RefuelConfig
 from refuel.stages import RunFolder, RunFolderError
 
-MIXED_PRECISIONS = ("no", "bf16", "fp16")
 SHARDED_TYPES = ("DEEPSPEED", "FSDP")
 REMOTE_CODE_REWARDS = ("armorm",)  # reward models whose hub code must run (trust_remote_code)
-
-
-def check_memory_options(config: RefuelConfig) -> None:
-    """Validate the memory fields that :func:`refuel.validation.check_fields` cannot (its ranges cover ``lora_*``).
-
-    Raises:
-        ValueError: ``lora_target_modules`` is empty.
-    """
-    if not config.lora_target_modules:
-        raise ValueError("invalid RefuelConfig values: lora_target_modules=[] (valid: all-linear, or module names)")
 
 
 @dataclass
@@ -166,13 +156,8 @@ def make_plan(
         A :class:`Plan`; ``plan.ok`` is False when a check failed.
     """
     from dialogsim.rewards.factory import BUILTIN_SPECS, check_reward_scores
-    from dialogsim.user import TEMPLATES
 
     plan = Plan()
-    try:
-        check_memory_options(config)
-    except ValueError as error:
-        plan.errors.append(str(error))
     launch = read_launch(accelerate_config, num_processes, plan)
     processes = launch.processes
 
@@ -199,8 +184,6 @@ def make_plan(
         check_reward_scores(config.reward, config.tasks)
     except ValueError as error:
         plan.errors.append(str(error))
-    if config.user_template not in TEMPLATES:
-        plan.errors.append(f"user_template={config.user_template!r}: choose one of {sorted(TEMPLATES)}")
     if config.prompts is None:
         from dialogsim.data import default_prompt_source
 
@@ -218,8 +201,6 @@ def make_plan(
         plan.errors.append(f"prompts={config.prompts!r}: no such file, and not an org/name hub dataset id")
 
     # combinations
-    if config.mixed_precision not in MIXED_PRECISIONS:
-        plan.errors.append(f"mixed_precision={config.mixed_precision!r}: choose one of {', '.join(MIXED_PRECISIONS)}")
     if launch.mixed_precision is not None and launch.mixed_precision != config.mixed_precision:
         plan.errors.append(
             f"the accelerate config's mixed_precision is {launch.mixed_precision!r}, the run config's "
@@ -278,11 +259,16 @@ def make_plan(
             f"{config.effective_batch_size}; change the process count or the batch fields"
         )
     pairs = config.pairs_per_iteration
-    validation_pairs = round(config.validation_fraction * pairs) if pairs > 2 else 0
+    validation_pairs = validation_count(pairs, config.validation_fraction)
     train_pairs = pairs - validation_pairs
-    batches_per_process = math.ceil(math.ceil(train_pairs / config.per_device_batch_size) / processes)
-    steps = config.epochs * math.ceil(batches_per_process / config.gradient_accumulation_steps)
-    warmup = int(config.warmup_ratio * steps)
+    schedule = step_schedule(
+        math.ceil(train_pairs / config.per_device_batch_size),  # as plan_micro_batches cuts them
+        processes,
+        config.gradient_accumulation_steps,
+        config.epochs,
+        config.warmup_ratio,
+    )
+    steps, warmup = schedule.steps, schedule.warmup
     if train_pairs < effective:
         plan.warnings.append(f"at most {train_pairs} training pairs per iteration: less than one step of {effective}")
     if validation_pairs == 0:

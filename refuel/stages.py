@@ -5,16 +5,17 @@ settings the stage was started with::
 
     {"format": "refuel-train run", "stages": {"iteration_0": {"collection": {...}, "training": {...}}}}
 
-- **collection** (``shards/``, ``pairs.jsonl``, ``collection.json``) depends on :data:`COLLECTION_FIELDS`
-  (and on π_t, i.e. on the earlier iterations' training);
-- **training** (``checkpoints/``, ``policy/``, ``metrics.json``) depends on those and :data:`TRAINING_FIELDS`.
+- **collection** (``shards/``, ``pairs.jsonl``, ``collection.json``) depends on the fields of
+  :data:`refuel.config.COLLECTION_GROUPS` (and on π_t, i.e. on the earlier iterations' training);
+- **training** (``checkpoints/``, ``policy/``, ``metrics.json``) depends on those and the training fields
+  (:data:`refuel.config.TRAINING_GROUPS`).
 
 A stage is recorded before it writes anything, so partial stages are covered too. A rerun whose settings
 differ from a recorded stage's is refused (:meth:`RunFolder.check`) before anything is written or loaded,
 naming the settings and the fix: a new ``--output_dir``, or ``--restart_stage`` to start the first
-differing stage over. Settings in neither list (evaluation-only, checkpoint frequency, engine memory)
-may change between reruns. The shard manifest's fingerprint (:class:`refuel.shards.PairShards`) is
-derived from the same :func:`stage_settings`.
+differing stage over. Settings in neither (the run folder, iterations, checkpoint frequency, engine
+memory: :class:`~refuel.config.RunConfig`, :class:`~refuel.config.VLLMConfig`) may change between reruns.
+The shard manifest's fingerprint (:class:`refuel.shards.PairShards`) is derived from the same :func:`stage_settings`.
 """
 
 from __future__ import annotations
@@ -24,54 +25,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from envs.build import SHARED_FIELDS
-from refuel.config import RefuelConfig
+from refuel.config import COLLECTION_FIELDS, TRAINING_FIELDS, RefuelConfig
 from refuel.storage import write_json
 
 RUN_MARKER = "run.json"
 RUN_FORMAT = "refuel-train run"
 LEGACY_KEYS = {"output_dir", "policy_model", "pairs_per_iteration"}  # in every run's config.json, in no model's
 
-COLLECTION_FIELDS = (
-    *SHARED_FIELDS,
-    "policy_model",
-    "pairs_per_iteration",
-    "max_horizon",
-    "max_new_tokens",
-    "temperature",
-    "top_p",
-    "generation_batch_size",
-    "backend",
-    "method",
-    "rollin",
-    "rollin_beta",
-    "dataset_weight",
-    "offline_dialogues",
-    "offline_limit",
-    "seed",
-)
-TRAINING_FIELDS = (
-    "eta",
-    "dpo_beta",
-    "learning_rate",
-    "adam_beta1",
-    "adam_beta2",
-    "weight_decay",
-    "warmup_ratio",
-    "epochs",
-    "per_device_batch_size",
-    "gradient_accumulation_steps",
-    "max_grad_norm",
-    "validation_fraction",
-    "mixed_precision",
-    "pair_layout",
-    "length_buckets",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "lora_target_modules",
-)
-STAGE_FIELDS = {"collection": COLLECTION_FIELDS, "training": COLLECTION_FIELDS + TRAINING_FIELDS}
+STAGE_FIELDS = {"collection": COLLECTION_FIELDS, "training": TRAINING_FIELDS}  # keys: refuel.config.STAGES
 STAGE_FILES = {
     "collection": ("shards", "pairs.jsonl", "collection.json"),
     "training": ("checkpoints", "policy", "metrics.json"),

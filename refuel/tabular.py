@@ -20,7 +20,7 @@ turn h. ``refuel.collect`` draws H from the episode config and h ~ U{1..H}, so g
 P(H | h) ∝ P(H)/H on H ≥ h: this is the conditional of q(H) ∝ P(H)/H, i.e. REFUEL's regression targets
 Q under the horizon distribution q, not P (for the default H ~ U{1, 2, 3}, q = (6, 3, 2)/11 weights
 short dialogues more). :func:`refuel_stop_probs` gives q's per-turn stop probabilities, and
-:func:`mirror_descent_step` is the update above with that Q, exactly. With ``reset_turn="last"``
+:func:`mirror_descent_step` is the update above with that Q, exactly. With ``turn_rule="last"``
 (h = H, the last-turn "LT" baselines) the target is the myopic Q(s_h, y) = r(s_h, y).
 
 Fixed point: iterating the update from a full-support policy converges to an optimal policy of the
@@ -30,7 +30,7 @@ KL anchor moves with t, this is the unregularised optimum, not the optimum of a 
 the states in the regression: with exact expectations on a table every state with positive weight gets
 the same update, so where to reset (current policy, π_ref, a dataset) matters only through sampling:
 a state the roll-in rarely reaches gets few pairs. :func:`compare_resets` measures this with the
-collector's reset distributions (``refuel.collect.ResetDistribution``), e.g. dataset resets to an
+collector's reset distributions (``refuel.resets.ResetDistribution``), e.g. dataset resets to an
 optimal demonstrator's prefixes (:func:`demonstrations`).
 
 On a softmax table the regression is exactly solvable: ln π(y|s) − ln π(y'|s) is the logit
@@ -63,27 +63,28 @@ from envs.tabular import (
     state_distribution,
     stop_probs,
 )
-from refuel.collect import RESET_TURNS, ResetDistribution, collect_pairs, sample_offline_dialogues
+from refuel.collect import collect_pairs, sample_offline_dialogues
 from refuel.loss import refuel_loss
+from refuel.resets import TURN_RULES, ResetDistribution
 
 TABLE_SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=1)
 
 
-def refuel_stop_probs(horizon_distribution: torch.Tensor, reset_turn: str = "uniform") -> torch.Tensor:
+def refuel_stop_probs(horizon_distribution: torch.Tensor, turn_rule: str = "uniform") -> torch.Tensor:
     """Per-turn stop probabilities of the horizon distribution REFUEL's pairs regress on, ``[H_max]``.
 
     Args:
         horizon_distribution: P(H) of the episodes, ``[H_max]`` (``envs.tabular.horizon_probs(config)``).
-        reset_turn: ``"uniform"`` (h ~ U{1..H}: q(H) ∝ P(H)/H, see the module docstring) or ``"last"``
+        turn_rule: ``"uniform"`` (h ~ U{1..H}: q(H) ∝ P(H)/H, see the module docstring) or ``"last"``
             (h = H: the dialogue ends at the reset turn, stop probability 1 at every turn).
 
     Raises:
-        ValueError: unknown ``reset_turn``.
+        ValueError: unknown ``turn_rule``.
     """
-    if reset_turn not in RESET_TURNS:
-        raise ValueError(f"reset_turn must be one of {RESET_TURNS}, got {reset_turn!r}")
+    if turn_rule not in TURN_RULES:
+        raise ValueError(f"turn_rule must be one of {TURN_RULES}, got {turn_rule!r}")
     probs = torch.as_tensor(horizon_distribution, dtype=DTYPE)
-    if reset_turn == "last":
+    if turn_rule == "last":
         return torch.ones_like(probs)
     weighted = probs / torch.arange(1, len(probs) + 1, dtype=DTYPE)
     return stop_probs(weighted / weighted.sum())
@@ -181,7 +182,7 @@ def enumerate_pairs(
     mdp: TabularDialogueMDP,
     policy: torch.Tensor,
     horizon_distribution: torch.Tensor,
-    reset_turn: str = "uniform",
+    turn_rule: str = "uniform",
     rollin_policy: torch.Tensor | None = None,
 ) -> PairTensors:
     """Every pair ``collect_pairs`` can produce, with its probability (exact expectations).
@@ -195,7 +196,7 @@ def enumerate_pairs(
     Args:
         policy: π_t, ``[n_states, n_replies]`` probabilities (replies and roll-outs).
         horizon_distribution: P(H), ``[max_horizon]``.
-        reset_turn: ``"uniform"`` or ``"last"``.
+        turn_rule: ``"uniform"`` or ``"last"``.
         rollin_policy: probabilities of the roll-in policy; ``None`` rolls in with ``policy`` (REFUEL).
 
     Returns:
@@ -203,10 +204,10 @@ def enumerate_pairs(
         5-state MDP, ≈ 9.5k for the 43-state tree).
 
     Raises:
-        ValueError: unknown ``reset_turn``.
+        ValueError: unknown ``turn_rule``.
     """
-    if reset_turn not in RESET_TURNS:
-        raise ValueError(f"reset_turn must be one of {RESET_TURNS}, got {reset_turn!r}")
+    if turn_rule not in TURN_RULES:
+        raise ValueError(f"turn_rule must be one of {TURN_RULES}, got {turn_rule!r}")
     policy = torch.as_tensor(policy, dtype=DTYPE)
     reach = state_distribution(mdp, policy if rollin_policy is None else rollin_policy)  # [n_states]
     columns: dict[str, list[torch.Tensor]] = {key: [] for key in ("s", "y", "y2", "r", "r2", "w")}
@@ -214,9 +215,9 @@ def enumerate_pairs(
         p_horizon = float(horizon_distribution[horizon - 1])
         if p_horizon == 0:
             continue
-        turns = range(1, horizon + 1) if reset_turn == "uniform" else [horizon]
+        turns = range(1, horizon + 1) if turn_rule == "uniform" else [horizon]
         for turn in turns:
-            p_turn = p_horizon / horizon if reset_turn == "uniform" else p_horizon
+            p_turn = p_horizon / horizon if turn_rule == "uniform" else p_horizon
             here = mdp.turn_slice(turn)
             for state in range(here.start, here.stop):
                 outcomes = [_continuations(mdp, policy, state, reply, horizon) for reply in range(mdp.n_replies)]
@@ -343,8 +344,8 @@ def train_refuel_table(
     """REFUEL on the table: per iteration, collect pairs with the real collector, then fit the table.
 
     Each iteration calls ``collect(simulator, policy, n_pairs, TABLE_SAMPLING, seed=..., batch_size=...,
-    **collect_kwargs)`` (default :func:`refuel.collect.collect_pairs`; e.g. ``rollin_policy=`` /
-    ``reset_turn=`` for the last-turn baselines) and :func:`fit_refuel_table` on the kept pairs;
+    **collect_kwargs)`` (default :func:`refuel.collect.collect_pairs`; e.g. ``reset=ResetDistribution.last_turn()``
+    and ``initial_policy=`` for the last-turn baselines) and :func:`fit_refuel_table` on the kept pairs;
     ``policy.logits`` is replaced in place. Sampling is :data:`TABLE_SAMPLING` (temperature 1, the
     temperature of the fit's log-probabilities). An iteration whose pairs were all dropped (the policy
     has become deterministic) leaves the table unchanged.
@@ -428,7 +429,7 @@ def compare_resets(
 ) -> dict[str, list[list[float]]]:
     """REFUEL from π_0 = softmax(``base_logits``) with each reset distribution, per seed.
 
-    A ``rollin="reference"`` distribution rolls in with π_ref = π_0 (fixed). Every run uses the same
+    A ``rollin="initial"`` distribution rolls in with π_ref = π_0 (fixed). Every run uses the same
     collection seeds per (seed, iteration) (:func:`train_refuel_table`), so the variants differ only
     in where pairs start.
 
@@ -439,7 +440,7 @@ def compare_resets(
     base, horizons = torch.softmax(base_logits, -1), horizon_probs(simulator.config)
     curves: dict[str, list[list[float]]] = {}
     for name, reset in resets.items():
-        reference = TabularPolicy(mdp, base_logits, name="reference") if reset.rollin == "reference" else None
+        initial = TabularPolicy(mdp, base_logits, name="initial") if reset.needs_initial_policy else None
         curves[name] = []
         for seed in seeds:
             run = train_refuel_table(
@@ -450,8 +451,8 @@ def compare_resets(
                 eta,
                 seed,
                 batch_size,
-                rollin_policy=reference,
                 reset=reset,
+                initial_policy=initial,
             )
             curves[name].append([optimum_fraction(mdp, policy, base, horizons) for policy in run.policies()])
     return curves

@@ -35,19 +35,19 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, set_seed
 from dialogsim.backends.base import ChatBackend, WeightSyncBackend
 from dialogsim.backends.serving import ServingEngine, resolve_user_backend, user_engine
 from dialogsim.backends.transformers_backend import load_tokenizer
-from dialogsim.data import load_offline_dialogues
 from dialogsim.dialogue import fingerprint
 from dialogsim.models import check_model_name, resolve_model
 from dialogsim.rewards.factory import check_reward_scores
-from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
-from envs.build import build_simulator_from
+from envs.build import build_simulator
+from refuel.batching import validation_count
 from refuel.cli import parse_config
-from refuel.collect import ResetDistribution, iter_pair_batches
+from refuel.collect import iter_pair_batches
 from refuel.config import RefuelConfig
 from refuel.distributed import build_accelerator
 from refuel.pairs import tokenize_pair
 from refuel.provenance import run_provenance
+from refuel.resets import ResetDistribution
 from refuel.shards import PairShards
 from refuel.stages import RunFolder, RunFolderError, stage_settings
 from refuel.storage import read_rows, write_json, write_rows
@@ -56,17 +56,12 @@ from refuel.trainer import RefuelTrainer
 logger = logging.getLogger(__name__)
 
 
-def policy_sampling(config: RefuelConfig) -> SamplingParams:
-    """π_t's sampling settings from the run configuration."""
-    return SamplingParams(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens)
-
-
 def build_training_simulator(config: RefuelConfig, engine: PolicyEngine) -> DialogueSimulator:
     """The simulator on the training split of the prompts; its user on π_t's engine if ``user_backend`` allows.
 
     See :func:`~dialogsim.backends.serving.user_engine` for when the user shares the policy's engine.
     """
-    return build_simulator_from(
+    return build_simulator(
         config,
         partition="train" if config.holdout else "all",
         policy_model=config.policy_model,
@@ -90,16 +85,14 @@ class PolicyEngine:
         self.config = config
         settings = {"kv_cache_gib": config.vllm_kv_cache_gib, "tensor_parallel_size": config.vllm_tensor_parallel_size}
         self.current = ServingEngine(config.backend, **settings)
-        self.reference = ServingEngine(config.backend, **settings)
+        self.initial = ServingEngine(config.backend, **settings)
 
-    def rollin_policy(self) -> WeightSyncBackend | None:
-        """π_ref's engine (the initial policy, never updated) for the LT baselines and ``--rollin reference``.
-
-        ``None`` when π_t rolls in (REFUEL with ``--rollin current`` or ``dataset``).
-        """
-        if self.config.method == "refuel" and self.config.rollin != "reference":
+    def initial_policy(self, reset: ResetDistribution) -> WeightSyncBackend | None:
+        """π_ref's engine (the initial policy, never updated) when it rolls in (``reset.rollin == "initial"``:
+        the last-turn baselines and ``--rollin initial``); ``None`` when π_t rolls in."""
+        if not reset.needs_initial_policy:
             return None
-        return self.reference.serve(resolve_model(self.config.policy_model))
+        return self.initial.serve(resolve_model(self.config.policy_model))
 
     def serving(self, policy_path: str, stats: dict[str, Any]) -> ChatBackend:
         """π_t = the weights in ``policy_path`` on its engine; records start or sync time (seconds) in ``stats``.
@@ -109,34 +102,6 @@ class PolicyEngine:
         """
         self.current.serve(policy_path, stats)
         return self.current.role(policy_path)
-
-
-def build_reset(config: RefuelConfig, simulator: DialogueSimulator, stats: dict[str, Any]) -> ResetDistribution | None:
-    """Where pairs start (``--rollin``); ``None`` for the LT baselines (π_ref roll-ins to h = H).
-
-    Raises:
-        ValueError: ``--rollin dataset`` and no offline dialogue survives loading (the load report says why).
-    """
-    if config.method != "refuel":
-        return None
-    if config.rollin == "reference":
-        return ResetDistribution("reference", beta=config.rollin_beta)
-    if config.rollin == "dataset":
-        offline, report = load_offline_dialogues(
-            config.offline_dialogues,
-            list(simulator.prompts.values()),
-            tokenizer=simulator.tokenizer,
-            max_dialogue_tokens=config.max_dialogue_tokens,
-            max_turns=config.max_horizon,
-            limit=config.offline_limit,
-            shuffle=True,
-            seed=config.seed,
-        )
-        stats["offline_dialogues"] = str(report)
-        if not offline:
-            raise ValueError(f"--offline_dialogues {config.offline_dialogues}: no usable dialogue ({report})")
-        return ResetDistribution("dataset", dataset_weight=config.dataset_weight, offline=tuple(offline))
-    return ResetDistribution()
 
 
 def prepare_pairs(
@@ -157,17 +122,19 @@ def prepare_pairs(
     if shards.done():
         logger.info("resuming: %d collected batches on disk in %s", len(shards.done()), shards.folder)
     started = time.perf_counter()
+    reset, offline_report = ResetDistribution.from_config(config, simulator)
+    if offline_report is not None:
+        stats["offline_dialogues"] = str(offline_report)
     batches = iter_pair_batches(
         simulator,
         engine.serving(policy_path, stats),
         config.pairs_per_iteration,
-        policy_sampling(config),
+        config.sampling_params(),
         seed=config.seed + 1000 * iteration,
         batch_size=config.generation_batch_size,
-        rollin_policy=engine.rollin_policy(),
-        reset_turn="uniform" if config.method == "refuel" else "last",
+        reset=reset,
+        initial_policy=engine.initial_policy(reset),
         skip=shards.done(),
-        reset=build_reset(config, simulator, stats),
     )
     for index, batch in batches:  # a batch's seconds include the set-up before it (engine start, planning)
         shards.write(index, batch, seconds=time.perf_counter() - started)
@@ -187,7 +154,7 @@ def prepare_pairs(
 def split_validation(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list, list]:
     """Seeded split of pairs into training and validation rows."""
     order = np.random.default_rng(seed).permutation(len(rows))
-    n_val = round(fraction * len(rows)) if len(rows) > 2 else 0
+    n_val = validation_count(len(rows), fraction)
     return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]
 
 

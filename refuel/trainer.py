@@ -28,7 +28,6 @@ configs are in ``configs/accelerate/``). What makes P processes × b pairs equal
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -44,7 +43,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
-from refuel.batching import StepGroupSampler, plan_micro_batches
+from refuel.batching import StepGroupSampler, plan_micro_batches, step_schedule
 from refuel.checkpoints import latest_training_state, save_training_state
 from refuel.config import RefuelConfig
 from refuel.distributed import build_accelerator, full_state_dict, fully_shard_on_cpu
@@ -52,7 +51,6 @@ from refuel.logprobs import masked_sequence_logprobs
 from refuel.loss import dpo_loss, refuel_loss, sign_agreement
 from refuel.packing import PackedPairs, pack_pairs, packed_pair_logprobs
 from refuel.pairs import pad_pairs
-from refuel.plan import check_memory_options
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -143,7 +141,6 @@ class RefuelTrainer:
     ) -> None:
         if not train_rows:
             raise ValueError("no training pairs: collect more pairs or lower validation_fraction")
-        check_memory_options(config)
         self.config = config
         self.accelerator = build_accelerator(config)  # refuses a launch that fell back to another engine
         processes = self.accelerator.num_processes
@@ -172,12 +169,9 @@ class RefuelTrainer:
             betas=(config.adam_beta1, config.adam_beta2),
             weight_decay=config.weight_decay,
         )
-        # accelerate's sharding (even_batches): each process gets ceil(micro-batches / P) micro-batches.
-        batches_per_process = math.ceil(len(self.plans["train"]) / processes)
-        steps = config.epochs * math.ceil(batches_per_process / accumulation)
-        # Floor, so that short iterations do not spend their first step at learning rate 0 (the warm-up
-        # of transformers' schedules starts from 0). × P: accelerate steps the scheduler P times per step.
-        warmup = int(config.warmup_ratio * steps)
+        schedule = step_schedule(len(self.plans["train"]), processes, accumulation, config.epochs, config.warmup_ratio)
+        batches_per_process, steps, warmup = schedule.micro_batches_per_process, schedule.steps, schedule.warmup
+        # × P: accelerate steps the scheduler P times per optimizer step.
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup * processes, steps * processes)
         self.model, self.optimizer, self.train_loader, self.scheduler = self.accelerator.prepare(
             model, optimizer, train_loader, scheduler

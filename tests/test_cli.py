@@ -171,7 +171,7 @@ def test_help_prints_every_flag(module: str, capsys: pytest.CaptureFixture[str])
     [
         (["--method", "ppo"], "method"),
         (["--rollin", "somewhere"], "rollin"),
-        (["--method", "dpo_lt", "--rollin", "reference"], "rollin"),  # the LT baselines roll in with π_ref only
+        (["--method", "dpo_lt", "--rollin", "initial"], "rollin"),  # the LT baselines roll in with π_ref only
         (["--rollin", "dataset"], "offline_dialogues"),
         (["--backend", "openai"], "backend"),
         (["--user_backend", "openai"], "user_base_url"),

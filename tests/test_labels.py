@@ -29,7 +29,7 @@ def test_labels_name_method_and_iteration_from_the_run_metadata(tmp_path: Path) 
     refuel_2 = trained_policy(tmp_path / "refuel", 1)
     rebel = trained_policy(tmp_path / "rebel", 0, method="rebel_lt")
     dpo = trained_policy(tmp_path / "dpo", 0, method="dpo_lt")
-    reference = trained_policy(tmp_path / "rollin", 0, rollin="reference")
+    reference = trained_policy(tmp_path / "rollin", 0, rollin="initial")
     labels = policy_labels([PI_0, refuel_1, refuel_2, rebel, dpo, reference])
     assert labels == {
         PI_0: "π_0",
@@ -37,7 +37,7 @@ def test_labels_name_method_and_iteration_from_the_run_metadata(tmp_path: Path) 
         refuel_2: "REFUEL π_2",
         rebel: "REBEL-LT π_1",
         dpo: "DPO-LT π_1",
-        reference: "REFUEL π_1 (roll-in reference)",
+        reference: "REFUEL π_1 (roll-in initial)",
     }
 
 

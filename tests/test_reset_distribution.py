@@ -21,14 +21,8 @@ from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator, EpisodeConfig
 from dialogsim.user import UserSimulator, render_user_prompt
 from envs.tabular import PROMPT_ID, TabularDialogueMDP, TabularPolicy, build_tabular_simulator, reference_logits
-from refuel.collect import (
-    RESET_SOURCES,
-    ResetDistribution,
-    collect_pairs,
-    iter_pair_batches,
-    plan_reset_points,
-    sample_offline_dialogues,
-)
+from refuel.collect import collect_pairs, iter_pair_batches, sample_offline_dialogues
+from refuel.resets import RESET_SOURCES, ResetDistribution, plan_reset_points
 from refuel.pairs import tokenize_pair
 from refuel.tabular import TABLE_SAMPLING
 
@@ -61,12 +55,12 @@ def demonstrations(mdp: TabularDialogueMDP, table_simulator: DialogueSimulator) 
     ("settings", "error", "message"),
     [
         ({"rollin": "teacher"}, ValueError, "rollin must be one of"),
-        ({"rollin": "reference", "beta": 1.5}, ValueError, r"beta must be a probability in \[0, 1\]"),
-        ({"rollin": "reference", "beta": -0.1}, ValueError, "beta must be a probability"),
-        ({"rollin": "reference", "beta": float("nan")}, ValueError, "beta must be a probability"),
-        ({"rollin": "current", "beta": 0.5}, ValueError, "applies to rollin='reference' only"),
+        ({"rollin": "initial", "beta": 1.5}, ValueError, r"beta must be a probability in \[0, 1\]"),
+        ({"rollin": "initial", "beta": -0.1}, ValueError, "beta must be a probability"),
+        ({"rollin": "initial", "beta": float("nan")}, ValueError, "beta must be a probability"),
+        ({"rollin": "current", "beta": 0.5}, ValueError, "applies to rollin='initial' only"),
         ({"rollin": "dataset", "dataset_weight": 2.0, "offline": "x"}, ValueError, "dataset_weight must be"),
-        ({"rollin": "reference", "dataset_weight": 0.5}, ValueError, "applies to rollin='dataset' only"),
+        ({"rollin": "initial", "dataset_weight": 0.5}, ValueError, "applies to rollin='dataset' only"),
         ({"rollin": "dataset", "dataset_weight": 0.5}, ValueError, "needs offline dialogues"),
         ({"rollin": "current", "offline": ["x"]}, ValueError, "offline dialogues apply to rollin='dataset'"),
         ({"rollin": "dataset", "dataset_weight": 0.5, "offline": ["x"]}, TypeError, "offline\\[0\\]"),
@@ -81,14 +75,14 @@ def test_bad_settings_raise_clear_errors(settings: dict[str, Any], error: type, 
 def test_collection_checks_the_reset_against_its_backends(
     mdp: TabularDialogueMDP, table_simulator: DialogueSimulator, demonstrations: list[OfflineDialogue]
 ) -> None:
-    """π_ref is required for rollin='reference' and refused otherwise; offline prompts must be known."""
+    """π_ref is required for rollin='initial' and refused otherwise; offline prompts must be known."""
     policy, reference = TabularPolicy(mdp), TabularPolicy(mdp, name="reference")
     cases = [
-        ({"reset": ResetDistribution("reference", beta=0.5)}, "pass its backend as rollin_policy"),
-        ({"reset": ResetDistribution(), "rollin_policy": reference}, "rollin_policy must be None"),
+        ({"reset": ResetDistribution("initial", beta=0.5)}, "pass its backend as initial_policy"),
+        ({"reset": ResetDistribution(), "initial_policy": reference}, "initial_policy must be None"),
         (
-            {"reset": ResetDistribution("dataset", 0.0, 0.5, demonstrations), "rollin_policy": reference},
-            "rollin_policy must be None",
+            {"reset": ResetDistribution("dataset", 0.0, 0.5, demonstrations), "initial_policy": reference},
+            "initial_policy must be None",
         ),
     ]
     foreign = OfflineDialogue("foreign", "no-such-prompt", ({"role": "user", "content": "u0"},))
@@ -102,14 +96,14 @@ def test_collection_checks_the_reset_against_its_backends(
 
 
 def _reference_run(
-    mdp: TabularDialogueMDP, simulator: DialogueSimulator, beta: float | None, n_pairs: int = 48
+    mdp: TabularDialogueMDP, simulator: DialogueSimulator, beta: float, n_pairs: int = 48
 ) -> tuple[list[dict[str, Any]], CountingBackend, CountingBackend, Counter[str]]:
-    """Collect with π_ref = the base table (β given, or the legacy reset=None) and count both backends' calls."""
+    """Collect with π_ref = the base table (β given) and count both backends' calls."""
     learner = CountingBackend(TabularPolicy(mdp, reference_logits(mdp, (0.3, 0.3, 0.4))))
     reference = CountingBackend(TabularPolicy(mdp, name="reference"))
-    reset = None if beta is None else ResetDistribution("reference", beta=beta)
+    reset = ResetDistribution("initial", beta=beta)
     result = collect_pairs(
-        simulator, learner, n_pairs, TABLE_SAMPLING, seed=2, batch_size=16, rollin_policy=reference, reset=reset
+        simulator, learner, n_pairs, TABLE_SAMPLING, seed=2, batch_size=16, reset=reset, initial_policy=reference
     )
     return result.pairs, learner, reference, result.sources
 
@@ -122,31 +116,29 @@ def test_beta_one_gives_only_prompt_starts(mdp: TabularDialogueMDP, table_simula
     assert reference.calls == [] and learner.calls
 
 
-def test_beta_zero_gives_only_reference_rollins(mdp: TabularDialogueMDP, table_simulator: DialogueSimulator) -> None:
-    """β = 0: every pair rolls in with π_ref (turns < h), π_t answers from turn h on; it equals the legacy call."""
+def test_beta_zero_gives_only_initial_policy_rollins(mdp: TabularDialogueMDP, table_simulator: DialogueSimulator) -> None:
+    """β = 0: every pair rolls in with π_ref (turns < h), π_t answers from turn h on."""
     pairs, learner, reference, sources = _reference_run(mdp, table_simulator, beta=0.0)
-    assert sources == Counter({"reference": 48}) and {pair["reset_source"] for pair in pairs} == {"reference"}
+    assert sources == Counter({"initial": 48}) and {pair["reset_source"] for pair in pairs} == {"initial"}
     rolled_in = sum(pair["turn"] - 1 for pair in pairs)
     assert rolled_in > 0 and sum(len(call) for call in reference.calls) >= rolled_in
     learner_turns = Counter(turn for call in learner.calls for turn in call)
     reference_turns = Counter(turn for call in reference.calls for turn in call)
     assert max(reference_turns) < table_simulator.config.max_horizon and 1 in learner_turns
-    legacy_pairs, *_ = _reference_run(mdp, table_simulator, beta=None)
-    assert legacy_pairs == pairs  # reset=None with a rollin_policy is rollin='reference', β = 0
 
 
 def test_beta_mixes_prompt_starts_into_the_same_plan(table_simulator: DialogueSimulator) -> None:
     """β = 0.3: about 30 % prompt starts (binomial test); the other points are the β = 0 plan's points."""
     plan = {
         beta: plan_reset_points(
-            table_simulator, 600, np.random.default_rng(4), reset=ResetDistribution("reference", beta=beta)
+            table_simulator, 600, np.random.default_rng(4), reset=ResetDistribution("initial", beta=beta)
         )
         for beta in (0.0, 0.3)
     }
     prompt_starts = [i for i, point in enumerate(plan[0.3]) if point.source == "prompt"]
     assert stats.binomtest(len(prompt_starts), 600, 0.3).pvalue > 1e-3
     for index, (mixed, base) in enumerate(zip(plan[0.3], plan[0.0], strict=True)):
-        expected = (1, "prompt") if index in prompt_starts else (base.turn, "reference")
+        expected = (1, "prompt") if index in prompt_starts else (base.turn, "initial")
         assert (mixed.prompt_id, mixed.horizon, mixed.turn, mixed.source) == (base.prompt_id, base.horizon, *expected)
 
 
@@ -176,8 +168,7 @@ def test_dataset_plan_draws_prefixes_uniformly(table_simulator: DialogueSimulato
         table_simulator,
         60,
         np.random.default_rng(6),
-        "last",
-        ResetDistribution("dataset", dataset_weight=1.0, offline=(short, long)),
+        ResetDistribution("dataset", dataset_weight=1.0, offline=(short, long), turn_rule="last"),
     )
     assert all(p.turn == min(p.horizon, p.offline.turns) for p in last)
 

@@ -43,7 +43,8 @@ from envs.tabular import (
     turn_values,
     turn_win_rates,
 )
-from refuel.collect import ResetDistribution, collect_pairs
+from refuel.collect import collect_pairs
+from refuel.resets import ResetDistribution
 from refuel.pairs import tokenize_pair
 from refuel.tabular import (
     TABLE_SAMPLING,
@@ -282,7 +283,7 @@ def test_exact_last_turn_regression_is_the_myopic_update(mdp: TabularDialogueMDP
     horizons = torch.full((3,), 1 / 3, dtype=torch.float64)
     logits = torch.randn(mdp.n_states, mdp.n_replies, generator=torch.Generator().manual_seed(2)).double()
     ref = torch.softmax(reference_logits(mdp), -1)
-    pairs = enumerate_pairs(mdp, torch.softmax(logits, -1), horizons, reset_turn="last", rollin_policy=ref)
+    pairs = enumerate_pairs(mdp, torch.softmax(logits, -1), horizons, turn_rule="last", rollin_policy=ref)
     fitted = torch.softmax(fit_refuel_table(logits, pairs, 1.0), -1)
     myopic = torch.softmax(torch.log_softmax(logits, -1) + mdp.rewards, -1)
     assert (fitted - myopic).abs().max() < 1e-9
@@ -322,8 +323,8 @@ def rebel_lt_runs(mdp: TabularDialogueMDP, simulator: DialogueSimulator) -> dict
             ETA,
             seed,
             BATCH_SIZE,
-            rollin_policy=TabularPolicy(mdp, name="reference-policy"),
-            reset_turn="last",
+            reset=ResetDistribution.last_turn(),
+            initial_policy=TabularPolicy(mdp, name="initial-policy"),
         )
         for seed in SEEDS[:1]
     }
