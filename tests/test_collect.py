@@ -19,8 +19,8 @@ from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator, EpisodeConfig
 from dialogsim.user import UserSimulator
 from refuel.collect import CollectionResult, collect_pairs, iter_pair_batches
-from refuel.resets import ResetDistribution, plan_reset_points
 from refuel.pairs import tokenize_pair
+from refuel.resets import ResetDistribution, plan_reset_points
 
 N_PAIRS = 4
 MAX_HORIZON = 2
@@ -156,7 +156,10 @@ def test_horizon_and_reset_turn_are_uniform(parts: Parts, tokenizer: PreTrainedT
     for start in range(0, 300 - n_prompts + 1, n_prompts):
         assert {p.prompt_id for p in points[start : start + n_prompts]} == set(simulator.prompt_ids)
     # the last-turn baselines reset at h = H
-    assert all(p.turn == p.horizon for p in plan_reset_points(simulator, 50, np.random.default_rng(1), ResetDistribution(turn_rule="last")))
+    assert all(
+        p.turn == p.horizon
+        for p in plan_reset_points(simulator, 50, np.random.default_rng(1), ResetDistribution(turn_rule="last"))
+    )
 
 
 class CountingBackend:
@@ -187,7 +190,9 @@ def test_one_policy_call_per_round_for_rollins_branches_and_rollouts(
 def test_rollin_policy_generates_turns_before_h_only(simulator: DialogueSimulator, policy: TransformersBackend) -> None:
     """With a separate roll-in policy (π_ref), it answers turns < h; π_t answers turn h and after."""
     rollin, learner = CountingBackend(policy), CountingBackend(policy)
-    result = collect_pairs(simulator, learner, 6, SAMPLING, seed=3, reset=ResetDistribution.last_turn(), initial_policy=rollin)
+    result = collect_pairs(
+        simulator, learner, 6, SAMPLING, seed=3, reset=ResetDistribution.last_turn(), initial_policy=rollin
+    )
     turns = [turn for call in rollin.calls for turn in call]
     assert turns, "some pair should have h > 1"
     for pair in result.pairs:

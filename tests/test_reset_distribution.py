@@ -22,8 +22,8 @@ from dialogsim.simulator import DialogueSimulator, EpisodeConfig
 from dialogsim.user import UserSimulator, render_user_prompt
 from envs.tabular import PROMPT_ID, TabularDialogueMDP, TabularPolicy, build_tabular_simulator, reference_logits
 from refuel.collect import collect_pairs, iter_pair_batches, sample_offline_dialogues
-from refuel.resets import RESET_SOURCES, ResetDistribution, plan_reset_points
 from refuel.pairs import tokenize_pair
+from refuel.resets import RESET_SOURCES, ResetDistribution, plan_reset_points
 from refuel.tabular import TABLE_SAMPLING
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -116,7 +116,9 @@ def test_beta_one_gives_only_prompt_starts(mdp: TabularDialogueMDP, table_simula
     assert reference.calls == [] and learner.calls
 
 
-def test_beta_zero_gives_only_initial_policy_rollins(mdp: TabularDialogueMDP, table_simulator: DialogueSimulator) -> None:
+def test_beta_zero_gives_only_initial_rollins(
+    mdp: TabularDialogueMDP, table_simulator: DialogueSimulator
+) -> None:
     """β = 0: every pair rolls in with π_ref (turns < h), π_t answers from turn h on."""
     pairs, learner, reference, sources = _reference_run(mdp, table_simulator, beta=0.0)
     assert sources == Counter({"initial": 48}) and {pair["reset_source"] for pair in pairs} == {"initial"}

@@ -44,8 +44,8 @@ from envs.tabular import (
     turn_win_rates,
 )
 from refuel.collect import collect_pairs
-from refuel.resets import ResetDistribution
 from refuel.pairs import tokenize_pair
+from refuel.resets import ResetDistribution
 from refuel.tabular import (
     TABLE_SAMPLING,
     TableTraining,
