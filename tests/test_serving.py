@@ -54,13 +54,13 @@ def texts(backend: TransformersBackend) -> list[str]:
 
 def test_same_architecture_swaps_weights_into_the_running_engine(tiny_model_path: str, fine_tuned: str) -> None:
     engine = ServingEngine("transformers")
-    stats: dict[str, float] = {}
-    first = engine.serve(tiny_model_path, stats)
+    stats = engine.load(tiny_model_path)
+    first = engine.serve(tiny_model_path)
     assert set(stats) == {"engine_start_seconds"}
     assert engine.serve(tiny_model_path) is first  # the loaded policy again: nothing to do
 
-    stats.clear()
-    second = engine.serve(fine_tuned, stats)
+    stats = engine.load(fine_tuned)
+    second = engine.serve(fine_tuned)
     assert second is first and set(stats) == {"weight_sync_seconds"} and stats["weight_sync_seconds"] > 0
     assert texts(second) == texts(TransformersBackend(fine_tuned))
     assert texts(second) != texts(TransformersBackend(tiny_model_path))
@@ -70,8 +70,8 @@ def test_another_architecture_gets_a_new_engine(tiny_model_path: str, wider: str
     assert architecture(wider) != architecture(tiny_model_path)
     engine = ServingEngine("transformers")
     first = engine.serve(tiny_model_path)
-    stats: dict[str, float] = {}
-    second = engine.serve(wider, stats)
+    stats = engine.load(wider)
+    second = engine.serve(wider)
     assert second is not first and set(stats) == {"engine_start_seconds"}
     assert texts(second) == texts(TransformersBackend(wider))
 
