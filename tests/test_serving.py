@@ -52,6 +52,7 @@ def texts(backend: TransformersBackend) -> list[str]:
     return [c.text for c in backend.chat(CHATS, GREEDY)]
 
 
+@pytest.mark.slow
 def test_same_architecture_swaps_weights_into_the_running_engine(tiny_model_path: str, fine_tuned: str) -> None:
     engine = ServingEngine("transformers")
     stats = engine.load(tiny_model_path)
@@ -66,6 +67,7 @@ def test_same_architecture_swaps_weights_into_the_running_engine(tiny_model_path
     assert texts(second) != texts(TransformersBackend(tiny_model_path))
 
 
+@pytest.mark.slow
 def test_another_architecture_gets_a_new_engine(tiny_model_path: str, wider: str) -> None:
     assert architecture(wider) != architecture(tiny_model_path)
     engine = ServingEngine("transformers")
@@ -81,6 +83,7 @@ def test_a_server_backend_cannot_serve_policies() -> None:
         ServingEngine("openai")
 
 
+@pytest.mark.slow
 def test_roles_take_turns_on_one_engine(tiny_model_path: str, fine_tuned: str) -> None:
     """Two roles on one engine: each call generates with its own role's weights, swapping only when needed."""
     engine = ServingEngine("transformers")

@@ -368,6 +368,7 @@ RESET_PAIRS = 80  # reset points per iteration: fewer than (b), so the test stay
 DATASET_WEIGHT = 0.75  # w: share of reset points at demonstrator prefixes
 
 
+@pytest.mark.slow
 def test_dataset_resets_at_a_rarely_visited_good_state_speed_learning() -> None:
     """(d) DR-PO-style resets to a demonstrator's prefixes speed REFUEL up where π_0 rarely goes.
 
