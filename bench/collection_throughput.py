@@ -4,7 +4,7 @@ Usage (the README's numbers)::
 
     python bench/collection_throughput.py --pairs 32 --repeats 3
     python bench/collection_throughput.py --tables bc --pairs 16 --horizon 3  # (b) and (c) only
-    python bench/collection_throughput.py --tables d --pairs 32 --max-horizon 3 --max-new-tokens 128  # main job
+    python bench/collection_throughput.py --tables d --pairs 32 --max_horizon 3 --max_new_tokens 128  # main job
 
 Prints up to four tables, each figure the median over ``--repeats`` runs made in this one invocation:
 
@@ -242,12 +242,12 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--tables", default="abc", help="which tables to print, e.g. 'bc' or 'd'")
     parser.add_argument("--pairs", type=int, default=32, help="pairs per batch (64 conversations in the roll-outs)")
-    parser.add_argument("--sequential-pairs", type=int, default=4, help="pairs of the sequential loop (it is slow)")
+    parser.add_argument("--sequential_pairs", type=int, default=4, help="pairs of the sequential loop (it is slow)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-horizon", type=int, default=2, help="H ~ U{1..max} in (a)")
+    parser.add_argument("--max_horizon", type=int, default=2, help="H ~ U{1..max} in (a)")
     parser.add_argument("--horizon", type=int, default=3, help="fixed H in (b)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="policy reply cap (tokens)")
-    parser.add_argument("--skip-vllm", action="store_true")
+    parser.add_argument("--max_new_tokens", type=int, default=64, help="policy reply cap (tokens)")
+    parser.add_argument("--skip_vllm", action="store_true")
     parser.add_argument(
         "--only", nargs="*", help="table (d): run only the arrangements whose name contains one of these"
     )

@@ -2,7 +2,7 @@
 
 Usage (the README's numbers)::
 
-    python bench/generation_profile.py --batch 32 --sequential 8 --new-tokens 16 --repeats 3
+    python bench/generation_profile.py --batch 32 --sequential 8 --new_tokens 16 --repeats 3
 
 Splits the wall time of generating one reply per conversation into prefill (the forward pass over
 the prompt) and decode (one forward per new token), for one conversation at a time and for a
@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--batch", type=int, default=32, help="conversations per batched generate call")
     parser.add_argument("--sequential", type=int, default=8, help="conversations run one at a time")
-    parser.add_argument("--new-tokens", type=int, default=16, help="reply length in the phase split")
+    parser.add_argument("--new_tokens", type=int, default=16, help="reply length in the phase split")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     backend = TransformersBackend(args.model, batch_size=args.batch)

@@ -2,7 +2,7 @@
 
 Usage (the README's numbers)::
 
-    python bench/reference_design.py --pairs 32 --max-horizon 3 --max-new-tokens 128 --repeats 3
+    python bench/reference_design.py --pairs 32 --max_horizon 3 --max_new_tokens 128 --repeats 3
 
 The public code (github.com/ZhaolinGao/REFUEL, ``setting_one/generate.py``) collects a REFUEL iteration's
 data turn by turn, each turn one new process per role: a process loads a fresh engine for π_t, generates
@@ -84,7 +84,7 @@ def fresh_engine_turn(role: str, dialogues: list[list[Message]], args: argparse.
         path.write_text(json.dumps(dialogues))
         command = [sys.executable, __file__, "--child", role, "--io", str(path), "--seed", str(seed)]
         command += ["--backend", args.backend, "--model", args.model]
-        command += ["--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature)]
+        command += ["--max_new_tokens", str(args.max_new_tokens), "--temperature", str(args.temperature)]
         process = subprocess.run(command, capture_output=True, text=True, check=False)
         if process.returncode != 0:
             raise RuntimeError(f"{role} turn failed (exit {process.returncode}):\n{process.stderr[-3000:]}")
@@ -164,8 +164,8 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--backend", default="vllm", choices=["transformers", "vllm"], help="engine of both designs")
     parser.add_argument("--pairs", type=int, default=32, help="REFUEL pairs per iteration")
-    parser.add_argument("--max-horizon", type=int, default=3, help="H ~ U{1..max}")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="policy reply cap (tokens)")
+    parser.add_argument("--max_horizon", type=int, default=3, help="H ~ U{1..max}")
+    parser.add_argument("--max_new_tokens", type=int, default=128, help="policy reply cap (tokens)")
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--reward", default="math_format")
     parser.add_argument("--repeats", type=int, default=3)

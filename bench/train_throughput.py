@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 from memory import GIB, peak_rss_bytes, reset_peak_rss
-
 from runs import grouped_medians, run_worker
 
 PATHS = {"separate": ("separate", False), "shared_prefix": ("shared_prefix", True)}

@@ -15,7 +15,7 @@ TABULAR_ENV_ID = "dialogsim/TabularDialogue-v0"
 # id → (single env, native vector env)
 ENTRY_POINTS = {
     ENV_ID: ("envs.dialogue_env:DialogueEnv", "envs.vector_env:VectorDialogueEnv"),
-    TABULAR_ENV_ID: ("envs.tabular:TabularDialogueEnv", "envs.tabular:TabularVectorDialogueEnv"),
+    TABULAR_ENV_ID: ("envs.tabular.env:TabularDialogueEnv", "envs.tabular.env:TabularVectorDialogueEnv"),
 }
 for env_id, (entry_point, vector_entry_point) in ENTRY_POINTS.items():
     if env_id not in gym.registry:

@@ -2,9 +2,9 @@
 
 π_t's log-probs and the trained policy's log-probs must come from identical computations, or the
 relative log-ratio is not 0 before the first step: in bf16 a pair's log-prob changes by up to 0.3 nats
-with the padding and company of its micro-batch (README, "Training path"). So the micro-batches are formed once per
-iteration and never re-formed: π_t's log-probs are computed on them, validation runs on them, and each
-epoch trains on them in a new order.
+with the padding and company of its micro-batch (README "Training path"). So the micro-batches are
+formed once per iteration and never re-formed: π_t's log-probs are computed on them, validation runs
+on them, and each epoch trains on them in a new order.
 
 - **Step groups.** The pairs, in a seeded random order (then stably sorted by length when
   ``by_length``), are cut into groups of ``effective batch`` pairs (per device × accumulation ×

@@ -1,6 +1,6 @@
 """Both replies of a pair after one copy of their shared state s_h: one sequence per pair, logits at replies only.
 
-A REFUEL pair is two sequences that share s_h (DESIGN.md §7): ``s_h + y`` and ``s_h + y'``. The separate
+A REFUEL pair is two sequences that share s_h: ``s_h + y`` and ``s_h + y'``. The separate
 layout (:func:`refuel.pairs.pad_pairs`) runs s_h twice and computes ``[2B, T, V]`` logits, although the loss
 needs the turn-h reply positions only. The shared-prefix layout packs a micro-batch of B pairs as ``[B, T]``
 with ``T = P + max(|y| + |y'|)`` (P the longest s_h)::

@@ -26,7 +26,7 @@ short dialogues more). :func:`refuel_stop_probs` gives q's per-turn stop probabi
 Fixed point: iterating the update from a full-support policy converges to an optimal policy of the
 q-weighted objective (π_{t+1} = π_t only where Q^{π_t}(s, ·) is constant on π_t's support); because the
 KL anchor moves with t, this is the unregularised optimum, not the optimum of a KL penalty to a fixed
-π_ref (that one is :func:`envs.tabular.kl_regularized_optimum`). The roll-in distribution only weighs
+π_ref (that one is :func:`refuel.dynamic_programming.kl_regularized_optimum`). The roll-in distribution only weighs
 the states in the regression: with exact expectations on a table every state with positive weight gets
 the same update, so where to reset (current policy, π_ref, a dataset) matters only through sampling:
 a state the roll-in rarely reaches gets few pairs. :func:`compare_resets` measures this with the
@@ -51,19 +51,17 @@ import torch
 from dialogsim.prompts import OfflineDialogue
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
-from envs.tabular import (
-    DTYPE,
-    TabularDialogueMDP,
-    TabularPolicy,
+from envs.tabular import DTYPE, TabularDialogueMDP, TabularPolicy
+from refuel.collect import collect_pairs, sample_offline_dialogues
+from refuel.dynamic_programming import (
     greedy_policy,
     horizon_probs,
     optimal_q_values,
-    policy_value,
+    optimum_fraction,
     q_values,
     state_distribution,
     stop_probs,
 )
-from refuel.collect import collect_pairs, sample_offline_dialogues
 from refuel.loss import refuel_loss
 from refuel.resets import TURN_RULES, ResetDistribution
 
@@ -74,7 +72,7 @@ def refuel_stop_probs(horizon_distribution: torch.Tensor, turn_rule: str = "unif
     """Per-turn stop probabilities of the horizon distribution REFUEL's pairs regress on, ``[H_max]``.
 
     Args:
-        horizon_distribution: P(H) of the episodes, ``[H_max]`` (``envs.tabular.horizon_probs(config)``).
+        horizon_distribution: P(H) of the episodes, ``[H_max]`` (``refuel.dynamic_programming.horizon_probs(config)``).
         turn_rule: ``"uniform"`` (h ~ U{1..H}: q(H) ∝ P(H)/H, see the module docstring) or ``"last"``
             (h = H: the dialogue ends at the reset turn, stop probability 1 at every turn).
 
@@ -386,21 +384,11 @@ def train_refuel_table(
 # --- where to reset: comparing reset distributions ------------------------------------------------
 
 
-def optimum_fraction(
-    mdp: TabularDialogueMDP, policy: torch.Tensor, base: torch.Tensor, horizon_distribution: torch.Tensor
-) -> float:
-    """(V(π) − V(π_0)) / (V* − V(π_0)): the share of the possible improvement over ``base`` that π reached.
-
-    V is the expected episode reward under ``horizon_distribution`` (``envs.tabular.horizon_probs``);
-    π and π_0 = ``base`` are probabilities ``[n_states, n_replies]``. Stricter than V(π) / V*.
-    """
-    _, v_star = optimal_q_values(mdp, stop_probs(horizon_distribution))
-    v_base = policy_value(mdp, base, horizon_distribution)
-    return (policy_value(mdp, policy, horizon_distribution) - v_base) / (float(v_star[0]) - v_base)
-
-
 def first_iteration_reaching(fractions: Sequence[float], threshold: float = 0.95) -> int | None:
-    """The first iteration t whose π_t reached ``threshold`` of the optimum (:func:`optimum_fraction`), or None."""
+    """The first iteration t whose π_t reached ``threshold`` of the optimum, or None.
+
+    ``fractions`` are :func:`~refuel.dynamic_programming.optimum_fraction` values of π_0 .. π_T.
+    """
     return next((t for t, fraction in enumerate(fractions) if fraction >= threshold), None)
 
 
@@ -434,7 +422,8 @@ def compare_resets(
     in where pairs start.
 
     Returns:
-        For each name in ``resets``, per seed, :func:`optimum_fraction` of π_0 .. π_T over π_0.
+        For each name in ``resets``, per seed, :func:`~refuel.dynamic_programming.optimum_fraction` of
+        π_0 .. π_T over π_0.
     """
     mdp: TabularDialogueMDP = simulator.user.mdp  # type: ignore[attr-defined]
     base, horizons = torch.softmax(base_logits, -1), horizon_probs(simulator.config)

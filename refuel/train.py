@@ -100,7 +100,7 @@ class PolicyEngine:
         The engine is started or synced now; the returned role swaps π_t's weights back in before a call
         if the simulated user, sharing the engine, swapped its own in.
         """
-        self.current.serve(policy_path, stats)
+        stats.update(self.current.load(policy_path))
         return self.current.role(policy_path)
 
 

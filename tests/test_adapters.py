@@ -91,6 +91,7 @@ def openenv_url(openenv_adapter: Any, simulator: DialogueSimulator) -> Iterator[
     thread.join(timeout=30)
 
 
+@pytest.mark.slow
 def test_openenv_session_reset_step_state_and_restore(openenv_url: str, simulator: DialogueSimulator) -> None:
     """OpenEnv's client drives one episode over the WebSocket session; a restored snapshot replays the local env."""
     from envs.adapters.openenv_server import DialogueAction, DialogueEnvClient
@@ -126,6 +127,7 @@ def test_openenv_session_reset_step_state_and_restore(openenv_url: str, simulato
     assert terminated and local_reward == pytest.approx(end.reward)
 
 
+@pytest.mark.slow
 def test_openenv_http_step_from_snapshot_needs_no_session(openenv_url: str) -> None:
     """Plain HTTP: POST /reset, then POST /step with the snapshot in the action (the HTTP routes keep no session)."""
     import httpx
@@ -143,6 +145,7 @@ def test_openenv_http_step_from_snapshot_needs_no_session(openenv_url: str) -> N
         assert wrong.status_code == 500
 
 
+@pytest.mark.slow
 def test_vector_env_drives_remote_workers(openenv_url: str, simulator: DialogueSimulator) -> None:
     """VectorDialogueEnv over RemoteSimulator (two sessions) replays the local vector env from the same snapshots."""
     from envs.adapters.openenv_server import RemoteSimulator
@@ -280,6 +283,7 @@ def trl_adapter() -> Any:
     return trl_rollout
 
 
+@pytest.mark.slow
 def test_trl_grpo_step_with_the_environment_as_rollout_source(
     trl_adapter: Any, simulator: DialogueSimulator, tiny_model_path: str, tmp_path: Path
 ) -> None:

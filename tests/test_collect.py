@@ -174,6 +174,7 @@ class CountingBackend:
         return self.inner.chat(conversations, sampling)
 
 
+@pytest.mark.slow
 def test_one_policy_call_per_round_for_rollins_branches_and_rollouts(
     simulator: DialogueSimulator, policy: TransformersBackend
 ) -> None:
@@ -187,6 +188,7 @@ def test_one_policy_call_per_round_for_rollins_branches_and_rollouts(
     assert conversations <= sum(point.turn - 1 + 2 * (point.horizon - point.turn + 1) for point in points)
 
 
+@pytest.mark.slow
 def test_rollin_policy_generates_turns_before_h_only(simulator: DialogueSimulator, policy: TransformersBackend) -> None:
     """With a separate roll-in policy (π_ref), it answers turns < h; π_t answers turn h and after."""
     rollin, learner = CountingBackend(policy), CountingBackend(policy)
@@ -202,6 +204,7 @@ def test_rollin_policy_generates_turns_before_h_only(simulator: DialogueSimulato
     assert max(turns) < max(turn for call in learner.calls for turn in call)
 
 
+@pytest.mark.slow
 def test_any_batch_reruns_alone_exactly(simulator: DialogueSimulator, policy: TransformersBackend) -> None:
     """Batch b depends only on (seed, b): skipping batch 0 (already on disk) leaves batch 1 unchanged."""
     full = dict(iter_pair_batches(simulator, policy, N_PAIRS, SAMPLING, seed=5, batch_size=2))
@@ -210,6 +213,7 @@ def test_any_batch_reruns_alone_exactly(simulator: DialogueSimulator, policy: Tr
     assert resumed[1].pairs == full[1].pairs and resumed[1].dropped == full[1].dropped
 
 
+@pytest.mark.slow
 def test_a_resumed_collection_counts_only_the_batches_it_runs(
     simulator: DialogueSimulator, policy: TransformersBackend, capsys: pytest.CaptureFixture[str]
 ) -> None:

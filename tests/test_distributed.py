@@ -50,6 +50,7 @@ from refuel.distributed import LaunchMismatchError, RequestedLaunch, build_accel
 from refuel.trainer import RefuelTrainer
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test here runs or reads a 2-process `accelerate launch`
 ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
 PROCESSES = 2
 GLOBAL_BATCH = 4

@@ -143,6 +143,7 @@ def test_refuel_iteration_then_evaluation(tmp_path: Path, shared_prompts: Path, 
 # --- evaluation pieces on small inputs (fast; judge and report pieces are in test_evaluate.py) ---
 
 
+@pytest.mark.slow  # evaluate() end to end: dialogues of three policies, then judging
 def test_evaluate_keeps_candidates_with_the_same_folder_name_apart(
     tmp_path: Path, tiny_model_path: str, shared_prompts: Path
 ) -> None:

@@ -405,6 +405,7 @@ def test_async_vector_mode_by_default_says_what_to_use(make_simulator: Callable[
         gym.make_vec(ENV_ID, num_envs=2, vectorization_mode="async", simulator=make_simulator(max_horizon=2))
 
 
+@pytest.mark.slow
 def test_async_vector_mode_without_shared_memory_runs_an_episode(tiny_model_path: str, shared_prompts: Path) -> None:
     """With vector_kwargs={"shared_memory": False, "context": "spawn"}, 2 worker processes, each building its env
     (and models) from the kwargs, run a 2-turn episode; a snapshot from their info restores exactly in this process."""

@@ -143,6 +143,7 @@ def test_dialogue_cache_key_ignores_judging_settings(tmp_path: Path, tiny_model_
     assert dialogue_cache(config, "another-model", "tiny") != path
 
 
+@pytest.mark.slow
 def test_evaluate_with_each_judge_reuses_the_dialogues(
     tmp_path: Path, tiny_model_path: str, shared_prompts: Path, one_torch_thread: None
 ) -> None:

@@ -77,6 +77,7 @@ def test_only_adapters_train_and_the_start_is_pi_t(
     assert before.loss == pytest.approx((4 * 1.0 + 4 * 2.25) / 8, rel=1e-6)  # r − r' = 1 for 4 pairs, −1.5 for 4
 
 
+@pytest.mark.slow
 def test_save_merges_the_adapters_into_a_plain_policy(
     tiny_model_path: str, tokenizer: PreTrainedTokenizerBase, tmp_path: Path
 ) -> None:
@@ -101,6 +102,7 @@ def test_save_merges_the_adapters_into_a_plain_policy(
         trainer.train()
 
 
+@pytest.mark.slow
 def test_iteration_1_starts_from_the_merged_iteration_0_policy(
     tiny_model_path: str, tokenizer: PreTrainedTokenizerBase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -116,9 +116,7 @@ def test_beta_one_gives_only_prompt_starts(mdp: TabularDialogueMDP, table_simula
     assert reference.calls == [] and learner.calls
 
 
-def test_beta_zero_gives_only_initial_rollins(
-    mdp: TabularDialogueMDP, table_simulator: DialogueSimulator
-) -> None:
+def test_beta_zero_gives_only_initial_rollins(mdp: TabularDialogueMDP, table_simulator: DialogueSimulator) -> None:
     """β = 0: every pair rolls in with π_ref (turns < h), π_t answers from turn h on."""
     pairs, learner, reference, sources = _reference_run(mdp, table_simulator, beta=0.0)
     assert sources == Counter({"initial": 48}) and {pair["reset_source"] for pair in pairs} == {"initial"}

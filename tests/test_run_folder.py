@@ -67,6 +67,7 @@ def _refused(flags: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     return str(raised.value.code) + capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_finished_run_refuses_other_training_settings_and_keeps_config_json(
     run_copy: Path, tiny_model_path: str, shared_prompts: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -78,6 +79,7 @@ def test_a_finished_run_refuses_other_training_settings_and_keeps_config_json(
     assert (run_copy / "config.json").read_bytes() == config
 
 
+@pytest.mark.slow
 def test_a_partial_run_refuses_other_collection_settings(
     run_copy: Path, tiny_model_path: str, shared_prompts: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -95,6 +97,7 @@ def test_a_partial_run_refuses_other_collection_settings(
     assert "--restart_stage collection" in message
 
 
+@pytest.mark.slow
 def test_a_run_written_before_run_json_is_checked_against_its_config_json(
     run_copy: Path, tiny_model_path: str, shared_prompts: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -104,6 +107,7 @@ def test_a_run_written_before_run_json_is_checked_against_its_config_json(
     assert "learning_rate 1e-06 → 0.001" in message
 
 
+@pytest.mark.slow
 def test_settings_no_stage_depends_on_are_allowed(
     run_copy: Path, tiny_model_path: str, shared_prompts: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -114,6 +118,7 @@ def test_settings_no_stage_depends_on_are_allowed(
     assert json.loads((run_copy / "config.json").read_text())["checkpoint_every"] == 3
 
 
+@pytest.mark.slow
 def test_restart_stage_training_retrains_on_the_same_pairs(
     run_copy: Path, tiny_model_path: str, shared_prompts: Path
 ) -> None:
@@ -128,6 +133,7 @@ def test_restart_stage_training_retrains_on_the_same_pairs(
     assert metrics["validation_before"]["loss"] > 0 and (run_copy / "iteration_0" / "policy" / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_metrics_json_writes_it_on_resume(
     run_copy: Path, tiny_model_path: str, shared_prompts: Path
 ) -> None:

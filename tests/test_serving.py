@@ -52,26 +52,28 @@ def texts(backend: TransformersBackend) -> list[str]:
     return [c.text for c in backend.chat(CHATS, GREEDY)]
 
 
+@pytest.mark.slow
 def test_same_architecture_swaps_weights_into_the_running_engine(tiny_model_path: str, fine_tuned: str) -> None:
     engine = ServingEngine("transformers")
-    stats: dict[str, float] = {}
-    first = engine.serve(tiny_model_path, stats)
+    stats = engine.load(tiny_model_path)
+    first = engine.serve(tiny_model_path)
     assert set(stats) == {"engine_start_seconds"}
     assert engine.serve(tiny_model_path) is first  # the loaded policy again: nothing to do
 
-    stats.clear()
-    second = engine.serve(fine_tuned, stats)
+    stats = engine.load(fine_tuned)
+    second = engine.serve(fine_tuned)
     assert second is first and set(stats) == {"weight_sync_seconds"} and stats["weight_sync_seconds"] > 0
     assert texts(second) == texts(TransformersBackend(fine_tuned))
     assert texts(second) != texts(TransformersBackend(tiny_model_path))
 
 
+@pytest.mark.slow
 def test_another_architecture_gets_a_new_engine(tiny_model_path: str, wider: str) -> None:
     assert architecture(wider) != architecture(tiny_model_path)
     engine = ServingEngine("transformers")
     first = engine.serve(tiny_model_path)
-    stats: dict[str, float] = {}
-    second = engine.serve(wider, stats)
+    stats = engine.load(wider)
+    second = engine.serve(wider)
     assert second is not first and set(stats) == {"engine_start_seconds"}
     assert texts(second) == texts(TransformersBackend(wider))
 
@@ -81,6 +83,7 @@ def test_a_server_backend_cannot_serve_policies() -> None:
         ServingEngine("openai")
 
 
+@pytest.mark.slow
 def test_roles_take_turns_on_one_engine(tiny_model_path: str, fine_tuned: str) -> None:
     """Two roles on one engine: each call generates with its own role's weights, swapping only when needed."""
     engine = ServingEngine("transformers")

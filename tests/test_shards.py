@@ -84,6 +84,7 @@ def _comparable(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.startswith("ref_")} for row in rows]
 
 
+@pytest.mark.slow
 def test_sigkill_during_collection_then_resume_gives_the_uninterrupted_pairs(
     tmp_path: Path, tiny_model_path: str, shared_prompts: Path
 ) -> None:

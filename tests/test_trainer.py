@@ -294,6 +294,7 @@ class Crash(RuntimeError):
     """Stands for the process dying in the middle of training."""
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_gives_the_uninterrupted_weights(
     tokenizer: PreTrainedTokenizerBase, load_model: Callable[[], PreTrainedModel], tmp_path: Path
 ) -> None:

@@ -69,18 +69,20 @@ class ServingEngine:
         self.weight_syncs = 0  # live weight syncs so far (role swaps included)
         self.weight_sync_seconds = 0.0  # their total wall time (seconds)
 
-    def serve(self, policy_path: str, stats: dict[str, Any] | None = None) -> WeightSyncBackend:
-        """The engine with the weights of ``policy_path`` (embedded name, folder or hub id).
+    def load(self, policy_path: str) -> dict[str, float]:
+        """Make the weights of ``policy_path`` (embedded name, folder or hub id) the engine's loaded ones.
 
-        Records ``engine_start_seconds`` (a new engine) or ``weight_sync_seconds`` (new weights in the
-        running engine) in ``stats`` when given. Serving the policy already loaded costs nothing.
+        Returns:
+            ``{"engine_start_seconds": s}`` when a new engine started, ``{"weight_sync_seconds": s}`` when
+            new weights went into the running engine, ``{}`` when the policy was already loaded (it
+            costs nothing).
 
         Raises:
             OSError: ``policy_path`` holds no model config or no loadable weights.
         """
-        stats, policy_path = ({} if stats is None else stats), resolve_model(policy_path)
+        policy_path = resolve_model(policy_path)
         if self.backend is not None and self.backend.name == policy_path:
-            return self.backend
+            return {}
         started = time.perf_counter()
         shapes = architecture(policy_path)
         if self.backend is None or shapes != self.architecture:
@@ -91,11 +93,20 @@ class ServingEngine:
                 kv_cache_gib=self.kv_cache_gib,
                 tensor_parallel_size=self.tensor_parallel_size,
             )
-            stats["engine_start_seconds"] = time.perf_counter() - started
-        else:
-            stats["weight_sync_seconds"] = self.backend.load_weights(policy_path)
-            self.weight_syncs += 1
-            self.weight_sync_seconds += stats["weight_sync_seconds"]
+            return {"engine_start_seconds": time.perf_counter() - started}
+        seconds = self.backend.load_weights(policy_path)
+        self.weight_syncs += 1
+        self.weight_sync_seconds += seconds
+        return {"weight_sync_seconds": seconds}
+
+    def serve(self, policy_path: str) -> WeightSyncBackend:
+        """The engine with the weights of ``policy_path`` loaded (started or synced by :meth:`load`).
+
+        Raises:
+            OSError: ``policy_path`` holds no model config or no loadable weights.
+        """
+        self.load(policy_path)
+        assert self.backend is not None  # load started one
         return self.backend
 
     def role(self, model: str) -> EngineRole:
