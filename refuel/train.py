@@ -94,20 +94,22 @@ class PolicyEngine:
             return None
         return self.initial.serve(resolve_model(self.config.policy_model))
 
-    def serving(self, policy_path: str, stats: dict[str, Any]) -> ChatBackend:
-        """π_t = the weights in ``policy_path`` on its engine; records start or sync time (seconds) in ``stats``.
+    def serving(self, policy_path: str) -> tuple[ChatBackend, dict[str, float]]:
+        """π_t = the weights in ``policy_path`` on its engine, and the engine's start or weight-sync time
+        (``engine_start_seconds`` / ``weight_sync_seconds``, seconds; empty when it already served them).
 
         The engine is started or synced now; the returned role swaps π_t's weights back in before a call
         if the simulated user, sharing the engine, swapped its own in.
         """
-        stats.update(self.current.load(policy_path))
-        return self.current.role(policy_path)
+        timing = self.current.load(policy_path)
+        return self.current.role(policy_path), timing
 
 
 def prepare_pairs(
-    config: RefuelConfig, simulator: DialogueSimulator, engine: PolicyEngine, iteration: int, stats: dict[str, Any]
+    config: RefuelConfig, simulator: DialogueSimulator, engine: PolicyEngine, iteration: int, policy_path: str
 ) -> None:
-    """Collect and tokenise pairs with π_t into ``pairs.jsonl`` + ``collection.json``, unless a previous run did.
+    """Collect and tokenise pairs with π_t (the weights in ``policy_path``) into ``pairs.jsonl`` and their
+    statistics into ``collection.json``, unless a previous run did.
 
     Collection streams batch by batch into crash-safe shards (:class:`~refuel.shards.PairShards`):
     a restarted run collects only the batches that are not on disk yet.
@@ -116,7 +118,7 @@ def prepare_pairs(
     if path.exists():
         logger.info("resuming: reusing %s", path)
         return
-    policy_path = stats["policy_in"]
+    stats: dict[str, Any] = {"iteration": iteration, "policy_in": policy_path}
     settings = stage_settings(config, "collection") | {"policy": policy_path}
     shards = PairShards(path.with_name("shards"), fingerprint(settings))
     if shards.done():
@@ -125,9 +127,11 @@ def prepare_pairs(
     reset, offline_report = ResetDistribution.from_config(config, simulator)
     if offline_report is not None:
         stats["offline_dialogues"] = str(offline_report)
+    policy, timing = engine.serving(policy_path)
+    stats |= timing
     batches = iter_pair_batches(
         simulator,
-        engine.serving(policy_path, stats),
+        policy,
         config.pairs_per_iteration,
         config.sampling_params(),
         seed=config.seed + 1000 * iteration,
@@ -239,7 +243,7 @@ def run(config: RefuelConfig) -> str:
         if state.is_main_process:
             folder.record(iteration, "collection", config)
             simulator = simulator or build_training_simulator(config, engine)
-            prepare_pairs(config, simulator, engine, iteration, stats)
+            prepare_pairs(config, simulator, engine, iteration, policy_path)
             folder.record(iteration, "training", config)
         state.wait_for_everyone()
         rows = read_rows(iteration_dir / "pairs.jsonl")
