@@ -4,9 +4,9 @@ A pair is one reset state s_h, two turn-h replies y and y' of π_t, and the hori
 of the two complete dialogues (REFUEL, Gao et al. 2025, Algorithm 1). Each stage returns a new,
 larger record and never adds keys to the one it was given::
 
-    refuel.collect.pair_record ─► Pair           shards/shard-<b>.jsonl          (PAIR_FEATURES)
-    tokenize_pair              ─► TokenizedPair  pairs.jsonl, before training    (TOKENIZED_PAIR_FEATURES)
-    refuel.trainer.RefuelTrainer ► ScoredPair    pairs.jsonl, after training     (SCORED_PAIR_FEATURES)
+    refuel.collect.pair_record    ─► Pair           shards/shard-<b>.jsonl        (PAIR_FEATURES)
+    refuel.pairs.tokenize_pair    ─► TokenizedPair  pairs.jsonl before training   (TOKENIZED_PAIR_FEATURES)
+    refuel.trainer.RefuelTrainer  ─► ScoredPair     pairs.jsonl after training    (SCORED_PAIR_FEATURES)
 
 The trainer then collates micro-batches of scored pairs (:func:`refuel.packing.pack_pairs`, or
 :func:`pad_pairs` for the separate layout) and feeds them to :func:`refuel.loss.refuel_loss`.
