@@ -114,17 +114,19 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     class TimedRefuelTrainer(RefuelTrainer):
         """RefuelTrainer that times its π_t log-prob pass (done once, in the constructor)."""
 
-        def _attach_reference_logprobs(self, split: str, rows: list[dict[str, Any]]) -> None:
+        def _with_logp_t(self, split: str) -> list[Any]:
             start = time.perf_counter()
-            super()._attach_reference_logprobs(split, rows)
+            pairs = super()._with_logp_t(split)
             self.reference_pass_s = getattr(self, "reference_pass_s", 0.0) + time.perf_counter() - start
+            return pairs
 
     class SFTTrainer(RefuelTrainer):
         """RefuelTrainer with next-token cross-entropy on the reply tokens of all 2B sequences."""
 
-        def _attach_reference_logprobs(self, split: str, rows: list[dict[str, Any]]) -> None:
-            """SFT needs no π_t log-probs."""
+        def _with_logp_t(self, split: str) -> list[Any]:
+            """SFT needs no π_t log-probs: the pairs stay as they are."""
             self.reference_pass_s = float("nan")
+            return list(self.pairs[split])
 
         def _pair_terms(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             tokens = batch["loss_mask"][:, 1:].sum()  # reply tokens predicted in the batch

@@ -113,7 +113,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         with torch.no_grad():  # relative log-ratios at π = π_t, [B] per micro-batch
             ratios = trainer._per_micro_batch(trainer.eval_loaders["train"], lambda b: trainer._pair_terms(b)[1])
         largest_ratio = max(ratio.abs().max().item() for ratio in ratios.values())
-        noise = batch_noise(trainer, rows)
+        noise = batch_noise(trainer)
         started = time.perf_counter()
         trainer.train()
         train_s = time.perf_counter() - started
@@ -130,16 +130,15 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def batch_noise(trainer: Any, rows: list[dict[str, Any]], sample: int = 4) -> float:
-    """Largest |ln π_t(y|s_h) in its micro-batch − the same alone| over ``sample`` pairs' replies, nats."""
+def batch_noise(trainer: Any, sample: int = 4) -> float:
+    """Largest |ln π_t(y|s_h) in its micro-batch − the same alone| over ``sample`` training pairs' replies, nats."""
     import torch
 
     largest = 0.0
     with torch.no_grad():
-        for row in rows[:sample]:
-            _, alone = trainer._collate([(0, [row])])
-            values = trainer._logprobs(alone).float().tolist()
-            largest = max(largest, abs(values[0] - row["ref_logp"]), abs(values[1] - row["ref_logp_prime"]))
+        for pair in trainer.pairs["train"][:sample]:
+            values = trainer._logprobs(trainer._collate([pair])).float().tolist()
+            largest = max(largest, abs(values[0] - pair["logp_t"]), abs(values[1] - pair["logp_t_prime"]))
     return largest
 
 

@@ -34,8 +34,9 @@ from dialogsim.prompts import OfflineDialogue
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
 from envs.vector_env import VectorDialogueEnv
+from refuel.pairs import Pair
 from refuel.resets import REFUEL_RESET, ResetDistribution, ResetPoint, plan_reset_points
-from refuel.rollout import draw_seed
+from refuel.rollout import draw_seed, run_policy
 
 DROP_REASONS = ("identical_replies", "truncated", "invalid_reward")
 
@@ -49,7 +50,7 @@ class CollectionResult:
     dropped) per ``reset_source`` (see :func:`pair_record`).
     """
 
-    pairs: list[dict[str, Any]] = field(default_factory=list)
+    pairs: list[Pair] = field(default_factory=list)
     dropped: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(DROP_REASONS, 0)))
     sources: Counter[str] = field(default_factory=Counter)
 
@@ -90,7 +91,7 @@ def collect_pairs(
             last-turn baselines); ``None`` otherwise.
 
     Returns:
-        The kept pairs as dicts (see :func:`pair_record`), the drop counts and the reset points per
+        The kept pairs (:class:`~refuel.pairs.Pair`, see :func:`pair_record`), the drop counts and the reset points per
         source, merged over the batches of :func:`iter_pair_batches`.
 
     Raises:
@@ -273,12 +274,7 @@ def sample_offline_dialogues(
     rng = np.random.default_rng(seed)
     horizon = simulator.config.max_horizon
     states = [simulator.new_state(rng, {"horizon": horizon}) for _ in range(n_dialogues)]
-    for _ in range(horizon - 1):
-        live = [state for state in states if not state.done]
-        if not live:
-            break
-        completions = policy.chat([state.messages for state in live], sampling.with_seed(draw_seed(rng)))
-        simulator.step(live, [completion.text for completion in completions])
+    run_policy(simulator, policy, states, sampling, rng, until_turn=[horizon] * n_dialogues)
     return [
         OfflineDialogue(f"sampled-{i}", state.prompt_id, tuple(_up_to_last_user_message(state.messages)))
         for i, state in enumerate(states)
@@ -290,30 +286,26 @@ def _up_to_last_user_message(messages: list[Message]) -> list[Message]:
     return messages[: last + 1]
 
 
-def pair_record(snapshot: dict[str, Any], branches: tuple[Branch, Branch], point: ResetPoint) -> dict[str, Any]:
-    """One REFUEL pair as a flat, JSON/Arrow-friendly dict.
+def pair_record(snapshot: dict[str, Any], branches: tuple[Branch, Branch], point: ResetPoint) -> Pair:
+    """One REFUEL pair, from the snapshot of s_h, its two finished branches and its reset point.
 
-    Keys: ``prompt_id``, ``turn`` (h), ``horizon`` (H), ``reset_source`` (which part of the reset
-    distribution the pair's start came from: ``"current"`` roll-in with π_t, ``"reference"`` roll-in
-    with π_ref, ``"prompt"`` the β prompt starts, ``"dataset"`` an offline prefix), ``offline_id`` (the
-    offline dialogue of a dataset reset, whose prefix s_k with k = ``turn`` is the shared state; ``""``
-    otherwise), ``snapshot_json`` (s_h), ``dialogue`` / ``dialogue_prime`` (complete messages),
-    ``reward`` / ``reward_prime`` (r, r'), and for each turn-h reply the generated ``token_ids`` and
-    the ``prompt_token_ids`` of s_h it was sampled from.
+    The fields are those of :class:`refuel.pairs.Pair` (its ``datasets`` schema:
+    :data:`refuel.pairs.PAIR_FEATURES`); for a dataset reset, ``offline_id`` names the offline dialogue
+    whose prefix s_k with k = ``turn`` is the shared state.
     """
     first, second = branches
-    return {
-        "prompt_id": snapshot["prompt_id"],
-        "turn": snapshot["turn"],
-        "horizon": snapshot["horizon"],
-        "reset_source": point.source,
-        "offline_id": point.offline.id if point.offline else "",
-        "snapshot_json": json.dumps(snapshot),
-        "dialogue": first.messages,
-        "dialogue_prime": second.messages,
-        "reward": first.reward,
-        "reward_prime": second.reward,
-        "prompt_token_ids": list(first.reply.prompt_token_ids),
-        "token_ids": list(first.reply.token_ids),
-        "token_ids_prime": list(second.reply.token_ids),
-    }
+    return Pair(
+        prompt_id=snapshot["prompt_id"],
+        turn=snapshot["turn"],
+        horizon=snapshot["horizon"],
+        reset_source=point.source,
+        offline_id=point.offline.id if point.offline else "",
+        snapshot_json=json.dumps(snapshot),
+        dialogue=first.messages,
+        dialogue_prime=second.messages,
+        reward=first.reward,
+        reward_prime=second.reward,
+        prompt_token_ids=list(first.reply.prompt_token_ids),
+        token_ids=list(first.reply.token_ids),
+        token_ids_prime=list(second.reply.token_ids),
+    )

@@ -8,8 +8,8 @@ import torch
 def refuel_loss(
     logp: torch.Tensor,
     logp_prime: torch.Tensor,
-    ref_logp: torch.Tensor,
-    ref_logp_prime: torch.Tensor,
+    logp_t: torch.Tensor,
+    logp_t_prime: torch.Tensor,
     reward: torch.Tensor,
     reward_prime: torch.Tensor,
     eta: float,
@@ -26,7 +26,7 @@ def refuel_loss(
     Args:
         logp, logp_prime: ln π(y|s_h), ln π(y'|s_h) of the policy being trained, ``[B]`` nats
             (sums over the turn-h reply tokens only).
-        ref_logp, ref_logp_prime: the same under π_t, computed once before the iteration, ``[B]``.
+        logp_t, logp_t_prime: the same under π_t, computed once before the iteration, ``[B]``.
         reward, reward_prime: r, r' of the two complete dialogues, ``[B]`` (reward-model units).
         eta: η, the scale of the relative future reward (nats per reward unit).
 
@@ -36,10 +36,21 @@ def refuel_loss(
     Raises:
         ValueError: the inputs do not all have the same shape ``[B]``.
     """
-    _check_pair_shapes(logp, logp_prime, ref_logp, ref_logp_prime, reward, reward_prime)
-    relative_log_ratio = (logp - ref_logp) - (logp_prime - ref_logp_prime)  # [B]
+    _check_pair_shapes(logp, logp_prime, logp_t, logp_t_prime, reward, reward_prime)
+    ratio = relative_log_ratio(logp, logp_prime, logp_t, logp_t_prime)  # [B]
     relative_reward = eta * (reward - reward_prime)  # [B]
-    return ((relative_log_ratio - relative_reward) ** 2).mean()
+    return ((ratio - relative_reward) ** 2).mean()
+
+
+def relative_log_ratio(
+    logp: torch.Tensor, logp_prime: torch.Tensor, logp_t: torch.Tensor, logp_t_prime: torch.Tensor
+) -> torch.Tensor:
+    """(ln π(y|s_h) − ln π_t(y|s_h)) − (ln π(y'|s_h) − ln π_t(y'|s_h)), ``[B]`` nats.
+
+    Args:
+        logp, logp_prime, logp_t, logp_t_prime: as in :func:`refuel_loss`, ``[B]`` nats.
+    """
+    return (logp - logp_t) - (logp_prime - logp_t_prime)
 
 
 def sign_agreement(relative_log_ratio: torch.Tensor, relative_reward: torch.Tensor) -> float:
@@ -59,8 +70,8 @@ def sign_agreement(relative_log_ratio: torch.Tensor, relative_reward: torch.Tens
 def dpo_loss(
     logp: torch.Tensor,
     logp_prime: torch.Tensor,
-    ref_logp: torch.Tensor,
-    ref_logp_prime: torch.Tensor,
+    logp_t: torch.Tensor,
+    logp_t_prime: torch.Tensor,
     reward: torch.Tensor,
     reward_prime: torch.Tensor,
     beta: float,
@@ -74,7 +85,7 @@ def dpo_loss(
     Pairs with r = r' state no preference and are left out of the mean.
 
     Args:
-        logp, logp_prime, ref_logp, ref_logp_prime, reward, reward_prime: as in :func:`refuel_loss`, ``[B]``.
+        logp, logp_prime, logp_t, logp_t_prime, reward, reward_prime: as in :func:`refuel_loss`, ``[B]``.
         beta: β, the inverse temperature of the implicit reward (per nat).
 
     Returns:
@@ -83,10 +94,10 @@ def dpo_loss(
     Raises:
         ValueError: the inputs do not all have the same shape ``[B]``.
     """
-    _check_pair_shapes(logp, logp_prime, ref_logp, ref_logp_prime, reward, reward_prime)
-    relative_log_ratio = (logp - ref_logp) - (logp_prime - ref_logp_prime)  # [B]
+    _check_pair_shapes(logp, logp_prime, logp_t, logp_t_prime, reward, reward_prime)
+    ratio = relative_log_ratio(logp, logp_prime, logp_t, logp_t_prime)  # [B]
     preference = torch.sign(reward - reward_prime)  # [B]: +1 y chosen, −1 y' chosen, 0 tie
-    losses = -torch.nn.functional.logsigmoid(beta * preference * relative_log_ratio)  # [B]
+    losses = -torch.nn.functional.logsigmoid(beta * preference * ratio)  # [B]
     informative = preference != 0
     return (losses * informative).sum() / informative.sum().clamp(min=1)
 

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
-from refuel.pairs import pair_values
+from refuel.pairs import ScoredPair, TokenizedPair, pair_logp_t, pair_rewards
 
 # Attention implementations that take an arbitrary 4-D mask (bool for SDPA, additive float for eager).
 MASKED_ATTENTION = ("sdpa", "eager")
@@ -45,7 +44,7 @@ class PackedPairs:
             T − 1) of the position that predicts it.
         prefix_length: P, the padded length of the s_h block (tokens).
         reward: ``[2B]`` r of the B pairs, then r'.
-        ref_logp: ``[2B]`` ln π_t(y|s_h), then ln π_t(y'|s_h); ``None`` before they are computed.
+        logp_t: ``[2B]`` ln π_t(y|s_h), then ln π_t(y'|s_h); ``None`` for pairs not scored yet.
     """
 
     input_ids: torch.Tensor
@@ -56,7 +55,7 @@ class PackedPairs:
     predictor: torch.Tensor
     prefix_length: int
     reward: torch.Tensor
-    ref_logp: torch.Tensor | None
+    logp_t: torch.Tensor | None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedPairs:
         """The same pairs with every tensor on ``device`` (what ``accelerate``'s ``send_to_device`` calls)."""
@@ -68,7 +67,7 @@ class PackedPairs:
         return replace(self, **moved)
 
 
-def split_pair(row: dict[str, Any]) -> tuple[list[int], list[int], list[int]]:
+def split_pair(pair: TokenizedPair) -> tuple[list[int], list[int], list[int]]:
     """s_h and the two reply id lists of a tokenised pair (see :func:`refuel.pairs.tokenize_pair`).
 
     Raises:
@@ -76,12 +75,15 @@ def split_pair(row: dict[str, Any]) -> tuple[list[int], list[int], list[int]]:
             empty, or the two sequences do not share the s_h ids.
     """
     parts = []
-    for suffix in ("", "_prime"):
-        ids, mask = list(row["input_ids" + suffix]), list(row["loss_mask" + suffix])
+    for mask_key, ids, mask in (
+        ("loss_mask", pair["input_ids"], pair["loss_mask"]),
+        ("loss_mask_prime", pair["input_ids_prime"], pair["loss_mask_prime"]),
+    ):
+        ids, mask = list(ids), list(mask)
         start = mask.index(1) if 1 in mask else len(mask)
         if len(ids) != len(mask) or start == len(mask) or start == 0 or any(m != 1 for m in mask[start:]):
             raise ValueError(
-                f"loss_mask{suffix} must be 0 on s_h and 1 on the turn-h reply that ends the sequence "
+                f"{mask_key} must be 0 on s_h and 1 on the turn-h reply that ends the sequence "
                 "(at least one token of each); tokenise pairs with refuel.pairs.tokenize_pair"
             )
         parts.append((ids[:start], ids[start:]))
@@ -91,25 +93,25 @@ def split_pair(row: dict[str, Any]) -> tuple[list[int], list[int], list[int]]:
     return prefix, reply, reply_prime
 
 
-def pack_pairs(rows: Sequence[dict[str, Any]], pad_token_id: int) -> PackedPairs:
+def pack_pairs(pairs: Sequence[TokenizedPair | ScoredPair], pad_token_id: int) -> PackedPairs:
     """Collate tokenised pairs into the shared-prefix layout (one ``[T]`` sequence per pair).
 
     Args:
-        rows: tokenised pairs (``input_ids``, ``loss_mask`` and their ``_prime`` twins, ``reward``,
-            ``reward_prime``, optionally ``ref_logp`` / ``ref_logp_prime``).
+        pairs: tokenised pairs (:class:`~refuel.pairs.TokenizedPair`), or scored ones
+            (:class:`~refuel.pairs.ScoredPair`, whose π_t log-probs then fill ``logp_t``).
         pad_token_id: id written on padding (never attended to, never a target).
 
     Raises:
-        ValueError: from :func:`split_pair`; an empty ``rows``.
+        ValueError: from :func:`split_pair`; an empty ``pairs``.
     """
-    if not rows:
+    if not pairs:
         raise ValueError("pack_pairs needs at least one pair")
-    split = [split_pair(row) for row in rows]
+    split = [split_pair(pair) for pair in pairs]
     prefix_length = max(len(prefix) for prefix, _, _ in split)
     replies_length = max(len(reply) + len(reply_prime) for _, reply, reply_prime in split)
     reply_length = max(max(len(reply), len(reply_prime)) for _, reply, reply_prime in split)
     total = prefix_length + replies_length
-    batch = len(rows)
+    batch = len(pairs)
     input_ids = torch.full((batch, total), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((batch, total), dtype=torch.long)
     segment = torch.full((batch, total), -1, dtype=torch.long)  # -1 padding, 0 s_h, 1 y, 2 y'
@@ -146,8 +148,8 @@ def pack_pairs(rows: Sequence[dict[str, Any]], pad_token_id: int) -> PackedPairs
         target_mask=target_mask,
         predictor=predictor,
         prefix_length=prefix_length,
-        reward=pair_values(rows, "reward"),
-        ref_logp=pair_values(rows, "ref_logp") if "ref_logp" in rows[0] else None,
+        reward=pair_rewards(pairs),
+        logp_t=pair_logp_t(pairs),
     )
 
 

@@ -4,7 +4,8 @@ Layout of one iteration's collection folder::
 
     <folder>/manifest.json       settings fingerprint and, per finished batch, its shard file, drops, sources
                                  and collection seconds
-    <folder>/shard-<b>.jsonl     the kept pairs of batch b (absent when every pair of the batch was dropped)
+    <folder>/shard-<b>.jsonl     the kept pairs of batch b (absent when every pair of the batch was dropped),
+                                 one :class:`~refuel.pairs.Pair` a line (schema :data:`~refuel.pairs.PAIR_FEATURES`)
 
 A batch counts as done only once the manifest lists it; the manifest is rewritten atomically after
 the shard is in place. A process killed at any point (SIGKILL included) therefore leaves either a
@@ -18,9 +19,10 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from refuel.collect import CollectionResult
+from refuel.pairs import PAIR_FEATURES, Pair
 from refuel.storage import read_rows, write_json, write_rows
 
 MANIFEST = "manifest.json"
@@ -73,7 +75,7 @@ class PairShards:
         }
         if batch.pairs:
             entry["file"] = f"shard-{index:05d}.jsonl"
-            write_rows(batch.pairs, self.folder / entry["file"])
+            write_rows(batch.pairs, self.folder / entry["file"], PAIR_FEATURES)
         self.manifest["batches"][str(index)] = entry
         write_json(self.manifest, self.folder / MANIFEST)
 
@@ -94,11 +96,11 @@ class PairShards:
             result.sources.update(Counter(entry["sources"]))
             if entry["file"] is None:
                 continue
-            rows = read_rows(self.folder / entry["file"])
+            rows = read_rows(self.folder / entry["file"], PAIR_FEATURES)
             if len(rows) != entry["pairs"]:
                 raise ShardMismatchError(
                     f"{self.folder / entry['file']} holds {len(rows)} pairs, the manifest lists {entry['pairs']}; "
                     "the folder was edited by hand: delete it to collect again"
                 )
-            result.pairs += rows
+            result.pairs += [cast(Pair, row) for row in rows]
         return result

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, load_dataset
+from datasets import Dataset, Features, load_dataset
 
 
 @contextmanager
@@ -30,22 +30,34 @@ def atomic_path(target: Path) -> Iterator[Path]:
         staging.unlink(missing_ok=True)
 
 
-def write_rows(rows: list[dict[str, Any]], path: Path) -> Path:
+def write_rows(rows: Sequence[Mapping[str, Any]], path: Path, features: Features | None = None) -> Path:
     """Write ``rows`` to ``path`` (JSON Lines) so that the file is complete or absent, never partial.
 
+    Args:
+        features: the rows' ``datasets`` schema (e.g. :data:`refuel.pairs.PAIR_FEATURES`); ``None`` infers it.
+
     Raises:
-        ValueError: ``rows`` is empty (an empty file would hide a failed stage).
+        ValueError: ``rows`` is empty (an empty file would hide a failed stage), or their keys are not
+            the columns of ``features``.
     """
     if not rows:
         raise ValueError(f"refusing to write an empty file {path}; the stage produced no rows")
+    if features is not None:
+        for index, row in enumerate(rows):
+            if row.keys() != features.keys():
+                raise ValueError(
+                    f"row {index} for {path} has the keys {sorted(row)}, its schema the columns {sorted(features)}"
+                )
     with atomic_path(path) as staging:
-        Dataset.from_list(rows).to_json(staging, lines=True, force_ascii=False)
+        Dataset.from_list([dict(row) for row in rows], features=features).to_json(
+            staging, lines=True, force_ascii=False
+        )
     return path
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSON Lines file written by :func:`write_rows`."""
-    return load_dataset("json", data_files=str(path), split="train").to_list()
+def read_rows(path: Path, features: Features | None = None) -> list[dict[str, Any]]:
+    """Rows of a JSON Lines file written by :func:`write_rows`, read with ``features`` (``None`` infers them)."""
+    return load_dataset("json", data_files=str(path), split="train", features=features).to_list()
 
 
 def write_json(value: Any, path: Path) -> Path:

@@ -239,8 +239,8 @@ def enumerate_pairs(
 def fit_refuel_table(logits: torch.Tensor, pairs: PairTensors, eta: float, max_steps: int = 3) -> torch.Tensor:
     """Solve one REFUEL regression on a softmax table to convergence.
 
-    Minimises :func:`refuel.loss.refuel_loss` over the table θ, with π_t = softmax(``logits``) as the
-    reference log-probabilities (temperature 1). The loss is quadratic in θ, because
+    Minimises :func:`refuel.loss.refuel_loss` over the table θ, with π_t = softmax(``logits``) giving the
+    log-probs ``logp_t`` (temperature 1). The loss is quadratic in θ, because
     ln π(y|s) − ln π(y'|s) = θ[s, y] − θ[s, y'], and its Hessian is block-diagonal with one
     ``[n_replies, n_replies]`` block per state (pairs only couple replies at the same state). So each
     step is an exact Newton step on refuel_loss's own autograd gradient and Hessian (the blocks from
@@ -270,19 +270,19 @@ def fit_refuel_table(logits: torch.Tensor, pairs: PairTensors, eta: float, max_s
         raise ValueError("no pairs to fit; collect more (every pair was dropped?)")
     theta_t = torch.as_tensor(logits, dtype=DTYPE)
     n_replies = theta_t.shape[1]
-    ref_log_policy = torch.log_softmax(theta_t, -1)  # [n_states, A]
+    log_policy_t = torch.log_softmax(theta_t, -1)  # [n_states, A]
     scale = torch.ones(len(pairs), dtype=DTYPE)
     if pairs.weights is not None:
         scale = (pairs.weights * len(pairs) / pairs.weights.sum()).sqrt()  # [B]
-    ref_logp = scale * ref_log_policy[pairs.states, pairs.replies]  # [B]
-    ref_logp_prime = scale * ref_log_policy[pairs.states, pairs.replies_prime]  # [B]
+    logp_t = scale * log_policy_t[pairs.states, pairs.replies]  # [B]
+    logp_t_prime = scale * log_policy_t[pairs.states, pairs.replies_prime]  # [B]
     reward, reward_prime = scale * pairs.rewards, scale * pairs.rewards_prime  # [B]
 
     def loss_of(theta: torch.Tensor) -> torch.Tensor:
         log_policy = torch.log_softmax(theta, -1)  # [n_states, A]
         logp = scale * log_policy[pairs.states, pairs.replies]  # [B]
         logp_prime = scale * log_policy[pairs.states, pairs.replies_prime]  # [B]
-        return refuel_loss(logp, logp_prime, ref_logp, ref_logp_prime, reward, reward_prime, eta)
+        return refuel_loss(logp, logp_prime, logp_t, logp_t_prime, reward, reward_prime, eta)
 
     theta = theta_t.clone()
     for _ in range(max_steps):

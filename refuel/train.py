@@ -8,7 +8,8 @@ and is refused if its settings differ from those a started stage recorded: :mod:
     <output_dir>/provenance.json                package versions, model weight and data file SHA-256
     <output_dir>/iteration_<t>/shards/          collection in progress: one shard per batch + manifest.json
     <output_dir>/iteration_<t>/checkpoints/     training in progress: the latest resumable training state
-    <output_dir>/iteration_<t>/pairs.jsonl      collected pairs with token ids, masks (and π_t log-probs)
+    <output_dir>/iteration_<t>/pairs.jsonl      tokenised pairs (refuel.pairs.TokenizedPair); after training with
+                                                π_t's log-probs (refuel.pairs.ScoredPair)
     <output_dir>/iteration_<t>/collection.json  drops by reason, user parse rate, tokenisation checks
     <output_dir>/iteration_<t>/metrics.json     drops by reason, validation before/after, step log; written
                                                 last, it marks the iteration as done
@@ -22,7 +23,6 @@ import logging
 import shutil
 import sys
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -45,12 +45,19 @@ from refuel.cli import parse_config
 from refuel.collect import iter_pair_batches
 from refuel.config import RefuelConfig
 from refuel.distributed import build_accelerator
-from refuel.pairs import tokenize_pair
+from refuel.pairs import (
+    SCORED_PAIR_FEATURES,
+    TOKENIZED_PAIR_FEATURES,
+    ScoredPair,
+    TokenizedPair,
+    read_tokenized_pairs,
+    tokenize_pairs,
+)
 from refuel.provenance import run_provenance
 from refuel.resets import ResetDistribution
 from refuel.shards import PairShards
 from refuel.stages import RunFolder, RunFolderError, stage_settings
-from refuel.storage import read_rows, write_json, write_rows
+from refuel.storage import write_json, write_rows
 from refuel.trainer import RefuelTrainer
 
 logger = logging.getLogger(__name__)
@@ -148,41 +155,43 @@ def prepare_pairs(
     stats["dropped"] = dict(result.dropped)
     stats["reset_sources"] = dict(result.sources)
     stats["user_parse_rate"] = simulator.user.parse_rate
-    token_stats: Counter[str] = Counter()
-    rows = [record | tokenize_pair(record, simulator.tokenizer, token_stats) for record in result.pairs]
-    stats["tokenization"] = dict(token_stats)
+    pairs, tokenization = tokenize_pairs(result.pairs, simulator.tokenizer)
+    stats["tokenization"] = dict(tokenization)
     write_json(stats, path.with_name("collection.json"))
-    write_rows(rows, path)
+    write_rows(pairs, path, TOKENIZED_PAIR_FEATURES)
 
 
-def split_validation(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list, list]:
-    """Seeded split of pairs into training and validation rows."""
-    order = np.random.default_rng(seed).permutation(len(rows))
-    n_val = validation_count(len(rows), fraction)
-    return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]
+def split_validation(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of ``count`` pairs' indices into training and validation indices."""
+    order = np.random.default_rng(seed).permutation(count).tolist()
+    n_val = validation_count(count, fraction)
+    return order[n_val:], order[:n_val]
 
 
 def train_iteration(
     config: RefuelConfig,
-    rows: list[dict[str, Any]],
+    pairs: list[TokenizedPair],
     policy_path: str,
     tokenizer: PreTrainedTokenizerBase,
     checkpoints: Path | None = None,
-) -> tuple[RefuelTrainer, dict[str, Any]]:
+) -> tuple[RefuelTrainer, dict[str, Any], list[ScoredPair]]:
     """Gradient steps π_t → π_{t+1} with validation before and after.
 
     π_t is loaded as a plain fp32 model (master weights; ``mixed_precision`` sets the compute precision),
     also with LoRA: merged adapter updates would be rounded away in 16-bit weights.
+
+    Returns:
+        The trainer, the iteration's metrics, and ``pairs`` in their order with π_t's log-probs.
     """
-    train_rows, val_rows = split_validation(rows, config.validation_fraction, config.seed)
+    train_index, val_index = split_validation(len(pairs), config.validation_fraction, config.seed)
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
-    trainer = RefuelTrainer(config, model, tokenizer, train_rows, val_rows)
+    trainer = RefuelTrainer(config, model, tokenizer, [pairs[i] for i in train_index], [pairs[i] for i in val_index])
     before = {split: asdict(trainer.validate(split)) for split in ("train", "validation")}
     log = trainer.train(checkpoints, config.checkpoint_every, config.checkpoint_minutes)
     after = {split: asdict(trainer.validate(split)) for split in ("train", "validation")}
     metrics = {
-        "train_pairs": len(train_rows),
-        "validation_pairs": len(val_rows),
+        "train_pairs": len(train_index),
+        "validation_pairs": len(val_index),
         "validation_before": before["validation"],
         "validation_after": after["validation"],
         "train_fit_before": before["train"],
@@ -191,7 +200,8 @@ def train_iteration(
         "effective_batch_size": trainer.effective_batch_size,
         "steps": log,
     }
-    return trainer, metrics
+    scored = dict(zip(train_index + val_index, trainer.pairs["train"] + trainer.pairs["validation"], strict=True))
+    return trainer, metrics, [scored[index] for index in range(len(pairs))]
 
 
 def run(config: RefuelConfig) -> str:
@@ -246,12 +256,12 @@ def run(config: RefuelConfig) -> str:
             prepare_pairs(config, simulator, engine, iteration, policy_path)
             folder.record(iteration, "training", config)
         state.wait_for_everyone()
-        rows = read_rows(iteration_dir / "pairs.jsonl")
-        stats |= json.loads((iteration_dir / "collection.json").read_text()) | {"pairs": len(rows)}
-        trainer, metrics = train_iteration(config, rows, policy_path, tokenizer, iteration_dir / "checkpoints")
+        pairs = read_tokenized_pairs(iteration_dir / "pairs.jsonl")
+        stats |= json.loads((iteration_dir / "collection.json").read_text()) | {"pairs": len(pairs)}
+        trainer, metrics, scored = train_iteration(config, pairs, policy_path, tokenizer, iteration_dir / "checkpoints")
         trainer.save(iteration_dir / "policy", tokenizer)
         if state.is_main_process:
-            write_rows(rows, iteration_dir / "pairs.jsonl")  # now with the π_t log-probs
+            write_rows(scored, iteration_dir / "pairs.jsonl", SCORED_PAIR_FEATURES)  # now with π_t's log-probs
             write_json(stats | metrics, iteration_dir / "metrics.json")  # marks the iteration as done
             shutil.rmtree(iteration_dir / "checkpoints", ignore_errors=True)
             _report(iteration_dir, stats | metrics)

@@ -32,8 +32,9 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +49,9 @@ from refuel.checkpoints import latest_training_state, save_training_state
 from refuel.config import RefuelConfig
 from refuel.distributed import build_accelerator, full_state_dict, fully_shard_on_cpu
 from refuel.logprobs import masked_sequence_logprobs
-from refuel.loss import dpo_loss, refuel_loss, sign_agreement
+from refuel.loss import dpo_loss, refuel_loss, relative_log_ratio, sign_agreement
 from refuel.packing import PackedPairs, pack_pairs, packed_pair_logprobs
-from refuel.pairs import pad_pairs
+from refuel.pairs import ScoredPair, TokenizedPair, pad_pairs
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -113,12 +114,15 @@ class RefuelTrainer:
         model: π_t, trained in place into π_{t+1}. With LoRA the adapters are merged into it by
             :meth:`save`.
         tokenizer: the policy's tokenizer (pad id).
-        train_rows / val_rows: tokenised pairs (see :func:`refuel.pairs.tokenize_pair`), the same
-            lists in every process. Their π_t log-probs ``ref_logp`` / ``ref_logp_prime`` are computed
-            here once, before any gradient step, with the same precision (``accelerate`` autocast) as
-            the training forward passes, so that the REFUEL loss at π = π_t is exactly η²(r − r')².
+        train_pairs / val_pairs: tokenised pairs (see :func:`refuel.pairs.tokenize_pair`), the same
+            lists in every process. Their π_t log-probs are computed here once, before any gradient step,
+            with the same precision (``accelerate`` autocast) as the training forward passes, so that the
+            REFUEL loss at π = π_t is exactly η²(r − r')².
 
     Attributes:
+        pairs: ``"train"`` and ``"validation"``: the given pairs in their given order as new
+            :class:`~refuel.pairs.ScoredPair` records (with ``logp_t`` / ``logp_t_prime``); the loaders
+            collate their micro-batches from these.
         total_steps: optimizer steps of :meth:`train` (``epochs`` × steps per epoch).
         effective_batch_size: pairs per optimizer step, per device × accumulation × processes.
 
@@ -136,10 +140,10 @@ class RefuelTrainer:
         config: RefuelConfig,
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
-        train_rows: list[dict[str, Any]],
-        val_rows: list[dict[str, Any]],
+        train_pairs: list[TokenizedPair],
+        val_pairs: list[TokenizedPair],
     ) -> None:
-        if not train_rows:
+        if not train_pairs:
             raise ValueError("no training pairs: collect more pairs or lower validation_fraction")
         self.config = config
         self.accelerator = build_accelerator(config)  # refuses a launch that fell back to another engine
@@ -152,16 +156,17 @@ class RefuelTrainer:
         self._non_finite_loss = False  # a micro-batch loss of the step being accumulated was not finite
         model = fully_shard_on_cpu(apply_memory_options(model, config), self.accelerator)
         group = self.effective_batch_size  # pairs per optimizer step
-        splits = {"train": train_rows, "validation": val_rows}
+        # Until π_t's log-probs are attached (end of __init__), the loaders collate the tokenised pairs.
+        self.pairs: dict[str, Sequence[TokenizedPair]] = {"train": train_pairs, "validation": val_pairs}
         self.plans = {
-            split: plan_micro_batches(rows, config.per_device_batch_size, group, config.seed, config.length_buckets)
-            for split, rows in splits.items()
+            split: plan_micro_batches(pairs, config.per_device_batch_size, group, config.seed, config.length_buckets)
+            for split, pairs in self.pairs.items()
         }
         train_loader = DataLoader(
-            _micro_batch_rows(train_rows, self.plans["train"]),
+            range(len(self.plans["train"])),  # loader items are micro-batch indices, collated by _collate_micro_batch
             batch_size=1,
             sampler=StepGroupSampler(len(self.plans["train"]), group // config.per_device_batch_size, config.seed),
-            collate_fn=self._collate,
+            collate_fn=partial(self._collate_micro_batch, "train"),
         )
         optimizer = torch.optim.AdamW(
             [parameter for parameter in model.parameters() if parameter.requires_grad],
@@ -189,14 +194,15 @@ class RefuelTrainer:
         self.total_steps = steps
         self.eval_loaders = {
             split: self.accelerator.prepare(
-                DataLoader(_micro_batch_rows(rows, self.plans[split]), batch_size=1, collate_fn=self._collate)
+                DataLoader(
+                    range(len(self.plans[split])), batch_size=1, collate_fn=partial(self._collate_micro_batch, split)
+                )
             )
-            if rows
+            if pairs
             else None
-            for split, rows in splits.items()
+            for split, pairs in self.pairs.items()
         }
-        for split, rows in splits.items():
-            self._attach_reference_logprobs(split, rows)
+        self.pairs = {split: self._with_logp_t(split) for split in self.pairs}
 
     def _check_launch(self) -> None:
         """The launch agrees with the config: accumulation and effective batch."""
@@ -218,22 +224,25 @@ class RefuelTrainer:
             )
 
     @torch.no_grad()
-    def _attach_reference_logprobs(self, split: str, rows: list[dict[str, Any]]) -> None:
-        """Store ln π_t(y|s_h), ln π_t(y'|s_h) in each row of ``split`` (in place), before any gradient step.
+    def _with_logp_t(self, split: str) -> list[ScoredPair]:
+        """The pairs of ``split`` with ln π_t(y|s_h), ln π_t(y'|s_h): new records, before any gradient step.
 
-        They are computed on the very micro-batches that training and validation use (same pairs, same
-        padding, same precision), so at π = π_t the relative log-ratio is exactly 0, in bf16 too.
+        The log-probs are computed on the very micro-batches that training and validation use (same pairs,
+        same padding, same precision), so at π = π_t the relative log-ratio is exactly 0, in bf16 too.
         """
         loader = self.eval_loaders[split]
         if loader is None:
-            return
+            return []
         self.model.eval()
-        logp = self._per_micro_batch(loader, lambda batch: self._logprobs(batch).float())
+        logp = self._per_micro_batch(loader, lambda batch: self._logprobs(batch).float())  # [2B] each
+        values: dict[int, tuple[float, float]] = {}  # pair index -> (ln π_t(y|s_h), ln π_t(y'|s_h))
         for index, micro_batch in enumerate(self.plans[split]):
-            values = logp[index].tolist()  # [2B]: the B replies y, then the B replies y'
-            for k, row_index in enumerate(micro_batch):
-                rows[row_index]["ref_logp"] = values[k]
-                rows[row_index]["ref_logp_prime"] = values[len(micro_batch) + k]
+            y, y_prime = torch.tensor_split(logp[index], 2)  # [B], [B]: the B replies y, then the B replies y'
+            values.update(zip(micro_batch, zip(y.tolist(), y_prime.tolist(), strict=True), strict=True))
+        return [
+            ScoredPair(**pair, logp_t=values[index][0], logp_t_prime=values[index][1])
+            for index, pair in enumerate(self.pairs[split])
+        ]
 
     def _per_micro_batch(self, loader: DataLoader, compute: Callable[[Any], torch.Tensor]) -> dict[int, torch.Tensor]:
         """``compute`` of every micro-batch of ``loader``, keyed by micro-batch index, in every process.
@@ -246,12 +255,16 @@ class RefuelTrainer:
             results = gather_object(results)
         return dict(results)
 
-    def _collate(self, items: list[tuple[int, list[dict[str, Any]]]]) -> tuple[int, Any]:
-        """A loader item (one micro-batch: its index and its pairs) in the configured pair layout."""
-        ((index, rows),) = items
+    def _collate_micro_batch(self, split: str, items: list[int]) -> tuple[int, PackedPairs | dict[str, torch.Tensor]]:
+        """A loader item, micro-batch ``index`` of ``split``: that index and its pairs from :attr:`pairs`, collated."""
+        (index,) = items
+        return index, self._collate([self.pairs[split][i] for i in self.plans[split][index]])
+
+    def _collate(self, pairs: Sequence[TokenizedPair]) -> PackedPairs | dict[str, torch.Tensor]:
+        """``pairs`` as one batch in the configured pair layout (``shared_prefix`` or ``separate``)."""
         if self.config.pair_layout == "shared_prefix":
-            return index, pack_pairs(rows, self.pad_id)
-        return index, pad_pairs(rows, self.pad_id)
+            return pack_pairs(pairs, self.pad_id)
+        return pad_pairs(pairs, self.pad_id)
 
     def _logprobs(self, batch: PackedPairs | dict[str, torch.Tensor]) -> torch.Tensor:
         """ln π(y|s_h) of a micro-batch's B replies y, then of its B replies y', ``[2B]`` nats."""
@@ -261,6 +274,23 @@ class RefuelTrainer:
             self.model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], self.config.temperature
         )
 
+    def _loss_inputs(self, batch: PackedPairs | dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """ln π(y|s_h), ln π(y'|s_h), ln π_t(y|s_h), ln π_t(y'|s_h), r, r' of a batch of B scored pairs, ``[B]`` each.
+
+        These are the arguments of :func:`refuel.loss.refuel_loss` (and :func:`~refuel.loss.dpo_loss`), in order.
+        """
+        logp = self._logprobs(batch)  # [2B]
+        logp_t, reward = (
+            (batch.logp_t, batch.reward) if isinstance(batch, PackedPairs) else (batch["logp_t"], batch["reward"])
+        )
+        if logp_t is None:
+            raise ValueError("the batch has no π_t log-probs: collate ScoredPair records (RefuelTrainer.pairs)")
+        return (
+            *torch.tensor_split(logp, 2),  # [B], [B]: π of the B replies y, then of the B replies y'
+            *torch.tensor_split(logp_t.to(logp.dtype), 2),  # [B], [B]
+            *torch.tensor_split(reward.to(logp.dtype), 2),  # [B], [B]
+        )
+
     def _pair_terms(
         self, batch: PackedPairs | dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -268,23 +298,13 @@ class RefuelTrainer:
 
         The loss is REFUEL's regression (also REBEL-LT's, on last-turn pairs), or DPO's for ``dpo_lt``.
         """
-        logp = self._logprobs(batch)  # [2B]
-        ref, reward = (
-            (batch.ref_logp, batch.reward)
-            if isinstance(batch, PackedPairs)
-            else (
-                batch["ref_logp"],
-                batch["reward"],
-            )
-        )
-        logp_y, logp_y_prime = torch.tensor_split(logp, 2)  # [B], [B]
-        ref_y, ref_y_prime = torch.tensor_split(ref.to(logp.dtype), 2)
-        reward, reward_prime = torch.tensor_split(reward.to(logp.dtype), 2)
+        inputs = self._loss_inputs(batch)
         if self.config.method == "dpo_lt":
-            loss = dpo_loss(logp_y, logp_y_prime, ref_y, ref_y_prime, reward, reward_prime, self.config.dpo_beta)
+            loss = dpo_loss(*inputs, self.config.dpo_beta)
         else:
-            loss = refuel_loss(logp_y, logp_y_prime, ref_y, ref_y_prime, reward, reward_prime, self.config.eta)
-        return loss, (logp_y - ref_y) - (logp_y_prime - ref_y_prime), reward - reward_prime
+            loss = refuel_loss(*inputs, self.config.eta)
+        logp, logp_prime, logp_t, logp_t_prime, reward, reward_prime = inputs
+        return loss, relative_log_ratio(logp, logp_prime, logp_t, logp_t_prime), reward - reward_prime
 
     @torch.no_grad()
     def validate(self, split: str = "validation") -> ValidationMetrics:
@@ -297,10 +317,13 @@ class RefuelTrainer:
         if loader is None:
             return ValidationMetrics(float("nan"), float("nan"))
         self.model.eval()
-        terms = self._per_micro_batch(loader, lambda batch: torch.stack(self._pair_terms(batch)[1:]))  # [2, B] each
-        ratio, reward = torch.cat([terms[index] for index in sorted(terms)], dim=1)  # [N], [N]
-        loss = ((ratio - self.config.eta * reward) ** 2).mean().item()  # refuel_loss over all N pairs
-        return ValidationMetrics(loss, sign_agreement(ratio, reward))
+        inputs = self._per_micro_batch(loader, lambda batch: torch.stack(self._loss_inputs(batch)))  # [6, B] each
+        logp, logp_prime, logp_t, logp_t_prime, reward, reward_prime = torch.cat(
+            [inputs[index] for index in sorted(inputs)], dim=1
+        )  # [N] each, N pairs
+        loss = refuel_loss(logp, logp_prime, logp_t, logp_t_prime, reward, reward_prime, self.config.eta).item()
+        ratio = relative_log_ratio(logp, logp_prime, logp_t, logp_t_prime)  # [N]
+        return ValidationMetrics(loss, sign_agreement(ratio, reward - reward_prime))
 
     def training_step(self, batch: PackedPairs | dict[str, torch.Tensor]) -> torch.Tensor:
         """Forward and backward of one micro-batch of pairs; an optimizer step when accumulation is complete.
@@ -470,8 +493,3 @@ def save_pretrained_atomic(
         os.replace(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _micro_batch_rows(rows: list[dict[str, Any]], plan: list[list[int]]) -> list[tuple[int, list[dict[str, Any]]]]:
-    """Loader items: each micro-batch's index and its pairs (the row dicts themselves)."""
-    return [(index, [rows[i] for i in micro_batch]) for index, micro_batch in enumerate(plan)]

@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -150,7 +149,7 @@ def step_collection(_: Path, model_path: str) -> dict:
     from dialogsim.simulator import DialogueSimulator, EpisodeConfig
     from dialogsim.user import UserSimulator
     from refuel.collect import collect_pairs
-    from refuel.pairs import tokenize_pair
+    from refuel.pairs import tokenize_pairs
 
     policy = TransformersBackend(model_path, device="cuda")
     user_sampling = SamplingParams(temperature=0.01, max_new_tokens=8, repetition_penalty=1.2, stop=("?",))
@@ -161,10 +160,9 @@ def step_collection(_: Path, model_path: str) -> dict:
     ]
     simulator = DialogueSimulator(prompts, user, MathAnswerReward(), EpisodeConfig(max_horizon=2), policy.tokenizer)
     collected = collect_pairs(simulator, policy, 4, SamplingParams(temperature=1.0, max_new_tokens=8), seed=0)
-    stats: Counter[str] = Counter()
-    rows = [tokenize_pair(pair, policy.tokenizer, stats) for pair in collected.pairs]
+    rows, counts = tokenize_pairs(collected.pairs, policy.tokenizer)
     assert rows or collected.dropped, "no pairs and no drops"
-    return {"pairs": len(rows), "dropped": dict(collected.dropped), "tokenization": dict(stats)}
+    return {"pairs": len(rows), "dropped": dict(collected.dropped), "tokenization": dict(counts)}
 
 
 def _launched_step(engine: str) -> Callable[[Path, str], dict]:

@@ -115,7 +115,8 @@ def test_collected_pairs_share_s_h_and_differ_at_turn_h(
         restored = simulator.restore(snapshot)
         assert restored.messages == state
         assert (restored.turn, restored.horizon, restored.prompt_id) == (h, horizon, pair["prompt_id"])
-        features = tokenize_pair(pair, tokenizer, token_stats)  # raises if the ids disagree with the template
+        features, counts = tokenize_pair(pair, tokenizer)  # raises if the ids disagree with the template
+        token_stats.update(counts)
         assert features["input_ids"][: len(pair["prompt_token_ids"])] == pair["prompt_token_ids"]
         assert sum(features["loss_mask"]) == len(pair["token_ids"])
         assert sum(features["loss_mask_prime"]) == len(pair["token_ids_prime"])

@@ -120,7 +120,9 @@ def _train(config: RefuelConfig, model_path: str, rows: list[dict[str, Any]], sa
         "processes": trainer.accelerator.num_processes,
         "distributed_type": str(trainer.accelerator.distributed_type),
         "sharded": any(isinstance(parameter, DTensor) for parameter in model.parameters()),
-        "reference": [(row["ref_logp"], row["ref_logp_prime"]) for row in rows],
+        "logp_t": [
+            (pair["logp_t"], pair["logp_t_prime"]) for pair in trainer.pairs["train"] + trainer.pairs["validation"]
+        ],
         "validation": [before.loss, before.sign_agreement, after.loss, after.sign_agreement],
         "steps": steps,
         "log": log,
@@ -250,9 +252,7 @@ def test_two_processes_step_like_one_process(scenario: str, launched: Callable[[
     assert all(r["distributed_type"] == "DistributedType.MULTI_CPU" for r in ranks), ranks[0]["distributed_type"]
     assert single["processes"] == 1
     for result in ranks:
-        torch.testing.assert_close(
-            torch.tensor(result["reference"]), torch.tensor(single["reference"]), rtol=0, atol=1e-5
-        )
+        torch.testing.assert_close(torch.tensor(result["logp_t"]), torch.tensor(single["logp_t"]), rtol=0, atol=1e-5)
         assert result["validation"] == pytest.approx(single["validation"], rel=1e-4)
         assert len(result["steps"]) == len(single["steps"]) == PAIRS // GLOBAL_BATCH
         for step, (got, want) in enumerate(zip(result["steps"], single["steps"], strict=True), start=1):

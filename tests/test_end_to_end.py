@@ -67,7 +67,7 @@ def test_refuel_iteration_then_evaluation(tmp_path: Path, shared_prompts: Path, 
             assert ids[: len(row["prompt_token_ids"])] == row["prompt_token_ids"]
             assert sum(mask) == len(row["token_ids" + suffix]) >= 1
             assert ids[len(ids) - sum(mask) :] == row["token_ids" + suffix]
-            assert math.isfinite(row["ref_logp" + suffix]) and row["ref_logp" + suffix] < 0
+            assert math.isfinite(row["logp_t" + suffix]) and row["logp_t" + suffix] < 0
             assert math.isfinite(row["reward" + suffix])
 
     # metrics.json: drops by reason, validation before/after, the step log

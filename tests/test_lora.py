@@ -14,7 +14,6 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 import refuel.train
 from dialogsim.backends.transformers_backend import load_tokenizer
 from refuel.config import RefuelConfig
-from refuel.pairs import reference_logprobs
 from refuel.storage import write_json, write_rows
 from refuel.trainer import RefuelTrainer
 
@@ -63,15 +62,17 @@ def test_only_adapters_train_and_the_start_is_pi_t(
 ) -> None:
     """Only lora_A/lora_B train; π_t log-probs equal the plain model's; the loss starts at η²(r − r')²."""
     rows = make_pairs(tokenizer, 8)
-    plain = _load(tiny_model_path)
-    expected = reference_logprobs(plain, rows, tokenizer.pad_token_id, TEMPERATURE, 8)
+    plain = RefuelTrainer(
+        _config(tmp_path, lora_r=0, pair_layout="separate"), _load(tiny_model_path), tokenizer, rows, []
+    )
+    expected = [(pair["logp_t"], pair["logp_t_prime"]) for pair in plain.pairs["train"]]
     trainer = RefuelTrainer(_config(tmp_path), _load(tiny_model_path), tokenizer, rows, rows)
     trainable = [name for name, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_A" in name or "lora_B" in name for name in trainable), trainable
     assert any("q_proj" in name for name in trainable) and any("down_proj" in name for name in trainable)
     total = sum(p.numel() for p in trainer.model.parameters())
     assert sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) < 0.1 * total
-    got = [(row["ref_logp"], row["ref_logp_prime"]) for row in rows]
+    got = [(pair["logp_t"], pair["logp_t_prime"]) for pair in trainer.pairs["train"]]
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=0, atol=1e-5)
     before = trainer.validate()
     assert before.loss == pytest.approx((4 * 1.0 + 4 * 2.25) / 8, rel=1e-6)  # r − r' = 1 for 4 pairs, −1.5 for 4

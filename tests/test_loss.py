@@ -19,8 +19,8 @@ def _inputs() -> dict[str, torch.Tensor]:
     return {
         "logp": torch.tensor([-1.0, -2.0]),
         "logp_prime": torch.tensor([-3.0, -1.5]),
-        "ref_logp": torch.tensor([-1.5, -2.0]),
-        "ref_logp_prime": torch.tensor([-2.5, -1.0]),
+        "logp_t": torch.tensor([-1.5, -2.0]),
+        "logp_t_prime": torch.tensor([-2.5, -1.0]),
         "reward": torch.tensor([1.0, 0.0]),
         "reward_prime": torch.tensor([0.0, 0.5]),
     }
@@ -43,14 +43,14 @@ def test_refuel_loss_is_zero_when_log_ratio_matches_scaled_reward() -> None:
     """Loss is 0 when (ln π/π_t)(y) − (ln π/π_t)(y') = η(r − r') for every pair."""
     eta = 2.0
     reward, reward_prime = torch.tensor([1.0, -0.5, 0.25]), torch.tensor([0.0, 0.5, 0.25])
-    ref_logp, ref_logp_prime = torch.tensor([-4.0, -7.0, -1.0]), torch.tensor([-3.0, -2.0, -9.0])
+    logp_t, logp_t_prime = torch.tensor([-4.0, -7.0, -1.0]), torch.tensor([-3.0, -2.0, -9.0])
     logp_prime = torch.tensor([-3.5, -2.5, -8.0])
     # choose ln π(y) so that the relative log-ratio is exactly η(r − r')
-    logp = ref_logp + (logp_prime - ref_logp_prime) + eta * (reward - reward_prime)
-    loss = refuel_loss(logp, logp_prime, ref_logp, ref_logp_prime, reward, reward_prime, eta)
+    logp = logp_t + (logp_prime - logp_t_prime) + eta * (reward - reward_prime)
+    loss = refuel_loss(logp, logp_prime, logp_t, logp_t_prime, reward, reward_prime, eta)
     assert loss.item() == pytest.approx(0.0, abs=1e-10)
     # and not zero once one pair is off by 0.5 nats: (0.5²) / 3
-    off = refuel_loss(logp + torch.tensor([0.5, 0, 0]), logp_prime, ref_logp, ref_logp_prime, reward, reward_prime, eta)
+    off = refuel_loss(logp + torch.tensor([0.5, 0, 0]), logp_prime, logp_t, logp_t_prime, reward, reward_prime, eta)
     assert off.item() == pytest.approx(0.25 / 3, rel=1e-6)
 
 
@@ -58,7 +58,7 @@ def test_refuel_loss_is_symmetric_under_swapping_the_two_replies() -> None:
     """Swapping (y, r) with (y', r') negates the residual, so the loss is unchanged."""
     x = _inputs()
     swapped = refuel_loss(
-        x["logp_prime"], x["logp"], x["ref_logp_prime"], x["ref_logp"], x["reward_prime"], x["reward"], eta=0.5
+        x["logp_prime"], x["logp"], x["logp_t_prime"], x["logp_t"], x["reward_prime"], x["reward"], eta=0.5
     )
     assert swapped.item() == pytest.approx(refuel_loss(**x, eta=0.5).item(), abs=1e-7)
 

@@ -124,7 +124,7 @@ def test_pack_pairs_layout(tokenizer: PreTrainedTokenizerBase) -> None:
         assert not mask[start:, :start].any()  # real tokens never attend to the left padding
         assert packed.target_mask[b, 0].sum() == len(y) and packed.target_mask[b, 1].sum() == len(y_prime)
     assert packed.reward.tolist() == [0.0, 1.0, 2.0, 3.0, -0.0, -0.5, -1.0, -1.5]
-    assert packed.ref_logp is None
+    assert packed.logp_t is None
 
 
 def test_pairs_that_do_not_share_s_h_are_rejected(tokenizer: PreTrainedTokenizerBase) -> None:

@@ -1,10 +1,10 @@
-"""Pair features: turn-h token ids and reply masks, the padded batch layout, π_t log-probs."""
+"""Pair records: turn-h token ids and reply masks, the padded batch layout, π_t log-probs, pairs.jsonl."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Any
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +12,20 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from dialogsim.backends.transformers_backend import chat_prompt_ids, load_tokenizer
 from dialogsim.messages import Message
+from refuel.config import RefuelConfig
 from refuel.logprobs import masked_sequence_logprobs
-from refuel.pairs import PairTokenizationError, pad_pairs, reference_logprobs, tokenize_pair
+from refuel.pairs import (
+    SCORED_PAIR_FEATURES,
+    TOKENIZED_PAIR_FEATURES,
+    Pair,
+    PairTokenizationError,
+    ScoredPair,
+    pad_pairs,
+    read_tokenized_pairs,
+    tokenize_pair,
+)
+from refuel.storage import read_rows, write_rows
+from refuel.trainer import RefuelTrainer
 
 REPLY = "Yes: 12 + 30 = 42, so the answer is 42."
 REPLY_PRIME = "No, I made a mistake. It is 43."
@@ -48,29 +60,32 @@ def _reply_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return [*tokenizer(text, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
 
 
-def _record(tokenizer: PreTrainedTokenizerBase, reply: str = REPLY, reply_prime: str = REPLY_PRIME) -> dict[str, Any]:
-    """A pair record shaped like ``refuel.collect.pair_record`` with reset turn h = 2."""
+def _record(tokenizer: PreTrainedTokenizerBase, reply: str = REPLY, reply_prime: str = REPLY_PRIME) -> Pair:
+    """A pair as ``refuel.collect.pair_record`` makes it, with reset turn h = 2."""
     dialogue, dialogue_prime = _dialogue(reply), _dialogue(reply_prime)
-    return {
-        "prompt_id": "hand-1",
-        "turn": 2,
-        "horizon": 3,
-        "snapshot_json": json.dumps({"messages": dialogue[:3]}),
-        "dialogue": dialogue,
-        "dialogue_prime": dialogue_prime,
-        "reward": 1.0,
-        "reward_prime": 0.0,
-        "prompt_token_ids": chat_prompt_ids(tokenizer, dialogue[:3]),
-        "token_ids": _reply_ids(tokenizer, reply),
-        "token_ids_prime": _reply_ids(tokenizer, reply_prime),
-    }
+    return Pair(
+        prompt_id="hand-1",
+        turn=2,
+        horizon=3,
+        reset_source="current",
+        offline_id="",
+        snapshot_json=json.dumps({"messages": dialogue[:3]}),
+        dialogue=dialogue,
+        dialogue_prime=dialogue_prime,
+        reward=1.0,
+        reward_prime=0.0,
+        prompt_token_ids=chat_prompt_ids(tokenizer, dialogue[:3]),
+        token_ids=_reply_ids(tokenizer, reply),
+        token_ids_prime=_reply_ids(tokenizer, reply_prime),
+    )
 
 
 def test_tokenize_pair_masks_exactly_the_turn_h_reply(tokenizer: PreTrainedTokenizerBase) -> None:
     """input_ids = chat-templated s_h + generated reply ids; the mask covers exactly those reply ids."""
     record = _record(tokenizer)
-    stats: Counter[str] = Counter()
-    features = tokenize_pair(record, tokenizer, stats)
+    features, stats = tokenize_pair(record, tokenizer)
+    assert {key: features[key] for key in record} == record  # a new record: the pair's fields, then the features
+    assert list(features) == list(TOKENIZED_PAIR_FEATURES)
     prompt = record["prompt_token_ids"]
     for suffix, reply in (("", REPLY), ("_prime", REPLY_PRIME)):
         input_ids, mask = features["input_ids" + suffix], features["loss_mask" + suffix]
@@ -95,11 +110,11 @@ def test_tokenize_pair_rejects_prompt_ids_from_another_template(tokenizer: PreTr
     record = _record(tokenizer)
     record["prompt_token_ids"] = chat_prompt_ids(tokenizer, record["dialogue"][:1])  # s_1, not s_2
     with pytest.raises(PairTokenizationError, match="turn 2"):
-        tokenize_pair(record, tokenizer, Counter())
+        tokenize_pair(record, tokenizer)
     record = _record(tokenizer)
     record["prompt_token_ids"] = record["prompt_token_ids"][:-1]  # without the final newline of the gen prompt
     with pytest.raises(PairTokenizationError):
-        tokenize_pair(record, tokenizer, Counter())
+        tokenize_pair(record, tokenizer)
 
 
 @pytest.mark.parametrize("suffix", ["", "_prime"])
@@ -108,21 +123,19 @@ def test_tokenize_pair_rejects_ids_that_do_not_decode_to_the_reply(
 ) -> None:
     """Reply ids that do not decode to the turn-h reply text raise PairTokenizationError naming the side."""
     record = _record(tokenizer)
-    record["token_ids" + suffix] = _reply_ids(tokenizer, "Something else entirely.")
+    record = record | {f"token_ids{suffix}": _reply_ids(tokenizer, "Something else entirely.")}
     with pytest.raises(PairTokenizationError, match=f"token_ids{suffix} do not decode"):
-        tokenize_pair(record, tokenizer, Counter())
+        tokenize_pair(record, tokenizer)
 
 
-def _rows(tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
-    """Three tokenised pairs of different lengths with distinct rewards and fake π_t log-probs."""
+def _rows(tokenizer: PreTrainedTokenizerBase) -> list[ScoredPair]:
+    """Three scored pairs of different lengths with distinct rewards and fake π_t log-probs."""
     replies = [("Yes.", "No, it is 43 because 12 + 31 = 43."), (REPLY, REPLY_PRIME), ("42", "I think 41 or maybe 40.")]
     rows = []
     for index, (reply, reply_prime) in enumerate(replies):
-        record = _record(tokenizer, reply, reply_prime)
-        record |= tokenize_pair(record, tokenizer, Counter())
-        record |= {"reward": float(index), "reward_prime": -float(index) - 0.5}
-        record |= {"ref_logp": -10.0 - index, "ref_logp_prime": -20.0 - index}
-        rows.append(record)
+        record = _record(tokenizer, reply, reply_prime) | {"reward": float(index), "reward_prime": -float(index) - 0.5}
+        tokenized, _ = tokenize_pair(record, tokenizer)
+        rows.append(ScoredPair(**tokenized, logp_t=-10.0 - index, logp_t_prime=-20.0 - index))
     return rows
 
 
@@ -144,23 +157,35 @@ def test_pad_pairs_layout(tokenizer: PreTrainedTokenizerBase) -> None:
         assert batch["loss_mask"][index].tolist() == mask + [0] * (length - n)
     assert (batch["loss_mask"] <= batch["attention_mask"]).all()
     assert batch["reward"].tolist() == [0.0, 1.0, 2.0, -0.5, -1.5, -2.5]
-    assert batch["ref_logp"].tolist() == [-10.0, -11.0, -12.0, -20.0, -21.0, -22.0]
-    # rows without π_t log-probs (before reference_logprobs) collate without a ref_logp entry
-    bare = [{k: v for k, v in row.items() if not k.startswith("ref_logp")} for row in rows]
-    assert "ref_logp" not in pad_pairs(bare, pad)
+    assert batch["logp_t"].tolist() == [-10.0, -11.0, -12.0, -20.0, -21.0, -22.0]
+    # tokenised pairs without π_t log-probs (before the trainer scores them) collate without a logp_t entry
+    bare = [{k: v for k, v in row.items() if not k.startswith("logp_t")} for row in rows]
+    assert "logp_t" not in pad_pairs(bare, pad)
 
 
-def test_reference_logprobs_equal_per_row_masked_logprobs(
-    tokenizer: PreTrainedTokenizerBase, tiny_model: PreTrainedModel
+def test_trainer_logp_t_equal_per_row_masked_logprobs(
+    tokenizer: PreTrainedTokenizerBase, tiny_model_path: str, tiny_model: PreTrainedModel, tmp_path: Path
 ) -> None:
-    """reference_logprobs (batched in chunks of 2) equals masked_sequence_logprobs of each sequence alone."""
-    rows = _rows(tokenizer)
-    values = reference_logprobs(tiny_model, rows, tokenizer.pad_token_id, temperature=0.8, batch_size=2)
+    """The trainer's π_t log-probs (separate layout, micro-batches of 2) equal masked_sequence_logprobs of each
+    sequence alone, and come as new records in the given order."""
+    tokenized = [{k: v for k, v in row.items() if not k.startswith("logp_t")} for row in _rows(tokenizer)]
+    config = RefuelConfig(
+        output_dir=str(tmp_path),
+        temperature=0.8,
+        per_device_batch_size=2,
+        gradient_accumulation_steps=1,
+        pair_layout="separate",
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    rows = RefuelTrainer(config, model, tokenizer, tokenized, []).pairs["train"]
+    assert [{k: v for k, v in row.items() if not k.startswith("logp_t")} for row in rows] == tokenized
+    assert all("logp_t" not in row for row in tokenized)  # the given records are left as they were
+    values = [(row["logp_t"], row["logp_t_prime"]) for row in rows]
     assert len(values) == len(rows)
-    for row, (ref_logp, ref_logp_prime) in zip(rows, values, strict=True):
+    for row, (logp_t, logp_t_prime) in zip(rows, values, strict=True):
         for ids, mask, value in (
-            (row["input_ids"], row["loss_mask"], ref_logp),
-            (row["input_ids_prime"], row["loss_mask_prime"], ref_logp_prime),
+            (row["input_ids"], row["loss_mask"], logp_t),
+            (row["input_ids_prime"], row["loss_mask_prime"], logp_t_prime),
         ):
             with torch.no_grad():
                 alone = masked_sequence_logprobs(
@@ -172,3 +197,23 @@ def test_reference_logprobs_equal_per_row_masked_logprobs(
                 )
             assert value == pytest.approx(alone.item(), abs=1e-5)
     assert len({value for pair in values for value in pair}) == 2 * len(rows)  # y and y' are not mixed up
+
+
+def test_pairs_jsonl_is_written_with_its_schema_and_read_back_from_either_log_prob_name(
+    tokenizer: PreTrainedTokenizerBase, tmp_path: Path
+) -> None:
+    """Scored pairs round-trip through SCORED_PAIR_FEATURES; reading tokenised pairs leaves π_t's log-probs out,
+    under their name or the ``ref_logp`` name of runs written before the rename."""
+    rows = _rows(tokenizer)
+    path = write_rows(rows, tmp_path / "pairs.jsonl", SCORED_PAIR_FEATURES)
+    assert read_rows(path, SCORED_PAIR_FEATURES) == rows
+    tokenized = [{k: v for k, v in row.items() if not k.startswith("logp_t")} for row in rows]
+    assert read_tokenized_pairs(path) == tokenized
+    legacy = [
+        {k: v for k, v in row.items() if not k.startswith("logp_t")}
+        | {"ref_logp": row["logp_t"], "ref_logp_prime": row["logp_t_prime"]}
+        for row in rows
+    ]
+    assert read_tokenized_pairs(write_rows(legacy, tmp_path / "old.jsonl")) == tokenized
+    with pytest.raises(ValueError, match=r"row 0 .* its schema the columns"):
+        write_rows(legacy, tmp_path / "bad.jsonl", SCORED_PAIR_FEATURES)

@@ -255,5 +255,5 @@ def test_dataset_reset_restores_the_prefix_and_the_user_continues(tiny_model_pat
                 question = dialogue[2 * turn - 2]
                 assert question["role"] == "user" and not question["content"].startswith("OFFLINE")
                 assert render_user_prompt(user.template, dialogue[: 2 * turn - 2]) in rendered
-        tokenize_pair(pair, tokenizer, token_stats)  # π_t's turn-h ids were generated from s_k's template
+        token_stats.update(tokenize_pair(pair, tokenizer)[1])  # π_t's turn-h ids were generated from s_k's template
     assert sum(token_stats.values()) == 2 * len(result.pairs)

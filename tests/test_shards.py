@@ -14,13 +14,35 @@ from pathlib import Path
 import pytest
 
 from refuel.collect import CollectionResult
+from refuel.pairs import Pair
 from refuel.shards import MANIFEST, PairShards, ShardMismatchError
 from refuel.storage import read_rows
 
 
+def _pair(index: int) -> Pair:
+    """A one-turn pair of prompt ``p<index>`` with reward ``index``."""
+    dialogue = [{"role": "user", "content": f"Question {index}?"}, {"role": "assistant", "content": "Yes."}]
+    no = [dialogue[0], {"role": "assistant", "content": "No."}]
+    return Pair(
+        prompt_id=f"p{index}",
+        turn=1,
+        horizon=1,
+        reset_source="current",
+        offline_id="",
+        snapshot_json="{}",
+        dialogue=dialogue,
+        dialogue_prime=no,
+        reward=float(index),
+        reward_prime=0.0,
+        prompt_token_ids=[1, 2],
+        token_ids=[3],
+        token_ids_prime=[4],
+    )
+
+
 def _batch(pairs: int, dropped: int = 0) -> CollectionResult:
     return CollectionResult(
-        pairs=[{"prompt_id": f"p{i}", "reward": float(i)} for i in range(pairs)],
+        pairs=[_pair(i) for i in range(pairs)],
         dropped=Counter({"identical_replies": dropped}),
     )
 
@@ -36,6 +58,7 @@ def test_batches_are_listed_only_once_written_and_read_back_in_order(tmp_path: P
     assert again.done() == {0, 1, 2}
     result = again.read()
     assert [p["prompt_id"] for p in result.pairs] == ["p0", "p0", "p1"]
+    assert result.pairs == [_pair(0), _pair(0), _pair(1)]  # the Pair schema survives the round trip
     assert result.dropped["identical_replies"] == 4
     assert sorted(f.name for f in tmp_path.iterdir()) == [MANIFEST, "shard-00000.jsonl", "shard-00001.jsonl"]
 

@@ -244,7 +244,7 @@ def test_collect_pairs_runs_unchanged_on_the_table(mdp: TabularDialogueMDP, simu
             state = mdp.state_index(messages[:-1])
             assert reward == float(mdp.rewards[state, mdp.reply_index(messages[-1]["content"])])
         assert simulator.restore(json.loads(pair["snapshot_json"])).messages == dialogue[: 2 * turn - 1]
-        tokenize_pair(pair, policy.tokenizer, stats)  # the ids agree with the table's chat template
+        stats.update(tokenize_pair(pair, policy.tokenizer)[1])  # the ids agree with the table's chat template
     assert stats["retokenization_match"] == 2 * len(result.pairs)
     tensors = pairs_to_tensors(result.pairs, mdp)
     assert len(tensors) == len(result.pairs) and (tensors.replies != tensors.replies_prime).all()

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from dialogsim.backends.transformers_backend import chat_prompt_ids, load_tokenizer
 from refuel.config import RefuelConfig
-from refuel.pairs import reference_logprobs
+from refuel.pairs import TokenizedPair
 from refuel.trainer import NonFiniteTrainingError, RefuelTrainer, ValidationMetrics, save_pretrained_atomic
 
 ETA = 1.0
@@ -33,7 +33,7 @@ def load_model(tiny_model_path: str) -> Callable[[], PreTrainedModel]:
     return lambda: AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
 
 
-def make_pairs(tokenizer: PreTrainedTokenizerBase, count: int) -> list[dict[str, Any]]:
+def make_pairs(tokenizer: PreTrainedTokenizerBase, count: int) -> list[TokenizedPair]:
     """``count`` tokenised pairs: s_1 + reply ids + eos, masks on the replies, r − r' alternating 1 and −1.5."""
     rows = []
     for index in range(count):
@@ -44,24 +44,27 @@ def make_pairs(tokenizer: PreTrainedTokenizerBase, count: int) -> list[dict[str,
         ids = [[*tokenizer(reply, add_special_tokens=False).input_ids, tokenizer.eos_token_id] for reply in replies]
         rewards = (1.0, 0.0) if index % 2 == 0 else (0.0, 1.5)
         rows.append(
-            {
-                "input_ids": prompt + ids[0],
-                "loss_mask": [0] * len(prompt) + [1] * len(ids[0]),
-                "input_ids_prime": prompt + ids[1],
-                "loss_mask_prime": [0] * len(prompt) + [1] * len(ids[1]),
-                "reward": rewards[0],
-                "reward_prime": rewards[1],
-            }
+            TokenizedPair(
+                prompt_id=f"hand-{index}",
+                turn=1,
+                horizon=1,
+                reset_source="current",
+                offline_id="",
+                snapshot_json="{}",
+                dialogue=[*state, {"role": "assistant", "content": replies[0]}],
+                dialogue_prime=[*state, {"role": "assistant", "content": replies[1]}],
+                reward=rewards[0],
+                reward_prime=rewards[1],
+                prompt_token_ids=prompt,
+                token_ids=ids[0],
+                token_ids_prime=ids[1],
+                input_ids=prompt + ids[0],
+                loss_mask=[0] * len(prompt) + [1] * len(ids[0]),
+                input_ids_prime=prompt + ids[1],
+                loss_mask_prime=[0] * len(prompt) + [1] * len(ids[1]),
+            )
         )
     return rows
-
-
-def _with_reference(
-    rows: list[dict[str, Any]], model: PreTrainedModel, pad_id: int, batch_size: int
-) -> list[dict[str, Any]]:
-    """Rows with ln π_t(y), ln π_t(y') attached, as refuel.train.prepare_pairs does."""
-    values = reference_logprobs(model, rows, pad_id, TEMPERATURE, batch_size)
-    return [row | {"ref_logp": a, "ref_logp_prime": b} for row, (a, b) in zip(rows, values, strict=True)]
 
 
 def _config(tmp_path: Path, **overrides: Any) -> RefuelConfig:
@@ -107,7 +110,7 @@ def fitted(
     """Validate on the training pairs, train, validate again."""
     config = _config(tmp_path_factory.mktemp("fit"))
     model = load_model()
-    rows = _with_reference(make_pairs(tokenizer, 8), model, tokenizer.pad_token_id, config.per_device_batch_size)
+    rows = make_pairs(tokenizer, 8)
     initial = _snapshot(model)
     trainer = RefuelTrainer(config, model, tokenizer, rows, rows)  # validate on the training pairs
     before = trainer.validate()
@@ -197,9 +200,9 @@ def test_gradient_accumulation_matches_one_large_batch(
     tokenizer: PreTrainedTokenizerBase, load_model: Callable[[], PreTrainedModel], tmp_path: Path
 ) -> None:
     """2 micro-batches of 2 pairs with accumulation 2 step with the gradient and weights of 1 batch of 4."""
-    reference_model = load_model()
-    rows = _with_reference(make_pairs(tokenizer, 4), reference_model, tokenizer.pad_token_id, 4)
-    initial = _snapshot(reference_model)
+    model_t = load_model()
+    rows = make_pairs(tokenizer, 4)
+    initial = _snapshot(model_t)
     common = {"epochs": 1, "learning_rate": 1e-3, "warmup_ratio": 0.0}
     accumulated = _one_step(
         _config(tmp_path, per_device_batch_size=2, gradient_accumulation_steps=2, **common),
@@ -229,7 +232,7 @@ def test_single_step_iteration_updates_the_policy(
 ) -> None:
     """An iteration of one optimizer step (4 pairs, batch 4, default warm-up 10 %) changes the weights."""
     model = load_model()
-    rows = _with_reference(make_pairs(tokenizer, 4), model, tokenizer.pad_token_id, 4)
+    rows = make_pairs(tokenizer, 4)
     initial = _snapshot(model)
     config = _config(tmp_path, epochs=1, learning_rate=1e-3, per_device_batch_size=4, warmup_ratio=0.1)
     trainer = RefuelTrainer(config, model, tokenizer, rows, [])
@@ -243,7 +246,7 @@ def test_gradient_checkpointing_takes_the_same_step(
     tokenizer: PreTrainedTokenizerBase, load_model: Callable[[], PreTrainedModel], tmp_path: Path
 ) -> None:
     """Recomputing activations in the backward pass changes memory, not the gradient or the step."""
-    rows = _with_reference(make_pairs(tokenizer, 4), load_model(), tokenizer.pad_token_id, 4)
+    rows = make_pairs(tokenizer, 4)
     common = {"epochs": 1, "learning_rate": 1e-3, "warmup_ratio": 0.0, "per_device_batch_size": 4}
     plain = _one_step(_config(tmp_path, **common), load_model(), tokenizer, rows)
     model = load_model()
