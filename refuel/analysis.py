@@ -165,8 +165,10 @@ class Speeds:
             ``collection.json`` and ``metrics.json`` (π_t log-probs, validation before and after, gradient steps,
             saving; includes the model load). An iteration interrupted by a kill counts its pause too, hence
             the median.
-        evaluation_dialogues_per_minute: evaluation dialogues (policies × prompts) / the ``evaluate`` stage's
-            seconds in ``timings.tsv`` (model loads, generation, judging, diagnostics); NaN without it.
+        evaluation_dialogues_per_minute: evaluation dialogues (policies × prompts) / the seconds of the
+            ``evaluate*`` stages in ``timings.tsv`` (``evaluate-refuel`` generates REFUEL's and π_0's dialogues,
+            ``evaluate`` the others from the same cache; model loads, generation, judging, diagnostics); NaN
+            without them.
     """
 
     collection_pairs_per_minute: float
@@ -190,7 +192,9 @@ def measured_speeds(run_dir: Path, methods: Sequence[str], dialogues: int | None
             seconds = metrics.stat().st_mtime - collection.stat().st_mtime
             training.append(60 * trained["train_pairs"] * epochs / seconds)
     pairs, seconds = (sum(values) for values in zip(*collections.values(), strict=True)) if collections else (0, 0)
-    stage = _stage_seconds(run_dir / "timings.tsv").get("evaluate")
+    stage = sum(
+        seconds for name, seconds in _stage_seconds(run_dir / "timings.tsv").items() if name.startswith("evaluate")
+    )
     return Speeds(
         collection_pairs_per_minute=60 * pairs / seconds if seconds else math.nan,
         training_pair_epochs_per_minute=float(np.median(training)) if training else math.nan,
