@@ -13,6 +13,7 @@ group                       fields
 :class:`VLLMConfig`         vLLM's memory
 :class:`SamplingConfig`     the policy's sampling (``max_new_tokens``, ``temperature``, ``top_p``)
 :class:`SeedConfig`         the seed
+:class:`DialogueConfig`     the groups above, which every command has
 :class:`CollectionConfig`   REFUEL pairs: π_0, pairs per iteration, H, method, where pairs start
 :class:`TrainingConfig`     the loss, the optimizer, batching, precision, LoRA
 :class:`RunConfig`          the run folder, iterations, checkpoints, scale-out
@@ -218,10 +219,7 @@ class RunConfig:
 
 
 @dataclass
-class RefuelConfig(
-    RunConfig,
-    TrainingConfig,
-    CollectionConfig,
+class DialogueConfig(
     SeedConfig,
     SamplingConfig,
     VLLMConfig,
@@ -229,6 +227,11 @@ class RefuelConfig(
     EngineConfig,
     SimulatorConfig,
 ):
+    """The groups every command has: simulator, engines, sampling, seed (how its dialogues are generated)."""
+
+
+@dataclass
+class RefuelConfig(RunConfig, TrainingConfig, CollectionConfig, DialogueConfig):
     """Everything a REFUEL run needs; the command lines of ``refuel-train`` and ``refuel-plan`` are generated from it.
 
     Defaults are the CPU main job (SmolLM2-135M-Instruct, shared Math_CoT prompts). The paper's GPU values
@@ -294,17 +297,7 @@ class CandidatesConfig:
 
 
 @dataclass
-class EvaluateConfig(
-    CandidatesConfig,
-    JudgeConfig,
-    EvaluationConfig,
-    SeedConfig,
-    SamplingConfig,
-    VLLMConfig,
-    UserEngineConfig,
-    EngineConfig,
-    SimulatorConfig,
-):
+class EvaluateConfig(CandidatesConfig, JudgeConfig, EvaluationConfig, DialogueConfig):
     """Settings of a per-turn win-rate evaluation; the ``refuel-evaluate`` flags are generated from it.
 
     Raises:
