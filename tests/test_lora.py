@@ -116,11 +116,11 @@ def test_iteration_1_starts_from_the_merged_iteration_0_policy(
     collected_with: list[str] = []
     starts: list[torch.Tensor] = []
 
-    def fake_prepare_pairs(config: RefuelConfig, simulator: Any, policy: Any, iteration: int, stats: dict):
-        collected_with.append(stats["policy_in"])  # the π_t that run() collects with
+    def fake_prepare_pairs(config: RefuelConfig, simulator: Any, engine: Any, iteration: int, policy_path: str):
+        collected_with.append(policy_path)  # the π_t that run() collects with
         iteration_dir = Path(config.output_dir) / f"iteration_{iteration}"
         write_rows(make_pairs(tokenizer, 8), iteration_dir / "pairs.jsonl")
-        write_json(stats, iteration_dir / "collection.json")
+        write_json({"iteration": iteration, "policy_in": policy_path}, iteration_dir / "collection.json")
 
     class RecordingTrainer(RefuelTrainer):
         def __init__(self, config: RefuelConfig, model: PreTrainedModel, *args: Any, **kwargs: Any) -> None:
