@@ -18,11 +18,9 @@
 # Flags after the script name (and --smoke) go to every refuel-train call. The same command resumes after a
 # kill: finished methods and the finished evaluation are skipped, refuel-train resumes its finished
 # iterations, collection shards and training checkpoints, refuel-evaluate reuses its cached dialogues.
-# DPO-LT's first iteration trains on REBEL-LT's first-iteration pairs (copied): both roll in with π_ref and
-# reset at h = H with the same seed, so collecting them again would give the same pairs.
 #
 # Sizing (README "Does it learn on an LLM?", Sizing). Budget of the full run, the issue's floor:
-#   collection: REFUEL 2 × 256 + REBEL-LT 2 × 256 + DPO-LT 256 (its first iteration is shared) = 1280 pairs;
+#   collection: REFUEL 2 × 256 + REBEL-LT 2 × 256 + DPO-LT 2 × 256 = 1536 pairs;
 #   training:   6 iterations × (π_t log-probs on 256 pairs, validation on 64 before and after, 24 steps of 8 pairs);
 #   evaluation: 5 policies (π_0 + 4) × 200 prompts = 1000 dialogues of H = 3.
 # Cut from the main job's settings to approach 2 h: 64-token replies, 1 epoch, collection batches of 128 pairs,
@@ -84,15 +82,6 @@ stage() {
   printf '%s\t%s\t%s\n' "$name" "$(($(date +%s) - started))" "$(date -Is)" >>"$out/timings.tsv"
 }
 
-# copy_if_absent SOURCE TARGET: atomic copy (temporary file, then rename) unless TARGET exists
-copy_if_absent() {
-  if [[ ! -e $2 ]]; then
-    mkdir -p "$(dirname "$2")"
-    cp "$1" "$2.tmp.$$"
-    mv "$2.tmp.$$" "$2"
-  fi
-}
-
 echo "=== $(date -Is) experiment in $out: policy engine $backend, user engine $user_backend, $iterations iteration(s) of $pairs pairs, $prompts prompts"
 last=$((iterations - 1))
 engines=(--backend "$backend" --user_backend "$user_backend")
@@ -113,10 +102,6 @@ for method in refuel rebel_lt dpo_lt; do
   if [[ -f $out/$method/iteration_$last/policy/config.json ]]; then
     echo "=== $method: all $iterations iteration(s) trained, skipped"
   else
-    if [[ $method == dpo_lt && -f $out/rebel_lt/iteration_0/pairs.jsonl ]]; then
-      copy_if_absent "$out/rebel_lt/iteration_0/collection.json" "$out/dpo_lt/iteration_0/collection.json"
-      copy_if_absent "$out/rebel_lt/iteration_0/pairs.jsonl" "$out/dpo_lt/iteration_0/pairs.jsonl"
-    fi
     stage "train-$method" refuel-train "${train[@]}" --method "$method" --output_dir "$out/$method" "$@"
   fi
   # REFUEL's policies are evaluated as soon as they exist: its table can be read while the baselines train.
