@@ -215,3 +215,19 @@ def test_a_scalar_task_in_a_config_file_is_one_task(tmp_path: Path) -> None:
 def test_non_finite_or_out_of_range_flags_are_refused(argv: list[str]) -> None:
     with pytest.raises(ValueError, match=argv[0].removeprefix("--") + "="):
         parse_config(RefuelConfig, argv, description="test")
+
+
+def test_literal_choices_match_the_registries_they_name() -> None:
+    """The configs' Literal choices are the runtime registries' keys (a new template or engine needs both)."""
+    from typing import get_args, get_type_hints
+
+    from dialogsim.backends.factory import BACKENDS
+    from dialogsim.backends.serving import ServingEngine
+    from dialogsim.user import TEMPLATES
+    from envs.config import UserConfig
+    from refuel.config import PolicyBackend, UserBackend
+
+    hints = get_type_hints(UserConfig)
+    assert set(get_args(hints["user_template"])) == set(TEMPLATES)
+    assert set(get_args(PolicyBackend)) == set(ServingEngine.SYNCABLE)
+    assert set(get_args(UserBackend)) == {"auto", *BACKENDS}
