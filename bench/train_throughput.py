@@ -2,6 +2,8 @@
 
     python bench/train_throughput.py                 # SmolLM2-135M-Instruct, the main job's pair shapes, 3 runs
     python bench/train_throughput.py --runs 5 --pairs 32
+    python bench/train_throughput.py --pairs_file runs/cpu-main/iteration_0/pairs.jsonl --paths shared_prefix \
+        --pairs 24 --idle_vllm      # the main job's real pairs, beside an idle vLLM engine as in refuel-train
 
 Paths (each in a fresh subprocess, ``--runs`` times, interleaved; every figure is the median over runs):
 
@@ -93,7 +95,12 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     path = resolve_model(args.model)
     tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    rows = main_job_pairs(tokenizer, args.pairs, seed=0)
+    if args.pairs_file is not None:  # real collected pairs (refuel-train's pairs.jsonl), their first --pairs
+        from refuel.pairs import read_tokenized_pairs
+
+        rows = [dict(pair) for pair in read_tokenized_pairs(args.pairs_file)[: args.pairs]]
+    else:
+        rows = main_job_pairs(tokenizer, args.pairs, seed=0)
     layout, buckets = PATHS[args.path]
     reset = reset_peak_rss()
     with tempfile.TemporaryDirectory() as output_dir:
@@ -126,6 +133,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "peak_reset": reset,
         "ratio_at_pi_t": largest_ratio,
         "batch_noise": noise,
+        "pairs": len(rows),
         "tokens_per_pair": statistics.mean(len(r["input_ids"]) + len(r["input_ids_prime"]) for r in rows),
     }
 
@@ -142,10 +150,12 @@ def batch_noise(trainer: Any, sample: int = 4) -> float:
     return largest
 
 
-def table(results: list[dict[str, Any]]) -> tuple[str, float]:
-    """Markdown table of the medians per (path, precision); speed-up of shared_prefix fp32 over separate fp32."""
+def table(results: list[dict[str, Any]]) -> tuple[str, float | None]:
+    """Markdown table of the medians per (path, precision); speed-up of shared_prefix fp32 over separate fp32
+    (None when either was not run; the ratio column is then relative to the first configuration)."""
     groups, median = grouped_medians(results, ("path", "precision"))
-    baseline = median(("separate", "no"), "pair_epochs_per_min")
+    old_path, new_path = ("separate", "no"), ("shared_prefix", "no")
+    baseline = median(old_path if old_path in groups else next(iter(groups)), "pair_epochs_per_min")
     lines = [
         "| path | precision | pair-epochs/min | × separate fp32 | π_t pairs/min | peak RSS (GiB) | |Δ| at π_t (nats) "
         "| batch noise (nats) | runs |",
@@ -158,7 +168,9 @@ def table(results: list[dict[str, Any]]) -> tuple[str, float]:
             f"{median(key, 'reference_pairs_per_min'):.1f} | {median(key, 'peak_gib'):.2f} | "
             f"{max(r['ratio_at_pi_t'] for r in runs):.2g} | {max(r['batch_noise'] for r in runs):.2g} | {len(runs)} |"
         )
-    return "\n".join(lines), median(("shared_prefix", "no"), "pair_epochs_per_min") / baseline
+    if old_path not in groups or new_path not in groups:
+        return "\n".join(lines), None
+    return "\n".join(lines), median(new_path, "pair_epochs_per_min") / baseline
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -168,6 +180,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=3, help="fresh processes per configuration; figures are medians")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads per process")
     parser.add_argument("--json", type=Path, help="also write every run's measurements here")
+    parser.add_argument("--pairs_file", type=Path, help="real pairs (a run's pairs.jsonl) instead of synthetic shapes")
+    parser.add_argument("--paths", nargs="+", choices=sorted(PATHS), default=list(PATHS), help="paths to run")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    parser.add_argument(
+        "--idle_vllm",
+        action="store_true",
+        help="keep an idle vLLM engine of the model alive in this process meanwhile, as refuel-train does between "
+        "collection and training (its memory and processes; it generates nothing)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--path", choices=sorted(PATHS), help=argparse.SUPPRESS)
     parser.add_argument("--precision", choices=PRECISIONS, help=argparse.SUPPRESS)
@@ -177,20 +198,28 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     results = []
+    if args.idle_vllm:
+        from dialogsim.backends.vllm_backend import VLLMBackend
+
+        engine = VLLMBackend(args.model, kv_cache_gib=2, max_model_len=4096)  # noqa: F841 (kept alive, idle)
     started = time.monotonic()
     for run in range(args.runs):  # interleaved, so that a change of machine load hits every configuration
-        for path in PATHS:
-            for precision in PRECISIONS:
+        for path in args.paths:
+            for precision in args.precisions:
                 command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--path", path]
                 command += ["--precision", precision, "--model", args.model, "--pairs", str(args.pairs)]
                 command += ["--threads", str(args.threads)]
+                if args.pairs_file is not None:
+                    command += ["--pairs_file", str(args.pairs_file)]
                 results.append(run_worker(command, env, f"{path} {precision}"))
                 print(f"run {run + 1}/{args.runs} {path} {precision}: {results[-1]}", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     rendered, speed_up = table(results)
+    source = f"real pairs from {args.pairs_file}" if args.pairs_file else "pairs of the main job's shapes"
+    idle = ", beside an idle vLLM engine" if args.idle_vllm else ""
     print(
-        f"{args.model}: {args.pairs} pairs of the main job's shapes "
+        f"{args.model}: {results[0]['pairs']} {source}{idle} "
         f"({statistics.mean(r['tokens_per_pair'] for r in results):.0f} tokens per pair as two sequences), "
         f"4 pairs × 2 accumulation per step, {args.threads} thread(s), median of {args.runs} runs "
         f"({time.monotonic() - started:.0f} s in all)\n"
@@ -198,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(rendered)
     if not all(r["peak_reset"] for r in results):
         print("\nnote: the RSS high-water mark could not be reset; peaks include model loading")
-    print(f"speed-up: {speed_up:.2f}")
+    print("speed-up: n/a (needs both paths in fp32)" if speed_up is None else f"speed-up: {speed_up:.2f}")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ from envs.build import build_simulator, load_prompt_rows
 from refuel.cli import parse_config
 from refuel.config import GENERATION_FIELDS, EvaluateConfig
 from refuel.diagnostics import diagnostics_frame, policy_diagnostics, save_diagnostics
-from refuel.labels import method_names, policy_labels
+from refuel.labels import method_name, policy_labels
 from refuel.report import write_html_report
 from refuel.rollout import PolicyRun, run_policies
 from refuel.storage import read_rows, write_rows
@@ -75,7 +75,10 @@ def policy_identity(policy: str) -> dict[str, Any]:
 def dialogue_cache(config: EvaluateConfig, policy: str, name: str) -> Path:
     """``<output_dir>/dialogues/<name>-<key>.jsonl``; the key covers the policy's weights and generation settings.
 
-    The key holds the user's engine kind (``user_backend="auto"`` resolved), not whether it shares the policy's.
+    ``name`` is only for reading (the policy's own folder name, :func:`~refuel.labels.method_name`): it must not
+    depend on which other policies are evaluated beside it, so that the same policy finds its cache in any
+    candidate set; the key tells policies of the same name apart. The key holds the user's engine kind
+    (``user_backend="auto"`` resolved), not whether it shares the policy's.
     """
     user_backend = resolve_user_backend(config.user_backend, config.backend)
     settings = {name: getattr(config, name) for name in GENERATION_FIELDS} | {"user_backend": user_backend}
@@ -205,7 +208,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Path]:
     """
     check_policies(config)
     policies = [config.baseline, *config.candidates]
-    names, files = policy_labels(policies), method_names(policies)
+    names = policy_labels(policies)
     rows, description = evaluation_prompts(config)
     if config.judge == "reward":  # the judge scores with --reward: refuse it now if it cannot score the tasks
         check_reward_scores(config.reward, {row.task for row in rows})
@@ -223,7 +226,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Path]:
         vllm_kv_cache_gib=config.vllm_kv_cache_gib,
     )
     generated = generate_dialogues(
-        config, simulator, engine, {p: dialogue_cache(config, p, files[p]) for p in policies}
+        config, simulator, engine, {p: dialogue_cache(config, p, method_name(p)) for p in policies}
     )
     dialogues = {names[p]: {row["prompt_id"]: row["messages"] for row in generated[p]} for p in policies}
     judge = build_judge(

@@ -186,7 +186,7 @@ def train_iteration(
     train_index, val_index = split_validation(len(pairs), config.validation_fraction, config.seed)
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
     trainer = RefuelTrainer(config, model, tokenizer, [pairs[i] for i in train_index], [pairs[i] for i in val_index])
-    before = {split: asdict(trainer.validate(split)) for split in ("train", "validation")}
+    before = {split: asdict(trainer.metrics_at_pi_t(split)) for split in ("train", "validation")}  # no forward pass
     log = trainer.train(checkpoints, config.checkpoint_every, config.checkpoint_minutes)
     after = {split: asdict(trainer.validate(split)) for split in ("train", "validation")}
     metrics = {

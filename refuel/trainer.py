@@ -51,7 +51,7 @@ from refuel.distributed import build_accelerator, full_state_dict, fully_shard_o
 from refuel.logprobs import masked_sequence_logprobs
 from refuel.loss import dpo_loss, refuel_loss, relative_log_ratio, sign_agreement
 from refuel.packing import PackedPairs, pack_pairs, packed_pair_logprobs
-from refuel.pairs import ScoredPair, TokenizedPair, pad_pairs
+from refuel.pairs import ScoredPair, TokenizedPair, pad_pairs, pair_logp_t, pair_rewards
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -321,7 +321,29 @@ class RefuelTrainer:
         logp, logp_prime, logp_t, logp_t_prime, reward, reward_prime = torch.cat(
             [inputs[index] for index in sorted(inputs)], dim=1
         )  # [N] each, N pairs
-        loss = refuel_loss(logp, logp_prime, logp_t, logp_t_prime, reward, reward_prime, self.config.eta).item()
+        return self._metrics(logp, logp_prime, logp_t, logp_t_prime, reward, reward_prime)
+
+    def metrics_at_pi_t(self, split: str = "validation") -> ValidationMetrics:
+        """What :meth:`validate` returns before the first gradient step, computed without a forward pass.
+
+        π_t's log-probs come from the very micro-batches and precision that :meth:`validate` runs, so at
+        π = π_t every relative log-ratio is exactly 0 (``tests/test_packing.py`` checks both agree under bf16
+        autocast, in both pair layouts): the loss is η² · mean (r − r')² and the sign agreement 0 (NaN where
+        every pair is a tie). It saves one no-grad pass over the split per iteration.
+        """
+        pairs = self.pairs[split]
+        if not pairs:
+            return ValidationMetrics(float("nan"), float("nan"))
+        logp_t = pair_logp_t(pairs)
+        if logp_t is None:
+            raise ValueError(f"the {split} pairs have no π_t log-probs yet")
+        y, y_prime = torch.tensor_split(logp_t, 2)  # [N], [N]
+        return self._metrics(y, y_prime, y, y_prime, *torch.tensor_split(pair_rewards(pairs), 2))
+
+    def _metrics(self, *inputs: torch.Tensor) -> ValidationMetrics:
+        """REFUEL loss and sign agreement of :func:`~refuel.loss.refuel_loss`'s arguments ``inputs``, ``[N]`` each."""
+        logp, logp_prime, logp_t, logp_t_prime, reward, reward_prime = inputs
+        loss = refuel_loss(*inputs, self.config.eta).item()
         ratio = relative_log_ratio(logp, logp_prime, logp_t, logp_t_prime)  # [N]
         return ValidationMetrics(loss, sign_agreement(ratio, reward - reward_prime))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -200,6 +201,14 @@ def test_evaluate_with_each_judge_reuses_the_dialogues(
         assert paths["diagnostics_png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert "Per-turn diagnostics" in paths["html"].read_text()
     assert diagnostics.loc[diagnostics["turn"] == 1, "dialogues"].tolist() == [2, 2]
+
+    # a second candidate of the same folder name: the labels are disambiguated, the cache names are not, so the
+    # policies evaluated before keep their dialogues (they were regenerated when the name depended on the set)
+    other = tmp_path / "other" / "iteration_0" / "policy"
+    shutil.copytree(Path(tiny_model_path).resolve(), other)
+    evaluate(replace(config, candidates=[str(candidate), str(other)]))
+    after = {path: path.stat().st_mtime_ns for path in (tmp_path / "eval" / "dialogues").iterdir()}
+    assert {path: after[path] for path in cached} == cached and len(after) == 3
 
 
 def five_row_test_file(path: Path, shared_raw: list[dict]) -> Path:

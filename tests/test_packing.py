@@ -187,3 +187,5 @@ def test_bf16_relative_log_ratio_is_exactly_zero_before_the_first_step(
         expected = sum((2.0 * (r["reward"] - r["reward_prime"])) ** 2 for r in split_rows) / len(split_rows)
         assert trainer.validate(split).loss == pytest.approx(expected, rel=1e-6)
         assert trainer.validate(split).sign_agreement == 0.0  # every ratio is exactly 0
+        assert trainer.metrics_at_pi_t(split).loss == pytest.approx(trainer.validate(split).loss, rel=1e-6)
+        assert trainer.metrics_at_pi_t(split).sign_agreement == 0.0
