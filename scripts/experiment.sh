@@ -26,7 +26,8 @@
 # Cut from the main job's settings to approach 2 h: 64-token replies, 1 epoch, collection batches of 128 pairs,
 # one vLLM engine for π_t and the simulated user (BACKEND=transformers for both on transformers). Measured
 # (2026-11-30): REFUEL collection of 256 pairs ≈ 3 min alone on the cores; a training iteration ≈ 25 min alone
-# (compute-bound fp32 steps of ≈ 33 s); projected ≈ 3.5 h in all: the issue's 2 h does NOT fit at this budget.
+# (compute-bound fp32 steps of ≈ 33 s, with other jobs sharing the cores). Alone on the cores, on a fresh clone, the
+# full run took 98 min (README "Results of record"): ≈ 12.5–15 min per iteration, steps of ≈ 12 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
