@@ -277,12 +277,13 @@ def default_gguf() -> Path:
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def arrangements(model: str, skip_vllm: bool, args: argparse.Namespace) -> dict[str, Callable[[], Setup]]:
-    """Table (d)'s engine arrangements of policy and user, each built on demand."""
+def arrangements(args: argparse.Namespace, servers: contextlib.ExitStack) -> dict[str, Callable[[], Setup]]:
+    """Table (d)'s engine arrangements of policy and user, each built on demand; servers they start join ``servers``."""
+    model = args.model
     built: dict[str, Callable[[], Setup]] = {
         "transformers policy + transformers user": lambda: Setup(TransformersBackend(model), TransformersBackend(model))
     }
-    if skip_vllm:
+    if args.skip_vllm:
         return built
 
     def shared() -> Setup:
@@ -296,7 +297,7 @@ def arrangements(model: str, skip_vllm: bool, args: argparse.Namespace) -> dict[
     if args.llama_server is not None:
 
         def llama_cpp_user() -> Setup:
-            url = args.stack.enter_context(llama_server(args.llama_server, args.user_gguf, 2 * args.pairs))
+            url = servers.enter_context(llama_server(args.llama_server, args.user_gguf, 2 * args.pairs))
             user = OpenAIChatBackend(url, "smollm2", return_token_ids=False, max_concurrency=2 * args.pairs)
             return Setup(vllm_engine(model), user)
 
@@ -331,8 +332,8 @@ def main() -> None:
     parts = (rows[:256], build_reward_model(args.reward), tokenizer)
     if "d" in args.tables:  # first: it builds (and frees) its own engines one arrangement at a time
         args.user_gguf = args.user_gguf or (default_gguf() if args.llama_server else None)
-        with contextlib.ExitStack() as args.stack:  # servers started by an arrangement stop at its end
-            chosen = arrangements(args.model, args.skip_vllm, args)
+        with contextlib.ExitStack() as servers:  # servers started by an arrangement stop at the table's end
+            chosen = arrangements(args, servers)
             chosen = {k: v for k, v in chosen.items() if not args.only or any(word in k for word in args.only)}
             print_pairs_per_minute(parts, args, sampling, chosen)
     if set(args.tables) & set("abc"):

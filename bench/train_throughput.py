@@ -194,21 +194,28 @@ def batch_noise(trainer: Any, sample: int = 4) -> float:
     return largest
 
 
+def precision_name(precision: str) -> str:
+    """``mixed_precision`` as the table prints it (``no`` is fp32)."""
+    return "fp32" if precision == "no" else precision
+
+
 def table(results: list[dict[str, Any]]) -> tuple[str, float | None]:
     """Markdown table of the medians per (path, precision); speed-up of shared_prefix fp32 over separate fp32
     (None when either was not run; the ratio column is then relative to the first configuration)."""
     groups, median = grouped_medians(results, ("path", "precision"))
     old_path, new_path = ("separate", "no"), ("shared_prefix", "no")
-    baseline = median(old_path if old_path in groups else next(iter(groups)), "pair_epochs_per_min")
+    base = old_path if old_path in groups else next(iter(groups))
+    baseline = median(base, "pair_epochs_per_min")
     lines = [
-        "| path | precision | pair-epochs/min | × separate fp32 | π_t pairs/min | peak RSS (GiB) | |Δ| at π_t (nats) "
+        f"| path | precision | pair-epochs/min | × {base[0]} {precision_name(base[1])} | π_t pairs/min "
+        "| peak RSS (GiB) | |Δ| at π_t (nats) "
         "| batch noise (nats) | ratio error after training (nats) | runs |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, runs in groups.items():
         speed = median(key, "pair_epochs_per_min")
         lines.append(
-            f"| {key[0]} | {'fp32' if key[1] == 'no' else key[1]} | {speed:.1f} | {speed / baseline:.2f} | "
+            f"| {key[0]} | {precision_name(key[1])} | {speed:.1f} | {speed / baseline:.2f} | "
             f"{median(key, 'reference_pairs_per_min'):.1f} | {median(key, 'peak_gib'):.2f} | "
             f"{max(r['ratio_at_pi_t'] for r in runs):.2g} | {max(r['batch_noise'] for r in runs):.2g} | "
             f"{max(r['ratio_error_after'] for r in runs):.2g} | {len(runs)} |"

@@ -72,16 +72,17 @@ def policy_identity(policy: str) -> dict[str, Any]:
     return {"path": str(folder.resolve()), "weights": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
 
 
-def dialogue_cache(config: EvaluateConfig, policy: str, name: str) -> Path:
+def dialogue_cache(config: EvaluateConfig, policy: str) -> Path:
     """``<output_dir>/dialogues/<name>-<key>.jsonl``; the key covers the policy's weights and generation settings.
 
-    ``name`` is only for reading (the policy's own folder name, :func:`~refuel.labels.method_name`): it must not
-    depend on which other policies are evaluated beside it, so that the same policy finds its cache in any
-    candidate set; the key tells policies of the same name apart. The key holds the user's engine kind
+    ``name`` is only for reading: the policy's own folder name (:func:`~refuel.labels.method_name`), which does
+    not depend on the policies evaluated beside it, so the same policy finds its cache in any candidate set;
+    the key tells policies of the same name apart. The key holds the user's engine kind
     (``user_backend="auto"`` resolved), not whether it shares the policy's.
     """
+    name = method_name(policy)
     user_backend = resolve_user_backend(config.user_backend, config.backend)
-    settings = {name: getattr(config, name) for name in GENERATION_FIELDS} | {"user_backend": user_backend}
+    settings = {field: getattr(config, field) for field in GENERATION_FIELDS} | {"user_backend": user_backend}
     key = fingerprint({"generation": fingerprint(settings), "policy": policy_identity(policy)})
     return Path(config.output_dir) / "dialogues" / f"{name.replace('/', '_')}-{key}.jsonl"
 
@@ -225,9 +226,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Path]:
         user_base_url=config.user_base_url,
         vllm_kv_cache_gib=config.vllm_kv_cache_gib,
     )
-    generated = generate_dialogues(
-        config, simulator, engine, {p: dialogue_cache(config, p, method_name(p)) for p in policies}
-    )
+    generated = generate_dialogues(config, simulator, engine, {p: dialogue_cache(config, p) for p in policies})
     dialogues = {names[p]: {row["prompt_id"]: row["messages"] for row in generated[p]} for p in policies}
     judge = build_judge(
         config.judge,

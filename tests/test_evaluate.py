@@ -135,13 +135,13 @@ def test_html_report_is_self_contained_and_escaped(tmp_path: Path) -> None:
 
 def test_dialogue_cache_key_ignores_judging_settings(tmp_path: Path, tiny_model_path: str) -> None:
     config = EvaluateConfig(output_dir=str(tmp_path))
-    path = dialogue_cache(config, tiny_model_path, "tiny")
+    path = dialogue_cache(config, tiny_model_path)
     rejudged = replace(
         config, judge="llm", judge_model="gpt-4o", reward="code", candidates=["x"], judge_template="letter"
     )
-    assert dialogue_cache(rejudged, tiny_model_path, "tiny") == path
-    assert dialogue_cache(replace(config, temperature=0.5), tiny_model_path, "tiny") != path
-    assert dialogue_cache(config, "another-model", "tiny") != path
+    assert dialogue_cache(rejudged, tiny_model_path) == path
+    assert dialogue_cache(replace(config, temperature=0.5), tiny_model_path) != path
+    assert dialogue_cache(config, "another-model") != path
 
 
 @pytest.mark.slow
