@@ -107,6 +107,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     from dialogsim.backends.transformers_backend import load_tokenizer
     from dialogsim.models import resolve_model
+    from dialogsim.precision import training_dtype
     from refuel.config import RefuelConfig
     from refuel.logprobs import masked_sequence_logprobs
     from refuel.trainer import RefuelTrainer
@@ -145,7 +146,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     path = resolve_model(args.model)
     tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=training_dtype())
     rows = synthetic_pairs(len(tokenizer), args.pairs, args.prompt_tokens, args.reply_tokens, seed=0)
     with tempfile.TemporaryDirectory() as output_dir:
         config = RefuelConfig(

@@ -91,13 +91,14 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     from dialogsim.backends.transformers_backend import load_tokenizer
     from dialogsim.models import resolve_model
+    from dialogsim.precision import training_dtype
     from refuel.config import RefuelConfig
     from refuel.trainer import RefuelTrainer
 
     torch.set_num_threads(args.threads)
     path = resolve_model(args.model)
     tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=training_dtype())
     if args.pairs_file is not None:  # real collected pairs (refuel-train's pairs.jsonl), their first --pairs
         from refuel.pairs import read_tokenized_pairs
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dialogsim import precision
 from dialogsim.backends.base import ChatBackend
 from dialogsim.backends.factory import build_backend
 from dialogsim.backends.transformers_backend import load_tokenizer
@@ -30,6 +31,7 @@ def build_simulator(
     user_backend: str = "transformers",
     user_base_url: str | None = None,
     user_engine: ChatBackend | None = None,
+    engine_dtype: str = "auto",
     vllm_kv_cache_gib: float = 4.0,
     vllm_tensor_parallel_size: int = 1,
     max_horizon: int = 3,
@@ -61,6 +63,8 @@ def build_simulator(
             :func:`dialogsim.backends.factory.build_backend`); ``openai`` runs it on a server.
         user_engine: a running engine to run the user model on instead of building one from
             ``user_backend`` (e.g. the policy's, :func:`dialogsim.backends.serving.user_engine`).
+        engine_dtype: precision of the user's engine and the reward models: ``auto`` (bf16 only where the hardware
+            executes it natively) | ``float32`` | ``bfloat16`` | ``float16`` (:func:`dialogsim.precision.engine_dtype`).
         vllm_kv_cache_gib / vllm_tensor_parallel_size: the user's engine settings when ``user_backend="vllm"``.
         reward: a :func:`dialogsim.rewards.factory.build_reward_model` spec (``"math"``: verifier + MiniLM
             similarity; ``"none"``: no reward, for generation only; or a sequence-classification RM id/path).
@@ -78,6 +82,7 @@ def build_simulator(
         TypeError: a name in ``settings`` that is not a :class:`~envs.config.SimulatorConfig` field.
     """
     config = SimulatorConfig(**(config or SimulatorConfig()).simulator_settings() | settings)
+    precision.engine_dtype(engine_dtype)  # logs the decision; a bad value is refused before anything loads
     tokenizer = load_tokenizer(policy_model)
     if rows is None:
         rows, _ = load_prompt_rows(
@@ -97,6 +102,7 @@ def build_simulator(
             user_backend,
             config.user_model,
             base_url=user_base_url,
+            dtype=engine_dtype,
             kv_cache_gib=vllm_kv_cache_gib,
             tensor_parallel_size=vllm_tensor_parallel_size,
         )
@@ -107,7 +113,7 @@ def build_simulator(
         max_dialogue_tokens=config.max_dialogue_tokens,
         reward_per_turn=reward_per_turn,
     )
-    reward = build_reward_model(config.reward, trust_remote_code=config.trust_remote_code)
+    reward = build_reward_model(config.reward, trust_remote_code=config.trust_remote_code, dtype=engine_dtype)
     return DialogueSimulator(list(rows), user, reward, episode, tokenizer)
 
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from dialogsim.models import DEFAULT_MODEL
+from dialogsim.precision import EngineDtype
 from dialogsim.sampling import SamplingParams
 from envs.config import PromptConfig, SimulatorConfig, UserConfig, field_names, help_line
 from refuel.validation import NON_NEGATIVE, check_config
@@ -51,12 +52,21 @@ STAGES: tuple[str, ...] = get_args(Stage)
 
 @dataclass
 class EngineConfig:
-    """The engine that generates the policy's replies (and loads π_t's weights live)."""
+    """The engine that generates the policy's replies (and loads π_t's weights live), and the precision of
+    every model the command runs for inference (:func:`dialogsim.precision.engine_dtype`)."""
 
     backend: PolicyBackend = field(
         default="transformers",
         metadata=help_line(
             "policy engine: transformers | vllm (one engine; π_t's or a later policy's weights are loaded into it)"
+        ),
+    )
+    engine_dtype: EngineDtype = field(
+        default="auto",
+        metadata=help_line(
+            "precision of every inference engine (policy, user, judge, reward models): auto (bf16 where the "
+            "processor has bf16 instructions or CUDA bf16, else float32) | float32 | bfloat16 | float16; "
+            "training stays float32"
         ),
     )
 

@@ -19,6 +19,9 @@ Three separate steps:
    judge (:mod:`refuel.diagnostics`): mean ``--reward`` score, final-answer accuracy, test pass rate, requested
    format followed, reply length in tokens, prompt copying and the simulated user's fallback rate.
 
+``<output_dir>/provenance.json`` records the package versions, the models' weight hashes, the prompt file's hash and
+the engine precision (``--engine_dtype``: the dtype every engine ran in, and why).
+
 Outputs in ``<output_dir>/<judge name>/``: the win rate per turn h with bootstrap 95 % intervals, printed in
 the paper's layout (rows = methods, columns = h=1..H, avg) with the judged pairs per turn and the judge's
 tie / position-bias / invalid rates, then the diagnostics table; ``win_rates.csv``, ``win_rates.png``,
@@ -45,6 +48,7 @@ from dialogsim.judges.factory import build_judge
 from dialogsim.judges.reward_judge import RewardModelJudge
 from dialogsim.messages import Message
 from dialogsim.models import check_model_name, resolve_model
+from dialogsim.precision import Hardware, engine_device, engine_dtype
 from dialogsim.prompts import PromptRow
 from dialogsim.rewards.code_verifier import CodeTestReward
 from dialogsim.rewards.factory import NO_REWARD_SPEC, build_reward_model, check_reward_scores
@@ -55,9 +59,10 @@ from refuel.cli import parse_config
 from refuel.config import GENERATION_FIELDS, EvaluateConfig
 from refuel.diagnostics import diagnostics_frame, policy_diagnostics, save_diagnostics
 from refuel.labels import method_name, policy_labels
+from refuel.provenance import run_provenance
 from refuel.report import write_html_report
 from refuel.rollout import PolicyRun, run_policies
-from refuel.storage import read_rows, write_rows
+from refuel.storage import read_rows, write_json, write_rows
 from refuel.winrate import count_table, judge_statistics, paper_table, per_turn_win_rates, save_report
 
 logger = logging.getLogger(__name__)
@@ -208,12 +213,17 @@ def evaluate(config: EvaluateConfig) -> dict[str, Path]:
             that cannot score the selected tasks (:func:`~dialogsim.rewards.factory.check_reward_scores`).
     """
     check_policies(config)
+    precision = engine_dtype(config.engine_dtype, Hardware.detect(engine_device(config.backend)))  # logged once
     policies = [config.baseline, *config.candidates]
     names = policy_labels(policies)
     rows, description = evaluation_prompts(config)
     if config.judge == "reward":  # the judge scores with --reward: refuse it now if it cannot score the tasks
         check_reward_scores(config.reward, {row.task for row in rows})
-    engine = ServingEngine(config.backend, kv_cache_gib=config.vllm_kv_cache_gib)
+    models = {"baseline": config.baseline, "user": config.user_model} | {
+        f"candidate {index}": candidate for index, candidate in enumerate(config.candidates)
+    }
+    write_json(run_provenance(models, [config.prompts], precision), Path(config.output_dir) / "provenance.json")
+    engine = ServingEngine(config.backend, dtype=config.engine_dtype, kv_cache_gib=config.vllm_kv_cache_gib)
     simulator = build_simulator(
         config,
         reward=NO_REWARD_SPEC,  # generation needs no reward; the judge brings its own
@@ -224,6 +234,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Path]:
         user_backend=resolve_user_backend(config.user_backend, config.backend),
         user_engine=user_engine(config.user_backend, engine, list(names), config.user_model),
         user_base_url=config.user_base_url,
+        engine_dtype=config.engine_dtype,
         vllm_kv_cache_gib=config.vllm_kv_cache_gib,
     )
     generated = generate_dialogues(config, simulator, engine, {p: dialogue_cache(config, p) for p in policies})
@@ -237,6 +248,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Path]:
         base_url=config.judge_base_url,
         sampling=SamplingParams(temperature=0.0, max_new_tokens=config.judge_max_new_tokens, seed=config.seed),
         template=config.judge_template,
+        dtype=config.engine_dtype,
     )
     judgements = judge_dialogues(judge, dialogues, names[config.baseline], simulator.prompts, config.horizon)
     diagnostics = diagnose_policies(config, judge, names, dialogues, simulator.prompts)
@@ -303,7 +315,7 @@ def diagnose_policies(
     reward = (
         judge.reward
         if isinstance(judge, RewardModelJudge)
-        else build_reward_model(config.reward, trust_remote_code=config.trust_remote_code)
+        else build_reward_model(config.reward, trust_remote_code=config.trust_remote_code, dtype=config.engine_dtype)
     )
     code_tests = CodeTestReward()
     return diagnostics_frame(

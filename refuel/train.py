@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, set_seed
 
 from dialogsim.backends.base import ChatBackend, WeightSyncBackend
@@ -37,6 +36,7 @@ from dialogsim.backends.serving import ServingEngine, resolve_user_backend, user
 from dialogsim.backends.transformers_backend import load_tokenizer
 from dialogsim.dialogue import fingerprint
 from dialogsim.models import check_model_name, resolve_model
+from dialogsim.precision import Hardware, engine_device, engine_dtype, training_dtype
 from dialogsim.rewards.factory import check_reward_scores
 from dialogsim.simulator import DialogueSimulator
 from envs.build import build_simulator
@@ -76,6 +76,7 @@ def build_training_simulator(config: RefuelConfig, engine: PolicyEngine) -> Dial
         user_backend=resolve_user_backend(config.user_backend, config.backend),
         user_engine=user_engine(config.user_backend, engine.current, [config.policy_model], config.user_model),
         user_base_url=config.user_base_url,
+        engine_dtype=config.engine_dtype,
         vllm_kv_cache_gib=config.vllm_kv_cache_gib,
         vllm_tensor_parallel_size=config.vllm_tensor_parallel_size,
     )
@@ -90,9 +91,15 @@ class PolicyEngine:
 
     def __init__(self, config: RefuelConfig) -> None:
         self.config = config
-        settings = {"kv_cache_gib": config.vllm_kv_cache_gib, "tensor_parallel_size": config.vllm_tensor_parallel_size}
-        self.current = ServingEngine(config.backend, **settings)
-        self.initial = ServingEngine(config.backend, **settings)
+        self.current, self.initial = (
+            ServingEngine(
+                config.backend,
+                dtype=config.engine_dtype,
+                kv_cache_gib=config.vllm_kv_cache_gib,
+                tensor_parallel_size=config.vllm_tensor_parallel_size,
+            )
+            for _ in range(2)
+        )
 
     def initial_policy(self, reset: ResetDistribution) -> WeightSyncBackend | None:
         """π_ref's engine (the initial policy, never updated) when it rolls in (``reset.rollin == "initial"``:
@@ -177,14 +184,14 @@ def train_iteration(
 ) -> tuple[RefuelTrainer, dict[str, Any], list[ScoredPair]]:
     """Gradient steps π_t → π_{t+1} with validation before and after.
 
-    π_t is loaded as a plain fp32 model (master weights; ``mixed_precision`` sets the compute precision),
-    also with LoRA: merged adapter updates would be rounded away in 16-bit weights.
+    π_t is loaded in :func:`~dialogsim.precision.training_dtype` (float32 master weights; ``mixed_precision``
+    sets the compute precision), also with LoRA: merged adapter updates would be rounded away in 16-bit weights.
 
     Returns:
         The trainer, the iteration's metrics, and ``pairs`` in their order with π_t's log-probs.
     """
     train_index, val_index = split_validation(len(pairs), config.validation_fraction, config.seed)
-    model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=training_dtype())
     trainer = RefuelTrainer(config, model, tokenizer, [pairs[i] for i in train_index], [pairs[i] for i in val_index])
     before = {split: asdict(trainer.metrics_at_pi_t(split)) for split in ("train", "validation")}  # no forward pass
     log = trainer.train(checkpoints, config.checkpoint_every, config.checkpoint_minutes)
@@ -228,6 +235,7 @@ def run(config: RefuelConfig) -> str:
     check_model_name("policy_model", config.policy_model)
     if config.user_backend != "openai":
         check_model_name("user_model", config.user_model)
+    precision = engine_dtype(config.engine_dtype, Hardware.detect(engine_device(config.backend)))  # logged once
     set_seed(config.seed)
     state = build_accelerator(config)  # before any collection: refuses a launch that fell back
     if state.is_main_process:
@@ -237,7 +245,7 @@ def run(config: RefuelConfig) -> str:
         folder.save()
         write_json(asdict(config), run_dir / "config.json")
         models = {"policy": config.policy_model, "user": config.user_model, "reward": config.reward}
-        write_json(run_provenance(models, [config.prompts]), run_dir / "provenance.json")
+        write_json(run_provenance(models, [config.prompts], precision), run_dir / "provenance.json")
     state.wait_for_everyone()
     simulator: DialogueSimulator | None = None
     tokenizer = load_tokenizer(config.policy_model)

@@ -87,11 +87,12 @@ def train_and_reload(model_path: str, out: Path, per_device: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from dialogsim.backends.transformers_backend import load_tokenizer
+    from dialogsim.precision import training_dtype
     from refuel.trainer import RefuelTrainer
 
     tokenizer = load_tokenizer(model_path)
     rows = make_pairs(tokenizer, PAIRS + 2)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=training_dtype())
     initial = {name: tensor.detach().float().cpu().clone() for name, tensor in model.state_dict().items()}
     config = _config(out, per_device)
     trainer = RefuelTrainer(config, model, tokenizer, rows[:PAIRS], rows[PAIRS:])
@@ -108,7 +109,7 @@ def train_and_reload(model_path: str, out: Path, per_device: int) -> dict:
         "losses": [entry["loss"] for entry in log],
     }
     if trainer.accelerator.is_main_process:
-        saved = AutoModelForCausalLM.from_pretrained(out / "policy", dtype=torch.float32).state_dict()
+        saved = AutoModelForCausalLM.from_pretrained(out / "policy", dtype=training_dtype()).state_dict()
         result["moved"] = max((saved[name] - initial[name]).abs().max().item() for name in initial)
     assert abs(before.loss - expected) <= 1e-6 * max(1.0, expected), (before.loss, expected)
     assert len(log) == 2 and all(torch.isfinite(torch.tensor(result["losses"]))), log

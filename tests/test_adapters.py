@@ -50,7 +50,7 @@ def rows(shared_prompts: Path) -> list[PromptRow]:
 @pytest.fixture(scope="module")
 def simulator(rows: list[PromptRow], tiny_model_path: str) -> DialogueSimulator:
     """Horizon 2: a reset, one user turn from the tiny model, then the reward."""
-    user = UserSimulator(TransformersBackend(tiny_model_path, dtype=torch.float32), "student", USER_SAMPLING)
+    user = UserSimulator(TransformersBackend(tiny_model_path, dtype="float32"), "student", USER_SAMPLING)
     config = EpisodeConfig(max_horizon=2, horizon=2)
     return DialogueSimulator(rows, user, MathAnswerReward(), config, load_tokenizer(tiny_model_path))
 
@@ -216,7 +216,7 @@ def test_verifiers_env_loads_by_taskset_id_with_our_prompts(
 
 def _tiny_policy(tiny_model_path: str, conversation: list[dict[str, str]]) -> Any:
     """The tiny model as the policy of an interaction: the reply function ``converse`` drives."""
-    policy = TransformersBackend(tiny_model_path, dtype=torch.float32)
+    policy = TransformersBackend(tiny_model_path, dtype="float32")
     sampling = SamplingParams(temperature=0.0, max_new_tokens=8)
 
     async def reply(user_message: str | None) -> str | None:

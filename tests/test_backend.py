@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def backend(tiny_model_path: str) -> TransformersBackend:
     """The tiny random model in fp32 (faster than bf16 for a 2-layer model on this CPU)."""
-    return TransformersBackend(tiny_model_path, dtype=torch.float32)
+    return TransformersBackend(tiny_model_path, dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def context_sensitive_backend(tiny_model_path: str) -> TransformersBackend:
     With the default 0.02-std initialisation the tiny model greedily repeats one token whatever the
     prompt, which would make padding errors invisible.
     """
-    backend = TransformersBackend(tiny_model_path, dtype=torch.float32)
+    backend = TransformersBackend(tiny_model_path, dtype="float32")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, parameter in backend.model.named_parameters():

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from dialogsim.backends.openai_backend import OpenAIChatBackend, ServerError
 from dialogsim.backends.transformers_backend import TransformersBackend, load_tokenizer
@@ -36,7 +35,7 @@ def rows(shared_prompts: Path) -> list[PromptRow]:
 def sim(rows: list[PromptRow], tiny_model_path: str) -> DialogueSimulator:
     """The tiny random-initialised user model, horizon 3, no reward (none is reached before the horizon)."""
     user = UserSimulator(
-        TransformersBackend(tiny_model_path, dtype=torch.float32),
+        TransformersBackend(tiny_model_path, dtype="float32"),
         "student",
         SamplingParams(temperature=1.0, max_new_tokens=4),
     )

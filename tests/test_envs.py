@@ -14,7 +14,6 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch
 from gymnasium.utils.env_checker import check_env
 from transformers import PreTrainedTokenizerBase
 
@@ -72,7 +71,7 @@ def rows(shared_prompts: Path) -> list[PromptRow]:
 
 @pytest.fixture(scope="module")
 def user_backend(tiny_model_path: str) -> RecordingBackend:
-    return RecordingBackend(TransformersBackend(tiny_model_path, dtype=torch.float32))
+    return RecordingBackend(TransformersBackend(tiny_model_path, dtype="float32"))
 
 
 @pytest.fixture(scope="module")

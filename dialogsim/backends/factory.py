@@ -12,6 +12,7 @@ def build_backend(
     model: str,
     *,
     base_url: str | None = None,
+    dtype: str = "auto",
     kv_cache_gib: float = 4.0,
     tensor_parallel_size: int = 1,
 ) -> ChatBackend:
@@ -22,20 +23,22 @@ def build_backend(
             extra ``dialogsim[vllm]``) or ``"openai"`` (any OpenAI-compatible chat-completions server).
         model: model name, folder or hub id (for ``openai``: the server's model name).
         base_url: server URL such as ``http://127.0.0.1:8000/v1``; required for ``openai``.
+        dtype: the ``engine_dtype`` setting of an in-process engine (``auto``: bf16 only where the hardware has
+            it, :func:`dialogsim.precision.engine_dtype`); a server (``openai``) runs in its own.
         kv_cache_gib / tensor_parallel_size: vLLM engine settings.
 
     Raises:
-        ValueError: unknown ``kind``, or ``openai`` without ``base_url``.
+        ValueError: unknown ``kind``, ``openai`` without ``base_url``, or an unknown ``dtype``.
         ImportError: ``vllm`` requested but not installed (the message says what to install).
     """
     if kind == "transformers":
         from dialogsim.backends.transformers_backend import TransformersBackend
 
-        return TransformersBackend(model)
+        return TransformersBackend(model, dtype=dtype)
     if kind == "vllm":
         from dialogsim.backends.vllm_backend import VLLMBackend
 
-        return VLLMBackend(model, kv_cache_gib=kv_cache_gib, tensor_parallel_size=tensor_parallel_size)
+        return VLLMBackend(model, dtype=dtype, kv_cache_gib=kv_cache_gib, tensor_parallel_size=tensor_parallel_size)
     if kind == "openai":
         if not base_url:
             raise ValueError("backend 'openai' needs base_url, e.g. http://127.0.0.1:8000/v1")

@@ -49,6 +49,8 @@ class ServingEngine:
 
     Args:
         kind: ``"transformers"`` or ``"vllm"`` (an ``"openai"`` server cannot load weights).
+        dtype: the ``engine_dtype`` setting of every engine it starts (see
+            :func:`~dialogsim.backends.factory.build_backend`).
         kv_cache_gib / tensor_parallel_size: vLLM engine settings (see
             :func:`~dialogsim.backends.factory.build_backend`).
 
@@ -58,12 +60,15 @@ class ServingEngine:
 
     SYNCABLE = ("transformers", "vllm")
 
-    def __init__(self, kind: str, *, kv_cache_gib: float = 4.0, tensor_parallel_size: int = 1) -> None:
+    def __init__(
+        self, kind: str, *, dtype: str = "auto", kv_cache_gib: float = 4.0, tensor_parallel_size: int = 1
+    ) -> None:
         if kind not in self.SYNCABLE:
             raise ValueError(
                 f"policy backend {kind!r} cannot load a policy's weights; choose one of {', '.join(self.SYNCABLE)}"
             )
-        self.kind, self.kv_cache_gib, self.tensor_parallel_size = kind, kv_cache_gib, tensor_parallel_size
+        self.kind, self.dtype = kind, dtype
+        self.kv_cache_gib, self.tensor_parallel_size = kv_cache_gib, tensor_parallel_size
         self.backend: WeightSyncBackend | None = None
         self.architecture: dict[str, Any] = {}
         self.weight_syncs = 0  # live weight syncs so far (role swaps included)
@@ -90,6 +95,7 @@ class ServingEngine:
             self.backend = build_backend(
                 self.kind,
                 policy_path,
+                dtype=self.dtype,
                 kv_cache_gib=self.kv_cache_gib,
                 tensor_parallel_size=self.tensor_parallel_size,
             )

@@ -20,6 +20,7 @@ from transformers import (
 from dialogsim.backends.base import Completion
 from dialogsim.messages import Message
 from dialogsim.models import resolve_model
+from dialogsim.precision import Hardware, engine_dtype
 from dialogsim.sampling import SEED_LIMIT, SamplingParams
 
 
@@ -47,7 +48,8 @@ class TransformersBackend:
 
     Args:
         model_name_or_path: embedded model name (``smollm2-135m-instruct``), local folder or hub id.
-        dtype: weights dtype for generation; bfloat16 is fast on CPUs with AMX.
+        dtype: the ``engine_dtype`` setting (``auto`` | ``float32`` | ``bfloat16`` | ``float16``), decided for
+            ``device`` by :func:`dialogsim.precision.engine_dtype` (``auto``: bf16 only where it is native).
         device: torch device string.
         batch_size: conversations per ``generate`` call; larger batches are split.
 
@@ -65,14 +67,15 @@ class TransformersBackend:
     def __init__(
         self,
         model_name_or_path: str,
-        dtype: torch.dtype = torch.bfloat16,
+        dtype: str = "auto",
         device: str = "cpu",
         batch_size: int = 32,
     ) -> None:
         self.name = model_name_or_path
+        self.precision = engine_dtype(dtype, Hardware.detect(device))
         self.tokenizer = load_tokenizer(model_name_or_path)
         self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-            resolve_model(model_name_or_path), dtype=dtype
+            resolve_model(model_name_or_path), dtype=self.precision.torch_dtype
         ).to(device)
         self.model.eval()
         self.device = device

@@ -19,6 +19,7 @@ from dialogsim.backends.base import Completion
 from dialogsim.backends.transformers_backend import chat_prompt_ids, load_tokenizer
 from dialogsim.messages import Message
 from dialogsim.models import resolve_model
+from dialogsim.precision import Hardware, engine_dtype
 from dialogsim.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ class VLLMBackend:
         kv_cache_gib: KV-cache space on CPU (GiB; ``kv_cache_memory_bytes``, which a set
             ``VLLM_CPU_KVCACHE_SPACE`` overrides); on GPUs the engine uses ``gpu_memory_utilization``.
         tensor_parallel_size: GPUs per engine (1 on CPU).
-        dtype: engine dtype (``"bfloat16"``, ``"float32"``, ...).
+        dtype: the ``engine_dtype`` setting (``auto`` | ``float32`` | ``bfloat16`` | ``float16``), decided for the
+            engine's platform by :func:`dialogsim.precision.engine_dtype` (``auto``: bf16 only where it is native).
         max_model_len: longest prompt + reply the engine accepts (tokens).
         seed: engine seed (each request is also seeded from ``SamplingParams.seeds`` or ``.seed``).
         enable_prefix_caching: re-use the KV cache of shared prompt prefixes (off only to measure it).
@@ -88,7 +90,7 @@ class VLLMBackend:
         model_name_or_path: str,
         kv_cache_gib: float = 4.0,
         tensor_parallel_size: int = 1,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         max_model_len: int = 4096,
         seed: int = 0,
         enable_prefix_caching: bool = True,
@@ -108,11 +110,12 @@ class VLLMBackend:
                 | engine_kwargs
             )
         self.name = model_name_or_path
+        self.precision = engine_dtype(dtype, Hardware.detect("cpu" if on_cpu else "cuda"))
         self.tokenizer = load_tokenizer(model_name_or_path)
         started = time.perf_counter()
         self.engine = vllm.LLM(
             model=resolve_model(model_name_or_path),
-            dtype=dtype,
+            dtype=self.precision.dtype,
             seed=seed,
             max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size,

@@ -33,6 +33,7 @@ def build_judge(
     base_url: str | None = None,
     sampling: SamplingParams | None = None,
     template: str = "compare",
+    dtype: str = "auto",
 ) -> PairwiseJudge:
     """The judge named by ``kind``.
 
@@ -45,15 +46,16 @@ def build_judge(
             :func:`dialogsim.backends.factory.build_backend`; ``openai`` needs ``base_url``).
         sampling: the LLM judge's sampling (default: greedy, 192 new tokens).
         template: the LLM judge's prompt, ``"compare"`` or ``"letter"`` (see :class:`LLMJudge`).
+        dtype: the ``engine_dtype`` setting of the judge's in-process model (:func:`dialogsim.precision.engine_dtype`).
 
     Raises:
         ValueError: unknown ``kind`` or ``template`` (or an invalid backend / reward spec, from their factories).
     """
     if kind == "reward":
         return RewardModelJudge(
-            build_reward_model(reward, trust_remote_code=trust_remote_code), judge_label(kind, reward)
+            build_reward_model(reward, trust_remote_code=trust_remote_code, dtype=dtype), judge_label(kind, reward)
         )
     if kind == "llm":
-        chat = build_backend(backend, model, base_url=base_url)
+        chat = build_backend(backend, model, base_url=base_url, dtype=dtype)
         return LLMJudge(chat, f"{judge_label(kind, model)}-{template}", sampling or DEFAULT_SAMPLING, template)
     raise ValueError(f"unknown judge {kind!r}; choose one of {', '.join(JUDGES)}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModel, AutoTokenizer
 
+from dialogsim.precision import Hardware, engine_dtype
+
 MAX_TOKENS = 256  # all-MiniLM-L6-v2 was trained with 256-token inputs (sentence_bert_config.json)
 
 
@@ -36,6 +38,7 @@ class SentenceEmbedder:
         model_path: local folder or Hugging Face id of the encoder; ``None`` uses the embedded
             all-MiniLM-L6-v2 (see :func:`default_model_path`).
         device: torch device for the encoder, e.g. ``"cpu"``.
+        dtype: the ``engine_dtype`` setting, decided for ``device`` by :func:`dialogsim.precision.engine_dtype`.
         batch_size: texts per forward pass.
 
     Raises:
@@ -46,12 +49,15 @@ class SentenceEmbedder:
     [0.8...]
     """
 
-    def __init__(self, model_path: str | None = None, device: str = "cpu", batch_size: int = 32) -> None:
+    def __init__(
+        self, model_path: str | None = None, device: str = "cpu", dtype: str = "auto", batch_size: int = 32
+    ) -> None:
         path = default_model_path() if model_path is None else model_path
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).to(self.device).eval()
+        precision = engine_dtype(dtype, Hardware.detect(device))
+        self.model = AutoModel.from_pretrained(path, dtype=precision.torch_dtype).to(self.device).eval()
 
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> torch.Tensor:

@@ -33,7 +33,9 @@ SCORED_TASKS: dict[str, tuple[str, ...]] = {
 EXAMPLE_REWARD_MODEL = "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2"
 
 
-def build_reward_model(spec: str, device: str = "cpu", trust_remote_code: bool = False) -> RewardModel:
+def build_reward_model(
+    spec: str, device: str = "cpu", trust_remote_code: bool = False, dtype: str = "auto"
+) -> RewardModel:
     """The reward model named by ``spec``.
 
     Args:
@@ -53,6 +55,7 @@ def build_reward_model(spec: str, device: str = "cpu", trust_remote_code: bool =
         device: torch device for the model(s).
         trust_remote_code: passed to ``from_pretrained`` for hub reward models with custom code
             (ArmoRM needs ``True``); ignored by the built-in specs.
+        dtype: the ``engine_dtype`` setting of the model(s) (:func:`dialogsim.precision.engine_dtype`).
 
     Raises:
         ValueError: ``spec`` is empty.
@@ -65,19 +68,19 @@ def build_reward_model(spec: str, device: str = "cpu", trust_remote_code: bool =
         )
     builtin = name.lower()
     if builtin == MATH_SPEC:
-        return MathAnswerReward(embedder=SentenceEmbedder(device=device))
+        return MathAnswerReward(embedder=SentenceEmbedder(device=device, dtype=dtype))
     if builtin == MATH_FORMAT_SPEC:
         return MathFormatReward()
     if builtin == CODE_SPEC:
         return CodeTestReward()
     if builtin == VERIFIER_SPEC:
-        math_reward = MathAnswerReward(embedder=SentenceEmbedder(device=device))
+        math_reward = MathAnswerReward(embedder=SentenceEmbedder(device=device, dtype=dtype))
         return TaskRoutedReward(
             {MATH_TASK_PREFIX: math_reward, CODE_TASK: CodeTestReward(), LOGIC_TASK: AnswerMatchReward()}
         )
     if builtin == NO_REWARD_SPEC:
         return NoReward()
-    return SequenceClassificationReward(name, device=device, trust_remote_code=trust_remote_code)
+    return SequenceClassificationReward(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def check_reward_scores(spec: str, tasks: Iterable[str] | None, generation_only: bool = False) -> None:

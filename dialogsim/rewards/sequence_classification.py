@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from dialogsim.messages import Message
+from dialogsim.precision import Hardware, engine_dtype
 from dialogsim.prompts import PromptRow
 from dialogsim.rewards.base import check_batch
 
@@ -36,7 +37,8 @@ class SequenceClassificationReward:
         model_name_or_path: Hugging Face id or local folder of a ``*ForSequenceClassification`` model
             (or one with custom code mapped to ``AutoModelForSequenceClassification``).
         device: torch device, e.g. ``"cpu"`` or ``"cuda"``.
-        dtype: weight dtype (``torch.bfloat16`` on GPU for 8B models).
+        dtype: the ``engine_dtype`` setting, decided for ``device`` by :func:`dialogsim.precision.engine_dtype`
+            (``auto``: bf16 on GPUs and bf16 CPUs, float32 elsewhere).
         batch_size: dialogues per forward pass.
         max_length: longest dialogue in tokens that is scored.
         trust_remote_code: allow the model's own code from the hub (needed by ArmoRM); only set it for
@@ -54,7 +56,7 @@ class SequenceClassificationReward:
         self,
         model_name_or_path: str,
         device: str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: str = "auto",
         batch_size: int = 8,
         max_length: int = 4096,
         trust_remote_code: bool = False,
@@ -69,7 +71,10 @@ class SequenceClassificationReward:
                 "use a reward model that ships one, or pass chat_template= the template it was trained with"
             )
         self.model, loading = AutoModelForSequenceClassification.from_pretrained(
-            model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
+            model_name_or_path,
+            dtype=engine_dtype(dtype, Hardware.detect(device)).torch_dtype,
+            trust_remote_code=trust_remote_code,
+            output_loading_info=True,
         )
         if loading["missing_keys"]:
             raise ValueError(

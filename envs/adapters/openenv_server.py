@@ -52,6 +52,7 @@ from pydantic import Field
 
 from dialogsim.dialogue import DialogueState
 from dialogsim.messages import Message
+from dialogsim.precision import ENGINE_DTYPES
 from dialogsim.simulator import DialogueSimulator, StepOutcome
 from envs.build import build_simulator
 from envs.dialogue_env import DialogueEnv
@@ -303,8 +304,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--user_model", default=None, help="simulated user's model (default: SmolLM2-135M)")
     parser.add_argument("--reward", default="math", help="a dialogsim.rewards.factory spec")
     parser.add_argument("--max_horizon", type=int, default=3)
+    parser.add_argument(
+        "--engine_dtype",
+        default="auto",
+        choices=ENGINE_DTYPES,
+        help="user engine and reward precision: auto (bf16 only where the hardware has it), float32, bfloat16, float16",
+    )
     args = parser.parse_args(argv)
-    settings = {"prompts": args.prompts, "reward": args.reward, "max_horizon": args.max_horizon}
+    settings = {
+        "prompts": args.prompts,
+        "reward": args.reward,
+        "max_horizon": args.max_horizon,
+        "engine_dtype": args.engine_dtype,
+    }
     if args.user_model is not None:
         settings["user_model"] = args.user_model
     app = create_dialogue_app(build_simulator(**settings), args.max_concurrent_envs)

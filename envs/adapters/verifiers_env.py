@@ -42,6 +42,7 @@ from dialogsim.backends.transformers_backend import load_tokenizer
 from dialogsim.data import default_prompt_file, load_prompts
 from dialogsim.messages import Message
 from dialogsim.models import DEFAULT_MODEL
+from dialogsim.precision import EngineDtype
 from envs.build import build_simulator, select_partition
 from envs.dialogue_env import DialogueEnv
 
@@ -109,6 +110,9 @@ class DialogsimEnvConfig(vf.EnvConfig):
     user_template: str = Field("student", description="'student' (small models) or 'paper'")
     user_backend: str = Field("transformers", description="engine of the user model: transformers, vllm, openai")
     user_base_url: str | None = Field(None, description="server of the user model when user_backend='openai'")
+    engine_dtype: EngineDtype = Field(
+        "auto", description="user engine and reward precision: auto (bf16 where native), float32, bfloat16, float16"
+    )
     reward: str = Field("math", description="a dialogsim.rewards.factory spec or a reward model id/path")
     max_horizon: int = Field(3, description="largest horizon H (assistant turns)")
     horizon: int | None = Field(None, description="fixed H, or None to draw it from 1..max_horizon per task")
@@ -180,6 +184,7 @@ class DialogsimEnv(vf.Env[DialogsimEnvConfig]):
             user_template=config.user_template,
             user_backend=config.user_backend,
             user_base_url=config.user_base_url,
+            engine_dtype=config.engine_dtype,
             reward=config.reward,
             max_horizon=config.max_horizon,
             horizon=config.horizon,
