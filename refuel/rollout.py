@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from dialogsim.backends.base import ChatBackend
 from dialogsim.dialogue import DialogueState
@@ -38,12 +39,24 @@ class PolicyRun:
     rng: np.random.Generator
     until_turn: list[int] | None = None
 
+    def _targets(self) -> list[int]:
+        return self.until_turn if self.until_turn is not None else [state.horizon + 1 for state in self.states]
+
     def active(self) -> list[DialogueState]:
         """The states that still take a turn."""
-        targets = self.until_turn if self.until_turn is not None else [s.horizon + 1 for s in self.states]
         return [
-            state for state, target in zip(self.states, targets, strict=True) if not state.done and state.turn < target
+            state
+            for state, target in zip(self.states, self._targets(), strict=True)
+            if not state.done and state.turn < target
         ]
+
+    def remaining_turns(self) -> int:
+        """The policy replies its states still take if none ends early (the unit of the progress bar)."""
+        return sum(
+            target - state.turn
+            for state, target in zip(self.states, self._targets(), strict=True)
+            if not state.done and state.turn < target
+        )
 
 
 def run_policies(simulator: DialogueSimulator, runs: list[PolicyRun], sampling: SamplingParams) -> None:
@@ -55,8 +68,10 @@ def run_policies(simulator: DialogueSimulator, runs: list[PolicyRun], sampling: 
     up to the engines' batched numerics.
 
     States are updated in place: ``state.done`` tells which ended, ``state.truncated`` which ended
-    on the token budget before the horizon, and ``state.final_reward`` holds the horizon reward.
+    on the token budget before the horizon, and ``state.final_reward`` holds the horizon reward. A progress bar
+    counts the policy replies (turns) of every run, with their rate.
     """
+    progress = tqdm(total=sum(run.remaining_turns() for run in runs), desc="dialogue turns", unit="turn")
     while True:
         started = time.perf_counter()
         states, replies = [], []
@@ -66,8 +81,10 @@ def run_policies(simulator: DialogueSimulator, runs: list[PolicyRun], sampling: 
                 states += active
                 replies += run.policy.chat([state.messages for state in active], sampling.with_seed(draw_seed(run.rng)))
         if not states:
+            progress.close()
             return
         simulator.step(states, [reply.text for reply in replies])
+        progress.update(len(replies))
         logger.info(
             "%d dialogues of %d policies advanced one turn (%d policy tokens) in %.1f s",
             len(states),

@@ -114,3 +114,10 @@ def test_provenance_records_the_decision_with_its_reason() -> None:
         "reason": "auto: the cpu has no native bf16, float32 is fastest",
         "hardware": ZEN2.summary(),
     }
+
+
+@pytest.mark.parametrize(("hardware", "dtype"), [(SAPPHIRE_RAPIDS, "float32"), (ZEN2, "float32"), (A100, "bfloat16")])
+def test_auto_keeps_scoring_models_float32_on_cpus(hardware: Hardware, dtype: str) -> None:
+    """Reward models and the embedder: batch-invariant float32 scores on CPUs, bf16 on GPUs that have it."""
+    assert engine_dtype("auto", hardware, role="scoring").dtype == dtype
+    assert engine_dtype("bfloat16", SAPPHIRE_RAPIDS, role="scoring").dtype == "bfloat16"  # an explicit setting wins

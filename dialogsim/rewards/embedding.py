@@ -38,7 +38,8 @@ class SentenceEmbedder:
         model_path: local folder or Hugging Face id of the encoder; ``None`` uses the embedded
             all-MiniLM-L6-v2 (see :func:`default_model_path`).
         device: torch device for the encoder, e.g. ``"cpu"``.
-        dtype: the ``engine_dtype`` setting, decided for ``device`` by :func:`dialogsim.precision.engine_dtype`.
+        dtype: the ``engine_dtype`` setting, decided for ``device`` by :func:`dialogsim.precision.engine_dtype`
+            (role ``scoring``; ``auto``: float32 on CPUs).
         batch_size: texts per forward pass.
 
     Raises:
@@ -56,7 +57,7 @@ class SentenceEmbedder:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        precision = engine_dtype(dtype, Hardware.detect(device))
+        precision = engine_dtype(dtype, Hardware.detect(device), role="scoring")
         self.model = AutoModel.from_pretrained(path, dtype=precision.torch_dtype).to(self.device).eval()
 
     @torch.inference_mode()

@@ -38,7 +38,7 @@ class SequenceClassificationReward:
             (or one with custom code mapped to ``AutoModelForSequenceClassification``).
         device: torch device, e.g. ``"cpu"`` or ``"cuda"``.
         dtype: the ``engine_dtype`` setting, decided for ``device`` by :func:`dialogsim.precision.engine_dtype`
-            (``auto``: bf16 on GPUs and bf16 CPUs, float32 elsewhere).
+            (role ``scoring``; ``auto``: bf16 on GPUs with bf16, float32 on CPUs).
         batch_size: dialogues per forward pass.
         max_length: longest dialogue in tokens that is scored.
         trust_remote_code: allow the model's own code from the hub (needed by ArmoRM); only set it for
@@ -72,7 +72,7 @@ class SequenceClassificationReward:
             )
         self.model, loading = AutoModelForSequenceClassification.from_pretrained(
             model_name_or_path,
-            dtype=engine_dtype(dtype, Hardware.detect(device)).torch_dtype,
+            dtype=engine_dtype(dtype, Hardware.detect(device), role="scoring").torch_dtype,
             trust_remote_code=trust_remote_code,
             output_loading_info=True,
         )
