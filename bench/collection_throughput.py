@@ -59,6 +59,7 @@ from dialogsim.backends.transformers_backend import TransformersBackend, load_to
 from dialogsim.data import default_prompt_file, load_prompts
 from dialogsim.messages import Message
 from dialogsim.models import DEFAULT_MODEL, resolve_model
+from dialogsim.precision import ENGINE_DTYPES
 from dialogsim.prompts import PromptRow
 from dialogsim.rewards.base import RewardModel
 from dialogsim.rewards.factory import build_reward_model
@@ -67,6 +68,8 @@ from dialogsim.simulator import DialogueSimulator, EpisodeConfig
 from dialogsim.user import UserSimulator
 from refuel.collect import collect_pairs
 from refuel.rollout import run_policy
+
+from runs import machine_header
 
 
 class CountingBackend:
@@ -150,11 +153,11 @@ def median_over(repeats: int, measure: Callable[[int], float]) -> float:
     return statistics.median(measure(seed) for seed in range(repeats))
 
 
-def vllm_engine(model: str, prefix_caching: bool = True) -> Any:
-    """A vLLM engine for ``model`` (imported here: vLLM is optional)."""
+def vllm_engine(model: str, dtype: str, prefix_caching: bool = True) -> Any:
+    """A vLLM engine for ``model`` in ``dtype`` (an ``engine_dtype`` setting; vLLM is imported here: it is optional)."""
     from dialogsim.backends.vllm_backend import VLLMBackend
 
-    return VLLMBackend(model, kv_cache_gib=2, max_model_len=4096, enable_prefix_caching=prefix_caching)
+    return VLLMBackend(model, dtype=dtype, kv_cache_gib=2, max_model_len=4096, enable_prefix_caching=prefix_caching)
 
 
 def weight_sync_seconds(engine: Any, model: str) -> float:
@@ -279,27 +282,31 @@ def default_gguf() -> Path:
 
 def arrangements(args: argparse.Namespace, servers: contextlib.ExitStack) -> dict[str, Callable[[], Setup]]:
     """Table (d)'s engine arrangements of policy and user, each built on demand; servers they start join ``servers``."""
-    model = args.model
+    model, dtype = args.model, args.engine_dtype
     built: dict[str, Callable[[], Setup]] = {
-        "transformers policy + transformers user": lambda: Setup(TransformersBackend(model), TransformersBackend(model))
+        "transformers policy + transformers user": lambda: Setup(
+            TransformersBackend(model, dtype=dtype), TransformersBackend(model, dtype=dtype)
+        )
     }
     if args.skip_vllm:
         return built
 
     def shared() -> Setup:
-        serving = ServingEngine("vllm", kv_cache_gib=2)  # the code path of user_backend="auto"
+        serving = ServingEngine("vllm", dtype=dtype, kv_cache_gib=2)  # the code path of user_backend="auto"
         serving.serve(model)  # start it now: the table times the start apart from collection
         return Setup(serving.role(model), serving.role(model))
 
-    built["vLLM policy + transformers user"] = lambda: Setup(vllm_engine(model), TransformersBackend(model))
-    built["vLLM policy + vLLM user (two engines)"] = lambda: Setup(vllm_engine(model), vllm_engine(model))
+    built["vLLM policy + transformers user"] = lambda: Setup(
+        vllm_engine(model, dtype), TransformersBackend(model, dtype=dtype)
+    )
+    built["vLLM policy + vLLM user (two engines)"] = lambda: Setup(vllm_engine(model, dtype), vllm_engine(model, dtype))
     built["one vLLM engine for both (user_backend auto)"] = shared
     if args.llama_server is not None:
 
         def llama_cpp_user() -> Setup:
             url = servers.enter_context(llama_server(args.llama_server, args.user_gguf, 2 * args.pairs))
             user = OpenAIChatBackend(url, "smollm2", return_token_ids=False, max_concurrency=2 * args.pairs)
-            return Setup(vllm_engine(model), user)
+            return Setup(vllm_engine(model, dtype), user)
 
         built["vLLM policy + llama.cpp server user (GGUF, OpenAI backend)"] = llama_cpp_user
     return built
@@ -323,7 +330,9 @@ def main() -> None:
     parser.add_argument(
         "--only", nargs="*", help="table (d): run only the arrangements whose name contains one of these"
     )
+    parser.add_argument("--engine_dtype", default="auto", choices=ENGINE_DTYPES, help="precision of every engine")
     args = parser.parse_args()
+    print(machine_header("collection throughput", {"engines": args.engine_dtype}))
     sampling = SamplingParams(temperature=0.8, max_new_tokens=args.max_new_tokens)
     tokenizer = load_tokenizer(args.model)
     rows, _ = load_prompts(
@@ -342,15 +351,16 @@ def main() -> None:
 
 def print_engine_tables(parts: Any, args: argparse.Namespace, sampling: SamplingParams) -> None:
     """Tables (a), (b), (c) as chosen by ``args.tables``, on engines built once for all three."""
-    started = {"transformers": timed(lambda: TransformersBackend(args.model))}
-    policy, user = TransformersBackend(args.model), TransformersBackend(args.model)
+    model, dtype = args.model, args.engine_dtype
+    started = {"transformers": timed(lambda: TransformersBackend(model, dtype=dtype))}
+    policy, user = TransformersBackend(model, dtype=dtype), TransformersBackend(model, dtype=dtype)
     setups = {
         "sequential transformers": Setup(policy, user, sequential=True),
         "batched transformers": Setup(policy, user),
     }
     sync = {"transformers": weight_sync_seconds(policy, args.model)}
     if not args.skip_vllm:
-        engines = [vllm_engine(args.model) for _ in range(2)]
+        engines = [vllm_engine(model, dtype) for _ in range(2)]
         started["vllm"] = engines[0].start_seconds
         sync["vllm"] = weight_sync_seconds(engines[0], args.model)
         setups["batched vLLM"] = Setup(*engines)
@@ -360,7 +370,7 @@ def print_engine_tables(parts: Any, args: argparse.Namespace, sampling: Sampling
     if "b" in args.tables:
         if not args.skip_vllm:
             setups["batched vLLM, no prefix caching"] = Setup(
-                *(vllm_engine(args.model, prefix_caching=False) for _ in range(2))
+                *(vllm_engine(model, dtype, prefix_caching=False) for _ in range(2))
             )
         print_pair_costs(setups, parts, args, sampling)
     if "c" in args.tables:

@@ -31,8 +31,11 @@ import torch
 from dialogsim.backends.transformers_backend import TransformersBackend, chat_prompt_ids
 from dialogsim.data import default_prompt_file, load_prompts
 from dialogsim.models import DEFAULT_MODEL
+from dialogsim.precision import ENGINE_DTYPES
 from dialogsim.prompts import PromptRow
 from dialogsim.user import TEMPLATES, render_user_prompt
+
+from runs import machine_header
 
 
 def median_seconds(run: Callable[[], Any], repeats: int) -> float:
@@ -109,8 +112,10 @@ def main() -> None:
     parser.add_argument("--sequential", type=int, default=8, help="conversations run one at a time")
     parser.add_argument("--new_tokens", type=int, default=16, help="reply length in the phase split")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--engine_dtype", default="auto", choices=ENGINE_DTYPES, help="precision of the engines")
     args = parser.parse_args()
-    backend = TransformersBackend(args.model, batch_size=args.batch)
+    print(machine_header("generation profile", {"transformers engine": args.engine_dtype}))
+    backend = TransformersBackend(args.model, dtype=args.engine_dtype, batch_size=args.batch)
     rows, _ = load_prompts(
         default_prompt_file(),
         tasks=["Math_CoT"],

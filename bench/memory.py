@@ -49,7 +49,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from runs import grouped_medians, run_worker
+from runs import grouped_medians, machine_header, run_worker
 
 GIB = 1024**3
 OBJECTIVES = ("refuel", "sft", "sft_hf")
@@ -244,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
+    print(machine_header("training memory", {"weights": "float32", "autocast": args.mixed_precision}))
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     results = []
     started = time.monotonic()

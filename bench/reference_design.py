@@ -45,12 +45,15 @@ from dialogsim.backends.transformers_backend import load_tokenizer
 from dialogsim.data import default_prompt_file, load_prompts
 from dialogsim.messages import Message
 from dialogsim.models import DEFAULT_MODEL
+from dialogsim.precision import ENGINE_DTYPES
 from dialogsim.prompts import PromptRow
 from dialogsim.rewards.factory import build_reward_model
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator, EpisodeConfig
 from dialogsim.user import UserSimulator
 from refuel.collect import collect_pairs
+
+from runs import machine_header
 
 USER_TEMPLATE = "student"
 
@@ -62,7 +65,7 @@ def child(role: str, path: Path, args: argparse.Namespace) -> None:
     and get an assistant reply, user dialogues end with an assistant reply and get the next user message.
     """
     dialogues: list[list[Message]] = json.loads(path.read_text())
-    backend = build_backend(args.backend, args.model, kv_cache_gib=2)
+    backend = build_backend(args.backend, args.model, dtype=args.engine_dtype, kv_cache_gib=2)
     if role == "policy":
         sampling = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
         replies = [completion.text for completion in backend.chat(dialogues, sampling)]
@@ -134,7 +137,7 @@ def anchor_run(rows: list[PromptRow], args: argparse.Namespace, seed: int) -> di
 def our_engine(args: argparse.Namespace) -> tuple[ServingEngine, float]:
     """The one engine that serves π_t and the simulated user in our design, and its start time (seconds)."""
     started = time.perf_counter()
-    serving = ServingEngine(args.backend, kv_cache_gib=2)
+    serving = ServingEngine(args.backend, dtype=args.engine_dtype, kv_cache_gib=2)
     serving.serve(args.model)
     return serving, time.perf_counter() - started
 
@@ -169,6 +172,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--reward", default="math_format")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--engine_dtype", default="auto", choices=ENGINE_DTYPES, help="precision of the engines")
     parser.add_argument("--child", choices=["policy", "user"], help=argparse.SUPPRESS)
     parser.add_argument("--io", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -176,6 +180,7 @@ def main() -> None:
     if args.child:
         child(args.child, args.io, args)
         return
+    print(machine_header("reference design", {"engines": args.engine_dtype}))
     tokenizer = load_tokenizer(args.model)
     rows, _ = load_prompts(
         default_prompt_file(), tasks=["Math_CoT"], datasets=["gsm8k"], tokenizer=tokenizer, max_prompt_tokens=384

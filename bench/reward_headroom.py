@@ -38,6 +38,7 @@ from dialogsim.backends.transformers_backend import TransformersBackend, load_to
 from dialogsim.data import default_prompt_file, load_prompts
 from dialogsim.messages import Message
 from dialogsim.models import DEFAULT_MODEL
+from dialogsim.precision import ENGINE_DTYPES
 from dialogsim.prompts import PromptRow
 from dialogsim.rewards.base import RewardModel
 from dialogsim.rewards.factory import build_reward_model
@@ -45,6 +46,8 @@ from dialogsim.rewards.math_format import MathFormatReward
 from dialogsim.rewards.math_reward import reference_solution
 from dialogsim.sampling import SamplingParams
 from envs.build import select_partition
+
+from runs import machine_header
 
 REWARD_SPECS = ("math", "math_format")
 NUMBER_LIST = " ".join(str(number) for number in range(1, 41))
@@ -67,7 +70,7 @@ def policy_replies(rows: list[PromptRow], args: argparse.Namespace) -> dict[str,
     """``--samples`` replies per row id, read from ``--replies`` or generated once and written there."""
     path = Path(args.replies)
     if not path.exists():
-        backend = TransformersBackend(args.model, batch_size=args.batch_size)
+        backend = TransformersBackend(args.model, dtype=args.engine_dtype, batch_size=args.batch_size)
         conversations = [[{"role": "user", "content": row.instruction}] for row in rows] * args.samples
         sampling = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
         completions = backend.chat(conversations, sampling)
@@ -147,12 +150,14 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=128, help="reply cap (tokens)")
     parser.add_argument("--batch_size", type=int, default=32, help="conversations per generate call")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--engine_dtype", default="auto", choices=ENGINE_DTYPES, help="precision of the engines")
     args = parser.parse_args()
+    print(machine_header("reward headroom", {"policy": args.engine_dtype, "reward models": "float32"}))
 
     rows = held_out_rows(args.holdout, args.max_prompt_tokens)
     replies = policy_replies(rows, args)
     pairs = categories(rows, replies, args.samples)
-    rewards = {spec: build_reward_model(spec) for spec in REWARD_SPECS}
+    rewards = {spec: build_reward_model(spec, dtype="float32") for spec in REWARD_SPECS}
     scores = {spec: {name: score(reward, pairs[name]) for name in pairs} for spec, reward in rewards.items()}
     table = pd.DataFrame(
         {

@@ -24,6 +24,8 @@ from dialogsim.messages import Message
 from dialogsim.rewards.code_verifier import CodeTestReward
 from dialogsim.rewards.sandbox import isolation_level, run_python
 
+from runs import machine_header
+
 
 def _dialogue(instruction: str, code: str) -> list[Message]:
     return [{"role": "user", "content": instruction}, {"role": "assistant", "content": f"```python\n{code}\n```"}]
@@ -35,6 +37,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=20, help="MBPP rows (reference + wrong solution each)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds; the median is reported")
     args = parser.parse_args()
+    print(machine_header("sandbox overhead", {}))
     rows, _ = load_prompts(default_prompt_file(), tasks=["Coding"], datasets=["mbpp"], limit=args.rows)
     right = [_dialogue(row.instruction, row.meta["canonical_solution"]) for row in rows]
     wrong = [_dialogue(row.instruction, f"def {row.meta['entry_point']}(*args):\n    return None") for row in rows]

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from memory import GIB, peak_rss_bytes, reset_peak_rss
-from runs import grouped_medians, run_worker
+from runs import grouped_medians, machine_header, run_worker
 
 PATHS = {"separate": ("separate", False), "shared_prefix": ("shared_prefix", True)}
 PRECISIONS = ("no", "bf16")
@@ -249,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
+    dtypes = {"weights": "float32", "autocast": " / ".join(args.precisions)}
+    print(machine_header("training throughput", dtypes | ({"idle vLLM engine": "auto"} if args.idle_vllm else {})))
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     results = []
     if args.idle_vllm:
