@@ -155,6 +155,7 @@ def make_plan(
     Returns:
         A :class:`Plan`; ``plan.ok`` is False when a check failed.
     """
+    from dialogsim.precision import Hardware, engine_device, engine_dtype
     from dialogsim.rewards.factory import BUILTIN_SPECS, check_reward_scores
 
     plan = Plan()
@@ -310,12 +311,14 @@ def make_plan(
     }.get(getattr(config, "method", "refuel"), str(getattr(config, "method", "refuel")))
     tasks = "all" if config.tasks is None else ", ".join(config.tasks)
     datasets = "all" if config.datasets is None else ", ".join(config.datasets)
+    precision = engine_dtype(config.engine_dtype, Hardware.detect(engine_device(config.backend)))
     plan.lines += [
         f"launch         {command}",
         f"processes      {processes} ({launch.engine}, accelerate mixed precision {launch.mixed_precision or 'unset'})",
         f"policy π_0     {config.policy_model} [{policy_kind}]; roll-outs on {policy_engine}",
         f"user           {config.user_model} [{user_kind}] on {user_engine}, template {config.user_template!r}",
         f"reward         {config.reward} [{reward_kind}]",
+        f"precision      engines {precision.dtype} ({precision.reason}) on {precision.hardware}; training float32",
         f"prompts        {prompts}; tasks {tasks}; datasets {datasets}; {config.holdout} held out for evaluation",
         f"iterations     {config.iterations}: " + " → ".join(f"π_{t}" for t in range(config.iterations + 1)),
         f"per iteration  {pairs} reset points → ≤ {train_pairs} training + {validation_pairs} validation pairs "

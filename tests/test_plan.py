@@ -190,3 +190,10 @@ def test_plan_says_when_a_run_writes_no_training_checkpoint(offline: None) -> No
 def test_plan_refuses_an_output_dir_that_is_not_a_run(tiny_model_path: str, offline: None) -> None:
     plan = make_plan(parse_config(RefuelConfig, ["--output_dir", tiny_model_path], description="test"))
     assert any("not a refuel-train run" in error for error in plan.errors), plan.errors
+
+
+def test_plan_shows_the_engine_precision_and_its_reason() -> None:
+    line = next(line for line in _plan("--engine_dtype", "float32").lines if line.startswith("precision"))
+    assert "engines float32 (engine_dtype=float32 as set)" in line and line.endswith("training float32")
+    auto = next(line for line in _plan().lines if line.startswith("precision"))
+    assert "(auto: the " in auto  # the reason names what the processor has
