@@ -33,6 +33,7 @@ import hashlib
 import json
 import operator
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -124,11 +125,10 @@ class ArithmeticConfig:
         low, high = getattr(self, _FOLLOW_UP_RANGES[operation])
         return low, high
 
-    def question_count(self) -> int:
-        """How many distinct dialogues (scripts) these settings can write."""
-        first = sum(_size(self.first_range(name)) ** 2 for name in set(self.first_operations))
+    def question_count(self, first_operation: str) -> int:
+        """How many distinct dialogues (scripts) these settings can write that open with ``first_operation``."""
         step = sum(_size(self.follow_up_range(name)) for name in set(self.follow_up_operations))
-        return first * step**self.follow_ups
+        return _size(self.first_range(first_operation)) ** 2 * step**self.follow_ups
 
 
 _FOLLOW_UP_RANGES = {"add": "follow_up_add", "subtract": "follow_up_subtract", "multiply": "follow_up_multiply"}
@@ -147,9 +147,10 @@ class Script:
     references: tuple[str, ...]
 
 
-def draw_script(config: ArithmeticConfig, rng: np.random.Generator) -> Script:
-    """One dialogue: a turn-1 question and ``config.follow_ups`` follow-ups, each drawn as the config says."""
-    first = OPERATIONS[config.first_operations[int(rng.integers(len(config.first_operations)))]]
+def draw_script(config: ArithmeticConfig, first_operation: str, rng: np.random.Generator) -> Script:
+    """One dialogue: a turn-1 ``first_operation`` question and ``config.follow_ups`` follow-ups, each drawn as the
+    config says (the operation uniformly from ``follow_up_operations``, then its operand uniformly)."""
+    first = OPERATIONS[first_operation]
     low, high = config.first_range(first.name)
     a, b = (int(value) for value in rng.integers(low, high + 1, size=2))
     result = first.apply(a, b)
@@ -181,30 +182,52 @@ def script_row(script: Script, split: str) -> PromptRow:
 def generate(config: ArithmeticConfig) -> list[PromptRow]:
     """The training rows, then the held-out rows: distinct questions, deterministic given ``config``.
 
-    Scripts are drawn with ``numpy.random.default_rng(config.seed)`` until there are ``train_dialogues +
-    heldout_dialogues`` distinct questions (:func:`~dialogsim.prompts.question_key`), in order of first draw;
-    the first ``heldout_dialogues`` of them are held out, so no question is in both sets.
+    Each entry of ``first_operations`` opens an equal share of each set (the first entries take the remainder;
+    list an operation twice to double its share). Per entry, scripts are drawn with
+    ``numpy.random.default_rng(config.seed)`` until its share of distinct questions
+    (:func:`~dialogsim.prompts.question_key`) is reached; the first of them are held out, so no question is in
+    both sets. Each set is then shuffled. Drawing per entry keeps the shares exact: an operation with fewer
+    possible questions (64 products against 8,100 sums) repeats more often, and a pooled draw that skipped repeats
+    would under-represent it.
 
     Raises:
-        ValueError: the settings allow fewer than twice as many questions as requested (drawing would slow
-            down near exhaustion); widen the ranges, add operations or follow-ups, or ask for fewer rows.
+        ValueError: the settings allow fewer than twice as many questions as an operation's share (drawing would
+            slow down near exhaustion); widen the ranges, add operations or follow-ups, or ask for fewer rows.
     """
-    wanted = config.train_dialogues + config.heldout_dialogues
-    available = config.question_count()
-    if 2 * wanted > available:
-        raise ValueError(
-            f"{wanted} dialogues requested but the settings allow only {available} distinct questions (need at least "
-            "twice as many); widen the operand ranges, add operations or follow-ups, or ask for fewer dialogues"
-        )
+    count = len(config.first_operations)
+    heldout_shares, train_shares = (
+        _shares(total, count) for total in (config.heldout_dialogues, config.train_dialogues)
+    )
+    wanted: Counter[str] = Counter()
+    for name, heldout_share, train_share in zip(config.first_operations, heldout_shares, train_shares, strict=True):
+        wanted[name] += heldout_share + train_share
+    for name, count in wanted.items():
+        if 2 * count > config.question_count(name):
+            raise ValueError(
+                f"{count} dialogues opening with {name} requested but the settings allow only "
+                f"{config.question_count(name)} distinct questions (need at least twice as many); widen the operand "
+                "ranges, add operations or follow-ups, or ask for fewer dialogues"
+            )
     rng = np.random.default_rng(config.seed)
-    scripts: dict[str, Script] = {}
-    while len(scripts) < wanted:
-        script = draw_script(config, rng)
-        scripts.setdefault(question_key(script_row(script, TRAIN_SPLIT)), script)
-    ordered = list(scripts.values())
-    heldout = [script_row(script, HELDOUT_SPLIT) for script in ordered[: config.heldout_dialogues]]
-    train = [script_row(script, TRAIN_SPLIT) for script in ordered[config.heldout_dialogues :]]
-    return train + heldout
+    seen: set[str] = set()
+    heldout: list[PromptRow] = []
+    train: list[PromptRow] = []
+    for name, heldout_share, train_share in zip(config.first_operations, heldout_shares, train_shares, strict=True):
+        scripts: list[Script] = []
+        while len(scripts) < heldout_share + train_share:
+            script = draw_script(config, name, rng)
+            key = question_key(script_row(script, TRAIN_SPLIT))
+            if key not in seen:
+                seen.add(key)
+                scripts.append(script)
+        heldout += [script_row(script, HELDOUT_SPLIT) for script in scripts[:heldout_share]]
+        train += [script_row(script, TRAIN_SPLIT) for script in scripts[heldout_share:]]
+    return [train[i] for i in rng.permutation(len(train))] + [heldout[i] for i in rng.permutation(len(heldout))]
+
+
+def _shares(total: int, parts: int) -> list[int]:
+    """``total`` split into ``parts`` near-equal integers, the first ones larger by the remainder."""
+    return [total // parts + (index < total % parts) for index in range(parts)]
 
 
 def write_rows(rows: Sequence[PromptRow], path: Path) -> None:
@@ -231,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     digest = hashlib.sha256(Path(config.output).read_bytes()).hexdigest()
     print(
         f"wrote {config.output}: {config.train_dialogues} training + {config.heldout_dialogues} held-out dialogues of "
-        f"H = {1 + config.follow_ups} turns (of {config.question_count():,} possible questions); sha256 {digest}"
+        f"H = {1 + config.follow_ups} turns; sha256 {digest}"
     )
 
 
