@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from runs import machine_header, run_worker
 
 from dialogsim.models import DEFAULT_MODEL
 from dialogsim.precision import Hardware, engine_device, engine_dtype
+
+from runs import machine_header, run_worker
 
 ENGINES = ("vllm", "transformers")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -134,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
             continue
         auto = engine_dtype("auto", Hardware.detect(engine_device(engine))).dtype
         share = rates.get(auto, float("nan")) / rates.max()
-        print(f"{engine}: auto picks {auto} here: {share:.0%} of the best dtype ({rates.idxmax()}, {rates.max():.0f} tok/s)")
+        best = f"{rates.idxmax()}, {rates.max():.0f} tok/s"
+        print(f"{engine}: auto picks {auto} here: {share:.0%} of the best dtype ({best})")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ https://github.com/OpenBMB/Eurus). Three row schemas are read, one row per promp
   instruction is the first ``{"from": "user"}`` turn of ``trajectory``.
 
 Fields other than ``id, task, dataset, instruction, reference, split, meta`` go into ``PromptRow.meta``
-(null values are dropped there, since Arrow fills keys missing from a row with null).
+(null values are dropped there, since Arrow fills keys missing from a row with null). A row may script its
+later user turns in ``meta``: ``follow_ups`` (the user messages of turns 2, 3, …) and ``turn_references`` (the
+gold answer of every turn), see :mod:`dialogsim.prompts`; both are checked here.
 Sources are local ``.jsonl`` / ``.json`` / ``.parquet`` files, local dataset folders and hub dataset
 ids, all read through :func:`datasets.load_dataset`, so caching is the ``datasets`` cache.
 
@@ -45,7 +47,7 @@ from datasets import config as datasets_config
 from datasets import load_dataset
 
 from dialogsim.messages import ROLES, Message, MessageFormatError, count_turns, validate_messages
-from dialogsim.prompts import OfflineDialogue, PromptRow, instruction_key
+from dialogsim.prompts import FOLLOW_UPS, TURN_REFERENCES, OfflineDialogue, PromptRow, instruction_key, question_key
 from dialogsim.rewards.math_verifier import last_boxed
 
 if TYPE_CHECKING:
@@ -213,7 +215,8 @@ def load_prompts(
     """Read, validate, filter and deduplicate UltraInteract-format prompts.
 
     Steps, in order: keep rows whose ``task`` / ``dataset`` / ``split`` is in the given lists; drop
-    rows whose instruction repeats an earlier one (after NFKC, case folding and whitespace collapsing);
+    rows whose question repeats an earlier one (the instruction, and a scripted row's follow-ups, after NFKC,
+    case folding and whitespace collapsing: :func:`~dialogsim.prompts.question_key`);
     drop rows whose chat-templated prompt (one user message plus the generation prompt, including any
     default system prompt of the template) is longer than ``max_prompt_tokens`` tokens; shuffle with
     ``seed``; keep the first ``limit`` rows. The report is logged at INFO.
@@ -568,6 +571,23 @@ def _check_record(record: object, where: str) -> None:
             f"{where}: field 'meta' must be an object (or absent), got {_json_type(record['meta'])}"
         )
     _check_instruction(record, where)
+    _check_script(record.get("meta") or {}, where)
+
+
+def _check_script(meta: dict[str, Any], where: str) -> None:
+    """A scripted row's ``meta.follow_ups`` (non-empty strings) and ``meta.turn_references`` (strings, one per turn)."""
+    for name in (FOLLOW_UPS, TURN_REFERENCES):
+        value = meta.get(name)
+        if value is not None and not (isinstance(value, list) and all(isinstance(item, str) for item in value)):
+            raise PromptFormatError(f"{where}: field 'meta.{name}' must be a list of strings, got {value!r:.60}")
+    follow_ups, references = meta.get(FOLLOW_UPS), meta.get(TURN_REFERENCES)
+    if follow_ups is not None and not all(item.strip() for item in follow_ups):
+        raise PromptFormatError(f"{where}: field 'meta.{FOLLOW_UPS}' holds an empty user message; remove or fill it")
+    if references is not None and len(references) != 1 + len(follow_ups or ()):
+        raise PromptFormatError(
+            f"{where}: field 'meta.{TURN_REFERENCES}' has {len(references)} answers for {1 + len(follow_ups or ())} "
+            f"turns (the instruction and {len(follow_ups or ())} follow-ups); give one reference per turn"
+        )
 
 
 def _check_instruction(record: dict[str, Any], where: str) -> None:
@@ -672,11 +692,12 @@ def _filter_fields(
 
 
 def _dedupe(rows: list[PromptRow], report: LoadReport) -> list[PromptRow]:
-    """Keep the first row of each normalised instruction."""
+    """Keep the first row of each question (:func:`~dialogsim.prompts.question_key`: the normalised instruction,
+    and the scripted follow-ups of rows that have them)."""
     seen: set[str] = set()
     kept = []
     for row in rows:
-        key = instruction_key(row.instruction)
+        key = question_key(row)
         if key not in seen:
             seen.add(key)
             kept.append(row)

@@ -1,4 +1,10 @@
-"""The prompt row (one UltraInteract-format prompt that starts a dialogue) and the offline dialogue."""
+"""The prompt row (one UltraInteract-format prompt that starts a dialogue) and the offline dialogue.
+
+A row may script its dialogue beyond turn 1 (the replayed user, :class:`dialogsim.user.ReplayedUser`):
+``meta["follow_ups"]`` holds the user messages of turns 2, 3, … and ``meta["turn_references"]`` the gold
+answer of turns 1, 2, … (the per-turn reward, :mod:`dialogsim.rewards.turn_answer`). The arithmetic dialogues
+(:mod:`dialogsim.arithmetic`) are such rows.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dialogsim.messages import Message, count_turns
+
+FOLLOW_UPS = "follow_ups"  # meta key: the scripted user messages of turns 2, 3, … (a list of strings)
+TURN_REFERENCES = "turn_references"  # meta key: the gold answer of turns 1, 2, … (a list of strings)
 
 
 @dataclass(frozen=True)
@@ -21,7 +30,8 @@ class PromptRow:
         reference: gold final answer (Math), test code (Coding) or answer span (Logic); ``None``
             when the source has none (hub ``_pair`` / ``_sft`` rows).
         split: source split (``"train"``, ``"test"``, ...), ``""`` when unknown.
-        meta: any further source fields, e.g. ``source_solution`` for GSM8K.
+        meta: any further source fields, e.g. ``source_solution`` for GSM8K, or a script of later turns
+            (:data:`FOLLOW_UPS`, :data:`TURN_REFERENCES`).
     """
 
     id: str
@@ -32,6 +42,16 @@ class PromptRow:
     split: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def follow_ups(self) -> tuple[str, ...]:
+        """The scripted user messages of turns 2, 3, … (``meta["follow_ups"]``); empty when the row has none."""
+        return tuple(self.meta.get(FOLLOW_UPS) or ())
+
+    @property
+    def turn_references(self) -> tuple[str, ...]:
+        """The gold answer of turns 1, 2, … (``meta["turn_references"]``); empty when the row has none."""
+        return tuple(self.meta.get(TURN_REFERENCES) or ())
+
 
 def instruction_key(text: str) -> str:
     """Key under which two instructions are the same prompt: NFKC, case-folded, whitespace runs collapsed.
@@ -39,6 +59,16 @@ def instruction_key(text: str) -> str:
     Used to deduplicate prompts and to match an offline dialogue's first user message to its prompt row.
     """
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def question_key(row: PromptRow) -> str:
+    """Key under which two rows ask the same question: :func:`instruction_key` of every scripted user turn.
+
+    The instruction, then the row's :attr:`~PromptRow.follow_ups`, one per line. For a row without follow-ups it
+    is :func:`instruction_key` of the instruction; two scripted dialogues that open alike and go on differently
+    are different questions. Used to deduplicate prompts and to keep generated training and held-out sets apart.
+    """
+    return "\n".join(instruction_key(text) for text in (row.instruction, *row.follow_ups))
 
 
 @dataclass(frozen=True)

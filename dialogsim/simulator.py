@@ -20,7 +20,7 @@ from dialogsim.messages import Message, count_turns, validate_messages
 from dialogsim.prompts import PromptRow, instruction_key
 from dialogsim.rewards.base import RewardModel
 from dialogsim.sampling import SEED_LIMIT
-from dialogsim.user import UserSimulator
+from dialogsim.user import SimulatedUser
 
 MAX_HORIZON = 5
 
@@ -65,7 +65,8 @@ class DialogueSimulator:
 
     Args:
         prompts: the prompt rows episodes start from (ids must be unique).
-        user: the simulated user.
+        user: the simulated user (an LLM's :class:`~dialogsim.user.UserSimulator`, or the scripted turns of
+            :class:`~dialogsim.user.ReplayedUser`).
         reward: the reward model.
         config: episode rules.
         tokenizer: the policy's tokenizer, used to count dialogue tokens against the budget.
@@ -77,7 +78,7 @@ class DialogueSimulator:
     def __init__(
         self,
         prompts: list[PromptRow],
-        user: UserSimulator,
+        user: SimulatedUser,
         reward: RewardModel,
         config: EpisodeConfig,
         tokenizer: PreTrainedTokenizerBase,
@@ -220,7 +221,8 @@ class DialogueSimulator:
         # whatever else is in the batch. Two branches restored from one snapshot thus draw common random
         # numbers, which takes the user's sampling noise out of r − r'.
         seeds = [int(states[i].rng.integers(SEED_LIMIT)) for i in going_on]
-        turns = self.user.next_questions([states[i].messages for i in going_on], seeds=seeds)
+        rows = [self.prompts[states[i].prompt_id] for i in going_on]
+        turns = self.user.next_questions([states[i].messages for i in going_on], seeds=seeds, rows=rows)
         for i, user_turn in zip(going_on, turns, strict=True):
             states[i].messages.append({"role": "user", "content": user_turn.text})
             outcomes[i].info["user_parsed"] = user_turn.parsed

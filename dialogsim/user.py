@@ -1,5 +1,9 @@
 """The simulated user: turns a dialogue into the next user question.
 
+Two kinds of user. :class:`UserSimulator` asks a user LLM, with one of two prompt templates (below).
+:class:`ReplayedUser` (``user_template="replay"``) asks nothing: it replays each prompt row's scripted follow-ups
+(``meta["follow_ups"]``), the user turns from data of the paper's second setting.
+
 Two prompt templates are provided. ``paper`` is the prompt of the REFUEL paper (Gao et al., 2025,
 arXiv 2410.04612, §5.1, made for Llama-3.1-70B-Instruct): a transcript, then a request for a
 justification and the next question after ``Question:``. Small models do not follow it (measured on
@@ -15,12 +19,15 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from dialogsim.backends.base import ChatBackend
-from dialogsim.messages import Message
+from dialogsim.messages import Message, count_turns
+from dialogsim.prompts import FOLLOW_UPS, PromptRow
 from dialogsim.sampling import SamplingParams
 
 FALLBACK_QUESTION = "Can you check your last answer step by step and state the final answer clearly?"
+REPLAY = "replay"  # the user_template of the replayed user (:class:`ReplayedUser`); no prompt template
 
 
 @dataclass(frozen=True)
@@ -152,7 +159,12 @@ class UserSimulator:
         self.stats: Counter[str] = Counter()
 
     def next_questions(
-        self, dialogues: list[list[Message]], seed: int | None = None, *, seeds: Sequence[int] | None = None
+        self,
+        dialogues: list[list[Message]],
+        seed: int | None = None,
+        *,
+        seeds: Sequence[int] | None = None,
+        rows: Sequence[PromptRow] | None = None,
     ) -> list[UserTurn]:
         """One user turn per dialogue (each ending with an assistant reply), from one batched call.
 
@@ -162,14 +174,13 @@ class UserSimulator:
             seeds: one seed per dialogue, in ``[0, 2**31)`` (:attr:`SamplingParams.seeds`): dialogue i's
                 turn depends only on (dialogue i, ``seeds[i]``), whatever else is in the batch (common
                 random numbers; the simulator passes these). Exclusive with ``seed``.
+            rows: the prompt row that started each dialogue (the simulator passes them); the user model
+                sees only the dialogue, so they are not read here (:class:`ReplayedUser` reads them).
 
         Raises:
             ValueError: both ``seed`` and ``seeds``, or not one seed per dialogue.
         """
-        if seed is not None and seeds is not None:
-            raise ValueError("next_questions takes seed (one for the call) or seeds (one per dialogue), not both")
-        if seeds is not None and len(seeds) != len(dialogues):
-            raise ValueError(f"next_questions got {len(seeds)} seeds for {len(dialogues)} dialogues; give one each")
+        _check_seeds(len(dialogues), seed, seeds)
         if not dialogues:
             return []
         prompts = [render_user_prompt(self.template, dialogue) for dialogue in dialogues]
@@ -187,3 +198,152 @@ class UserSimulator:
         """Fraction of user turns parsed from the model's reply (NaN before the first call)."""
         total = self.stats["parsed"] + self.stats["fallback"]
         return self.stats["parsed"] / total if total else float("nan")
+
+
+class SimulatedUser(Protocol):
+    """What :class:`~dialogsim.simulator.DialogueSimulator` needs of a user: :class:`UserSimulator` (a user LLM),
+    :class:`ReplayedUser` (scripted turns) or the tabular MDP's user (:class:`envs.tabular.simulator.TabularUser`).
+
+    Attributes:
+        backend: the engine, fingerprinted by its ``name``.
+        template: the prompt template, fingerprinted by its ``name``.
+        sampling: the sampling settings, fingerprinted.
+        stats: counts of ``parsed`` and ``fallback`` user turns.
+    """
+
+    backend: Any
+    template: UserTemplate
+    sampling: SamplingParams
+    stats: Counter[str]
+
+    def next_questions(
+        self,
+        dialogues: list[list[Message]],
+        seed: int | None = None,
+        *,
+        seeds: Sequence[int] | None = None,
+        rows: Sequence[PromptRow] | None = None,
+    ) -> list[UserTurn]:
+        """One user turn per dialogue; ``seeds[i]`` seeds dialogue i's turn, ``rows[i]`` is its prompt row."""
+        ...
+
+    @property
+    def parse_rate(self) -> float:
+        """Fraction of user turns that are usable questions (not the fallback)."""
+        ...
+
+
+class ScriptError(ValueError):
+    """A prompt row has no scripted user message for a turn the replayed user must give."""
+
+
+class ReplayedUser:
+    """Replays each prompt row's scripted user turns (``row.meta["follow_ups"]``): no model, no sampling.
+
+    The paper's second setting, in spirit: the user turns come from data instead of a simulator. The user
+    message of turn h + 1 (h ≥ 1) of a dialogue started by row x is ``x.follow_ups[h - 1]``, whatever the
+    policy replied, so a follow-up that operates on the previous answer ("Now add 17 to that.") makes a wrong
+    earlier answer cost the later turns. Select it with ``user_template="replay"`` (``--user_template replay``);
+    no user model is loaded.
+
+    Snapshots, resets and common random numbers hold trivially: the replayed turn depends only on (row, h),
+    so a restored snapshot and both branches of a pair get the same next user message. The seeds the
+    simulator draws from each dialogue's RNG are accepted and not used, so the RNG advances exactly as with
+    :class:`UserSimulator`.
+
+    Args:
+        rows: the prompt rows dialogues start from.
+        max_horizon: the largest horizon H; every row needs a follow-up for each turn 2..H.
+
+    Raises:
+        ScriptError: before anything is generated, rows without a follow-up for some turn 2..H (their ids,
+            the first :data:`SHOWN_IDS` of them, and how many follow-ups they have).
+
+    Attributes:
+        backend: ``self`` (the simulator fingerprints the user by ``backend.name``).
+        name: ``"replay"``.
+        template: a :class:`UserTemplate` named ``"replay"`` (no prompt is rendered).
+        sampling: nominal (greedy, one token): nothing is sampled.
+        stats: ``parsed`` count (every replayed turn counts as parsed, so :attr:`parse_rate` is 1).
+    """
+
+    SHOWN_IDS = 5
+
+    def __init__(self, rows: Sequence[PromptRow], max_horizon: int) -> None:
+        short = [row for row in rows if len(row.follow_ups) < max_horizon - 1]
+        if short:
+            listed = ", ".join(f"{row.id!r} ({len(row.follow_ups)})" for row in short[: self.SHOWN_IDS])
+            raise ScriptError(
+                f"the replayed user needs {max_horizon - 1} scripted follow-ups per row (meta['{FOLLOW_UPS}'], "
+                f"turns 2..{max_horizon}) for max_horizon {max_horizon}; {len(short)} of {len(rows)} rows have fewer, "
+                f"e.g. {listed}; lower the horizon, drop those rows, or use an LLM user (--user_template student)"
+            )
+        self.scripts = {row.id: row.follow_ups for row in rows}
+        self.name = REPLAY
+        self.backend = self
+        self.sampling = SamplingParams(temperature=0.0, max_new_tokens=1)
+        self.template = UserTemplate(
+            name=REPLAY,
+            system=None,
+            header="",
+            footer="",
+            user_label="",
+            assistant_label="",
+            answer_marker=None,
+            sampling=self.sampling,
+        )
+        self.stats: Counter[str] = Counter()
+
+    def next_questions(
+        self,
+        dialogues: list[list[Message]],
+        seed: int | None = None,
+        *,
+        seeds: Sequence[int] | None = None,
+        rows: Sequence[PromptRow] | None = None,
+    ) -> list[UserTurn]:
+        """The scripted user message that follows each dialogue (each ending with the turn-h reply): follow-up h.
+
+        Args:
+            dialogues: the dialogues, each ending with an assistant reply.
+            seed / seeds: as for :meth:`UserSimulator.next_questions`; checked, not used.
+            rows: the prompt row that started each dialogue; required.
+
+        Raises:
+            ValueError: no ``rows``, not one row per dialogue, both ``seed`` and ``seeds``, or not one seed per
+                dialogue.
+            ScriptError: a row this user was not built with, or without follow-up h (a dialogue past its script).
+        """
+        _check_seeds(len(dialogues), seed, seeds)
+        if rows is None or len(rows) != len(dialogues):
+            count = "no rows" if rows is None else f"{len(rows)} rows"
+            raise ValueError(
+                f"the replayed user reads each dialogue's follow-ups from its prompt row; got {count} for "
+                f"{len(dialogues)} dialogues (DialogueSimulator passes them)"
+            )
+        turns = []
+        for dialogue, row in zip(dialogues, rows, strict=True):
+            if row.id not in self.scripts:
+                raise ScriptError(f"prompt row {row.id!r} is not among the rows this replayed user was built with")
+            script, turn = self.scripts[row.id], count_turns(dialogue)
+            if turn > len(script):
+                raise ScriptError(
+                    f"prompt row {row.id!r} scripts {len(script)} follow-ups, none for turn {turn + 1}; "
+                    "the dialogue went past its script"
+                )
+            turns.append(UserTurn(text=script[turn - 1], parsed=True))
+        self.stats["parsed"] += len(turns)
+        return turns
+
+    @property
+    def parse_rate(self) -> float:
+        """1.0 once a turn was replayed (every replayed turn is a usable question); NaN before."""
+        return 1.0 if self.stats["parsed"] else float("nan")
+
+
+def _check_seeds(count: int, seed: int | None, seeds: Sequence[int] | None) -> None:
+    """Refuse both ``seed`` and ``seeds``, or ``seeds`` not one per dialogue (ValueError)."""
+    if seed is not None and seeds is not None:
+        raise ValueError("next_questions takes seed (one for the call) or seeds (one per dialogue), not both")
+    if seeds is not None and len(seeds) != count:
+        raise ValueError(f"next_questions got {len(seeds)} seeds for {count} dialogues; give one each")

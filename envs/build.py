@@ -15,7 +15,7 @@ from dialogsim.models import DEFAULT_MODEL
 from dialogsim.prompts import PromptRow
 from dialogsim.rewards.factory import build_reward_model, check_reward_scores
 from dialogsim.simulator import DialogueSimulator, EpisodeConfig
-from dialogsim.user import UserSimulator
+from dialogsim.user import REPLAY, ReplayedUser, SimulatedUser, UserSimulator
 from envs.config import SimulatorConfig
 
 if TYPE_CHECKING:
@@ -58,7 +58,9 @@ def build_simulator(
         limit: keep at most this many prompts of the partition.
         policy_model: model whose tokenizer counts dialogue tokens (the policy's).
         user_model: model of the simulated user (loaded on its own, independent of the policy).
-        user_template: ``"student"`` (small models) or ``"paper"`` (the REFUEL paper's prompt).
+        user_template: ``"student"`` (small models), ``"paper"`` (the REFUEL paper's prompt), or ``"replay"``: no
+            user model (``user_model`` and the engine arguments are unused), each row's scripted follow-ups
+            (:class:`~dialogsim.user.ReplayedUser`); every row must script turns 2..``max_horizon``.
         user_backend / user_base_url: engine of the user model (see
             :func:`dialogsim.backends.factory.build_backend`); ``openai`` runs it on a server.
         user_engine: a running engine to run the user model on instead of building one from
@@ -78,7 +80,9 @@ def build_simulator(
     Raises:
         ValueError: a built-in ``reward`` that cannot score some task of the selected rows (the message gives
             the tasks it scores and the ``--reward`` to use; see
-            :func:`~dialogsim.rewards.factory.check_reward_scores`); a field of ``config`` out of range.
+            :func:`~dialogsim.rewards.factory.check_reward_scores`); a field of ``config`` out of range;
+            :class:`~dialogsim.user.ScriptError` (a ValueError): ``user_template="replay"`` and rows without a
+            follow-up for some turn 2..``max_horizon`` (their ids), before the user and reward models load.
         TypeError: a name in ``settings`` that is not a :class:`~envs.config.SimulatorConfig` field.
     """
     config = SimulatorConfig(**(config or SimulatorConfig()).simulator_settings() | settings)
@@ -97,16 +101,20 @@ def build_simulator(
             limit,
         )
     check_reward_scores(config.reward, {row.task for row in rows}, generation_only=True)
-    if user_engine is None:
-        user_engine = build_backend(
-            user_backend,
-            config.user_model,
-            base_url=user_base_url,
-            dtype=engine_dtype,
-            kv_cache_gib=vllm_kv_cache_gib,
-            tensor_parallel_size=vllm_tensor_parallel_size,
-        )
-    user = UserSimulator(user_engine, config.user_template)
+    user: SimulatedUser
+    if config.user_template == REPLAY:  # checks every row's script now, and loads no user model
+        user = ReplayedUser(rows, max_horizon)
+    else:
+        if user_engine is None:
+            user_engine = build_backend(
+                user_backend,
+                config.user_model,
+                base_url=user_base_url,
+                dtype=engine_dtype,
+                kv_cache_gib=vllm_kv_cache_gib,
+                tensor_parallel_size=vllm_tensor_parallel_size,
+            )
+        user = UserSimulator(user_engine, config.user_template)
     episode = EpisodeConfig(
         max_horizon=max_horizon,
         horizon=horizon,

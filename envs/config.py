@@ -57,8 +57,12 @@ class UserConfig:
     user_model: str = field(
         default=DEFAULT_MODEL, metadata=help_line("simulated-user model (fixed): name, folder or hub id")
     )
-    user_template: Literal["student", "paper"] = field(
-        default="student", metadata=help_line("user prompt: student (small models) | paper (the REFUEL paper's)")
+    user_template: Literal["student", "paper", "replay"] = field(
+        default="student",
+        metadata=help_line(
+            "user prompt: student (small models) | paper (the REFUEL paper's) | replay (no user model: each row's "
+            "scripted follow-ups, meta.follow_ups)"
+        ),
     )
     max_dialogue_tokens: int = field(
         default=2048, metadata=help_line("token budget per dialogue (tokens); a dialogue past it is truncated")
@@ -72,7 +76,8 @@ class RewardConfig:
     reward: str = field(
         default="math",
         metadata=help_line(
-            "math (verifier + MiniLM) | math_format | code | verifier | none | a sequence-classification RM id/path"
+            "math (verifier + MiniLM) | math_format | turn_answer (per-turn references) | code | verifier | none | "
+            "a sequence-classification RM id/path"
         ),
     )
     trust_remote_code: bool = field(

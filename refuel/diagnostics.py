@@ -6,9 +6,12 @@ turn h = 1..H, over the dialogues that have an assistant reply at turn h:
 
 * ``reward``: mean score of the dialogue truncated at h by the evaluation's reward model; NaN scores are left
   out of the mean and counted in ``reward_nan``.
-* ``accuracy`` (%, Math rows with a ``reference``): the dialogue's final answer up to turn h
-  (:func:`~dialogsim.rewards.math_reward.dialogue_final_answer` of the replies 1..h, the reward's own
-  extraction) matches the reference (:func:`~dialogsim.rewards.math_verifier.answers_match`).
+* ``accuracy`` (%, Math rows with a ``reference``, and rows with per-turn references): the dialogue's final answer
+  up to turn h (:func:`~dialogsim.rewards.math_reward.dialogue_final_answer` of the replies 1..h, the reward's own
+  extraction) matches the reference (:func:`~dialogsim.rewards.math_verifier.answers_match`). A row with a
+  reference per turn (``meta["turn_references"]``, the arithmetic dialogues) is scored at every turn h on the
+  turn-h reply against turn h's reference (:func:`~dialogsim.rewards.turn_answer.turn_answer_correct`, as the
+  ``turn_answer`` reward does at the last turn).
 * ``pass_rate`` (%, Coding rows with tests): the row's reference tests pass on the latest code of the replies
   1..h (:class:`~dialogsim.rewards.code_verifier.CodeTestReward`, sandboxed); NaN when no Coding row is
   evaluated.
@@ -56,6 +59,7 @@ from dialogsim.rewards.factory import MATH_TASK_PREFIX
 from dialogsim.rewards.math_format import copy_rate
 from dialogsim.rewards.math_reward import dialogue_final_answer
 from dialogsim.rewards.math_verifier import answers_match, last_boxed
+from dialogsim.rewards.turn_answer import turn_answer_correct
 from dialogsim.user import FALLBACK_QUESTION
 from refuel.storage import atomic_path
 
@@ -97,8 +101,9 @@ class TurnDiagnostics:
         dialogues: dialogues with an assistant reply at turn h (the denominator of reply-level rates).
         reward: mean reward of the dialogues truncated at h (reward-model units), NaN scores left out.
         reward_nan: dialogues whose reward was NaN.
-        accuracy: % of Math dialogues whose final answer up to h matches the reference.
-        math_dialogues: Math dialogues with a reference.
+        accuracy: % of Math dialogues whose final answer up to h matches the reference (turn h's reference for
+            rows with per-turn references).
+        math_dialogues: Math dialogues with a reference (with a turn-h reference, for rows with per-turn ones).
         pass_rate: % of Coding dialogues whose latest code up to h passes the reference tests.
         coding_dialogues: Coding dialogues whose tests ran.
         format_rate: % of turn-h replies that follow the format their instruction requests.
@@ -226,7 +231,16 @@ def _reply_frame(
 
 
 def _correct(replies: list[str], row: PromptRow) -> float:
-    """1.0 / 0.0 whether the final answer of ``replies`` matches a Math row's reference; NaN for other rows."""
+    """1.0 / 0.0 whether the answer up to turn h = ``len(replies)`` is right, NaN where no reference says.
+
+    Against turn h's reference (the turn-h reply's answer) for a row with per-turn references, NaN past them;
+    else against a Math row's reference (the final answer of ``replies``); NaN for other rows.
+    """
+    if row.turn_references:
+        turn = len(replies)
+        if turn > len(row.turn_references):
+            return math.nan
+        return float(turn_answer_correct(replies[-1], row.turn_references[turn - 1]))
     if not row.task.startswith(MATH_TASK_PREFIX) or row.reference is None:
         return math.nan
     answer = dialogue_final_answer(replies)

@@ -157,6 +157,7 @@ def make_plan(
     """
     from dialogsim.precision import Hardware, engine_device, engine_dtype
     from dialogsim.rewards.factory import BUILTIN_SPECS, check_reward_scores
+    from dialogsim.user import REPLAY
 
     plan = Plan()
     launch = read_launch(accelerate_config, num_processes, plan)
@@ -164,7 +165,9 @@ def make_plan(
 
     # models and data
     policy_kind = describe_model("policy_model", config.policy_model, plan)
-    if config.user_backend == "openai":
+    if config.user_template == REPLAY:
+        user_kind = "not loaded: each row's scripted follow-ups are replayed (meta.follow_ups)"
+    elif config.user_backend == "openai":
         user_kind = f"served by the OpenAI-compatible server at {config.user_base_url}"
         url = urlparse(config.user_base_url or "")
         if url.scheme not in ("http", "https") or not url.netloc:

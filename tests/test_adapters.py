@@ -146,6 +146,41 @@ def test_openenv_http_step_from_snapshot_needs_no_session(openenv_url: str) -> N
 
 
 @pytest.mark.slow
+def test_openenv_worker_serves_replayed_user_turns(
+    openenv_adapter: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``python -m envs.adapters.openenv_server --user_template replay --datasets arithmetic``: a worker whose
+    user turns are the rows' scripts, built by build_simulator (no user model), handed to uvicorn."""
+    from dialogsim import arithmetic
+    from dialogsim.user import ReplayedUser
+
+    prompts = tmp_path / "arithmetic.jsonl"
+    arithmetic.main(["--train_dialogues", "6", "--heldout_dialogues", "0", "--output", str(prompts)])
+    built: list[DialogueSimulator] = []
+    build = openenv_adapter.build_simulator
+
+    def recording_build(**settings: Any) -> DialogueSimulator:
+        built.append(build(**settings))
+        return built[-1]
+
+    monkeypatch.setattr(openenv_adapter, "build_simulator", recording_build)
+    served: list[Any] = []
+    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: served.append(app))
+    argv = [
+        "--prompts",
+        str(prompts),
+        "--user_template",
+        "replay",
+        "--datasets",
+        "arithmetic",
+        "--reward",
+        "turn_answer",
+    ]
+    openenv_adapter.main(argv)
+    (simulator,) = built
+    assert isinstance(simulator.user, ReplayedUser) and len(simulator.prompts) == 6 and len(served) == 1
+
+
 def test_vector_env_drives_remote_workers(openenv_url: str, simulator: DialogueSimulator) -> None:
     """VectorDialogueEnv over RemoteSimulator (two sessions) replays the local vector env from the same snapshots."""
     from envs.adapters.openenv_server import RemoteSimulator

@@ -223,11 +223,11 @@ def test_literal_choices_match_the_registries_they_name() -> None:
 
     from dialogsim.backends.factory import BACKENDS
     from dialogsim.backends.serving import ServingEngine
-    from dialogsim.user import TEMPLATES
+    from dialogsim.user import REPLAY, TEMPLATES
     from envs.config import UserConfig
     from refuel.config import PolicyBackend, UserBackend
 
     hints = get_type_hints(UserConfig)
-    assert set(get_args(hints["user_template"])) == set(TEMPLATES)
+    assert set(get_args(hints["user_template"])) == {*TEMPLATES, REPLAY}
     assert set(get_args(PolicyBackend)) == set(ServingEngine.SYNCABLE)
     assert set(get_args(UserBackend)) == {"auto", *BACKENDS}

@@ -155,6 +155,20 @@ def test_dedupe_keeps_the_first_of_normalised_duplicates(tmp_path: Path) -> None
     assert (report.rows_read, report.duplicate, report.rows_kept) == (3, 1, 2)
 
 
+def test_dedupe_compares_the_whole_script_of_scripted_rows(tmp_path: Path) -> None:
+    """Rows that open alike but script other follow-ups are other questions; a repeated script is a duplicate."""
+    scripted = [
+        {**GOOD_ROWS[0], "id": f"s{index}", "meta": {"follow_ups": follow_ups, "turn_references": references}}
+        for index, (follow_ups, references) in enumerate(
+            [(["Add 1."], ["4", "5"]), (["Double it."], ["4", "8"]), (["  add 1. "], ["4", "5"])]
+        )
+    ]
+    rows, report = load_tmp(write_jsonl(tmp_path / "scripted.jsonl", [GOOD_ROWS[0], *scripted]))
+    assert [row.id for row in rows] == ["a", "s0", "s1"] and report.duplicate == 1
+    assert rows[1].follow_ups == ("Add 1.",) and rows[1].turn_references == ("4", "5")
+    assert rows[0].follow_ups == () and rows[0].turn_references == ()
+
+
 def test_token_budget_drops_long_prompts(shared_prompts: Path, smollm2_path: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
     rows, _ = load_prompts(shared_prompts, datasets=["humaneval"])
@@ -194,6 +208,19 @@ BAD_LINES = {
         "instruction",
     ),
     "duplicate_id": (b'{"id": "a", "task": "Math_CoT", "dataset": "gsm8k", "instruction": "1+1?"}', "id"),
+    "follow_up_not_a_string": (
+        b'{"id": "c", "task": "Math_CoT", "dataset": "x", "instruction": "1+1?", "meta": {"follow_ups": [3]}}',
+        "meta.follow_ups",
+    ),
+    "empty_follow_up": (
+        b'{"id": "c", "task": "Math_CoT", "dataset": "x", "instruction": "1+1?", "meta": {"follow_ups": [" "]}}',
+        "meta.follow_ups",
+    ),
+    "a_reference_per_turn_missing": (
+        b'{"id": "c", "task": "Math_CoT", "dataset": "x", "instruction": "1+1?", '
+        b'"meta": {"follow_ups": ["Add 1."], "turn_references": ["2"]}}',
+        "meta.turn_references",
+    ),
 }
 
 

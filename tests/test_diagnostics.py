@@ -121,6 +121,49 @@ def test_a_wrong_answer_scores_accuracy_zero_and_a_later_turn_can_correct_it(
     assert [record.accuracy for record in diagnose(dialogues, tokenizer, horizon=2)] == [100.0, 100.0]
 
 
+def test_rows_with_per_turn_references_are_scored_at_every_turn_against_that_turns_reference(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    """Arithmetic rows: the turn-h reply against turn h's reference; an earlier answer is no answer at turn h."""
+    request = " Present your final answer as \\boxed{Your Answer}."
+    arithmetic = PromptRow(
+        id="arithmetic",
+        task="Math_CoT",
+        dataset="arithmetic",
+        instruction="What is 6 times 7?" + request,
+        reference="42",
+        meta={
+            "follow_ups": ["Multiply that by 3." + request, "Now add 17 to that." + request],
+            "turn_references": ["42", "126", "143"],
+        },
+    )
+    turns = [arithmetic.instruction, *arithmetic.follow_ups]
+    policies = {
+        "right, wrong, recovered": ["\\boxed{42}", "\\boxed{125}", "The answer is 143."],
+        "right, then silent": ["\\boxed{42}", "Let me think.", "I am not sure."],
+        "wrong, then right on its own answer": ["\\boxed{40}", "\\boxed{120}", "\\boxed{137}"],
+    }
+    accuracy = {
+        name: [
+            record.accuracy
+            for record in policy_diagnostics(
+                name,
+                {"arithmetic": dialogue(*zip(turns, replies, strict=True))},
+                {"arithmetic": arithmetic},
+                3,
+                reward=LastReplyLength(),
+                tokenizer=tokenizer,
+            )
+        ]
+        for name, replies in policies.items()
+    }
+    assert accuracy == {
+        "right, wrong, recovered": [100.0, 0.0, 100.0],
+        "right, then silent": [100.0, 0.0, 0.0],
+        "wrong, then right on its own answer": [0.0, 0.0, 0.0],
+    }
+
+
 def test_the_fallback_question_is_counted_over_the_user_turns_after_each_reply(
     tokenizer: PreTrainedTokenizerBase,
 ) -> None:

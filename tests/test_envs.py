@@ -18,6 +18,7 @@ from gymnasium.utils.env_checker import check_env
 from transformers import PreTrainedTokenizerBase
 
 import envs
+from dialogsim import arithmetic
 from dialogsim.backends.base import Completion
 from dialogsim.backends.transformers_backend import TransformersBackend, load_tokenizer
 from dialogsim.data import load_prompts
@@ -27,7 +28,7 @@ from dialogsim.prompts import PromptRow
 from dialogsim.rewards.math_reward import MathAnswerReward
 from dialogsim.sampling import SEED_LIMIT, SamplingParams
 from dialogsim.simulator import DialogueSimulator, EpisodeConfig
-from dialogsim.user import UserSimulator, render_user_prompt
+from dialogsim.user import ScriptError, UserSimulator, render_user_prompt
 from envs import ENV_ID, DialogueEnv, VectorDialogueEnv
 from envs.spaces import UnicodeText
 from refuel.rollout import PolicyRun, run_policies, run_policy
@@ -683,3 +684,79 @@ def test_policies_run_together_share_one_user_call_per_round(
     for run, label in zip(runs, ("a", "b"), strict=True):
         assert [s.messages for s in run.states] == [s.messages for s in alone[label]]
         assert all(s.done and s.messages[-1]["content"] == f"{label} 3" for s in run.states)
+
+
+# ---- replayed user turns ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def arithmetic_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small arithmetic prompt file (H = 3: two follow-ups per row), written by the generator's CLI."""
+    path = tmp_path_factory.mktemp("arithmetic") / "prompts.jsonl"
+    arithmetic.main(["--train_dialogues", "20", "--heldout_dialogues", "4", "--output", str(path)])
+    return path
+
+
+def _replayed_env(arithmetic_file: Path, tiny_model_path: str, **settings: Any) -> DialogueEnv:
+    """A DialogueEnv on the arithmetic file with the replayed user, H = 3 unless ``settings`` say otherwise."""
+    defaults = {"datasets": ["arithmetic"], "user_template": "replay", "reward": "turn_answer", "max_horizon": 3}
+    return DialogueEnv(prompts=str(arithmetic_file), policy_model=tiny_model_path, **(defaults | settings))
+
+
+def test_replayed_user_episode_snapshot_restores_exactly(
+    arithmetic_file: Path, tiny_model_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gym.make with user_template='replay' loads no user model; every user turn is the row's script; a JSON
+    round-tripped snapshot at s_2 restores the same observation, RNG and the same continuation and reward."""
+    monkeypatch.setattr("envs.build.build_backend", lambda *a, **k: pytest.fail("the replayed user loads no model"))
+    env = gym.make(
+        ENV_ID,
+        prompts=str(arithmetic_file),
+        datasets=["arithmetic"],
+        user_template="replay",
+        reward="turn_answer",
+        policy_model=tiny_model_path,
+        max_horizon=3,
+        horizon=3,
+    ).unwrapped
+    assert isinstance(env, DialogueEnv)
+    obs, info = env.reset(seed=0)
+    row = env.simulator.prompts[info["prompt_id"]]
+    assert obs == ({"role": "user", "content": row.instruction},)
+    obs, _, _, _, info = env.step(f"It is \\boxed{{{row.turn_references[0]}}}.")
+    assert obs[-1] == {"role": "user", "content": row.follow_ups[0]} and info["user_parsed"]
+    snapshot = _roundtrip(env.snapshot())
+    replies = ["I am not sure.", f"\\boxed{{{row.turn_references[2]}}}"]
+    first = [env.step(reply) for reply in replies]
+    assert first[0][0][-1] == {"role": "user", "content": row.follow_ups[1]}
+    assert first[-1][1:4] == (1.25, True, False)  # the right turn-3 answer, boxed, at the horizon
+    restored, restored_info = env.reset(options={"snapshot": snapshot})
+    assert restored == obs and json.loads(restored_info["snapshot"]) == snapshot
+    again = [env.step(reply) for reply in replies]
+    assert [step[:4] for step in again] == [step[:4] for step in first]
+    assert env.simulator.user.parse_rate == 1.0
+
+
+def test_replayed_user_branches_of_one_snapshot_get_the_same_turn_in_any_batch(
+    arithmetic_file: Path, tiny_model_path: str
+) -> None:
+    """Common random numbers: branches restored from one snapshot, batched with other dialogues, get the
+    scripted follow-up whatever they replied, and their RNGs advance alike."""
+    sim = _replayed_env(arithmetic_file, tiny_model_path).simulator
+    rng = np.random.default_rng(0)
+    states = [sim.new_state(rng, {"prompt_id": prompt_id}) for prompt_id in sim.prompt_ids[:3]]
+    snapshot = states[0].to_snapshot(sim.fingerprint)
+    branch, branch_prime = sim.restore(snapshot), sim.restore(snapshot)
+    sim.step([branch, states[1], branch_prime, states[2]], ["\\boxed{1}", "\\boxed{2}", "no idea", "\\boxed{3}"])
+    script = sim.prompts[branch.prompt_id].follow_ups
+    assert branch.messages[-1]["content"] == branch_prime.messages[-1]["content"] == script[0]
+    assert branch.rng.bit_generator.state == branch_prime.rng.bit_generator.state
+
+
+def test_rows_without_a_follow_up_for_every_turn_are_refused_before_anything_is_generated(
+    arithmetic_file: Path, tiny_model_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """max_horizon 4 needs three follow-ups; the rows script two: refused with a row id, before any model loads."""
+    monkeypatch.setattr("envs.build.build_reward_model", lambda *a, **k: pytest.fail("refused after loading"))
+    with pytest.raises(ScriptError, match=r"needs 3 scripted follow-ups .* 24 of 24 rows .*'arithmetic-[0-9a-f]{16}'"):
+        _replayed_env(arithmetic_file, tiny_model_path, max_horizon=4, splits=["all"])

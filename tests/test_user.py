@@ -12,11 +12,14 @@ from dialogsim.backends.base import Completion
 from dialogsim.backends.transformers_backend import TransformersBackend
 from dialogsim.data import load_prompts
 from dialogsim.messages import Message
+from dialogsim.prompts import PromptRow
 from dialogsim.sampling import SamplingParams
 from dialogsim.user import (
     FALLBACK_QUESTION,
     MAX_QUESTION_WORDS,
     TEMPLATES,
+    ReplayedUser,
+    ScriptError,
     UserSimulator,
     UserTurn,
     parse_question,
@@ -180,6 +183,46 @@ def test_user_simulator_passes_one_seed_per_dialogue() -> None:
         user.next_questions([DIALOGUE[1:3]], seed=1, seeds=[1])
     with pytest.raises(ValueError, match="1 seeds for 2 dialogues"):
         user.next_questions([DIALOGUE[1:3], DIALOGUE[1:]], seeds=[1])
+
+
+SCRIPTED = PromptRow(
+    id="scripted",
+    task="Math_CoT",
+    dataset="arithmetic",
+    instruction="What is 6 times 3?",
+    reference="18",
+    meta={"follow_ups": ["Now add 4 to that.", "Multiply that by 2."], "turn_references": ["18", "22", "44"]},
+)
+UNSCRIPTED = PromptRow(id="gsm8k-1", task="Math_CoT", dataset="gsm8k", instruction="What is 2 + 2?", reference="4")
+
+
+def test_replayed_user_gives_the_rows_follow_up_for_the_next_turn_whatever_the_reply() -> None:
+    user = ReplayedUser([SCRIPTED], max_horizon=3)
+    assert math.isnan(user.parse_rate)
+    after_turn_1 = [{"role": "user", "content": SCRIPTED.instruction}, {"role": "assistant", "content": "It is 17."}]
+    after_turn_2 = [*after_turn_1, {"role": "user", "content": SCRIPTED.follow_ups[0]}, DIALOGUE[2]]
+    turns = user.next_questions([after_turn_2, after_turn_1], seeds=[3, 9], rows=[SCRIPTED, SCRIPTED])
+    assert turns == [UserTurn("Multiply that by 2.", parsed=True), UserTurn("Now add 4 to that.", parsed=True)]
+    assert user.stats == {"parsed": 2} and user.parse_rate == 1.0
+    with pytest.raises(ValueError, match="no rows for 1 dialogues"):
+        user.next_questions([after_turn_1])
+    past_the_script = [*after_turn_2, {"role": "user", "content": "And then?"}, DIALOGUE[2]]
+    with pytest.raises(ScriptError, match="'scripted' scripts 2 follow-ups, none for turn 4"):
+        user.next_questions([past_the_script], rows=[SCRIPTED])
+    with pytest.raises(ScriptError, match="'gsm8k-1' is not among the rows"):
+        user.next_questions([after_turn_1], rows=[UNSCRIPTED])
+
+
+def test_replayed_user_refuses_rows_without_a_follow_up_for_every_turn_up_to_the_horizon() -> None:
+    """Checked when it is built, which is before anything is generated; the message names the rows."""
+    ReplayedUser([SCRIPTED, UNSCRIPTED], max_horizon=1)  # one turn: nothing to replay
+    ReplayedUser([SCRIPTED], max_horizon=3)
+    with pytest.raises(
+        ScriptError, match=r"needs 1 scripted follow-ups .* 1 of 2 rows have fewer, e.g. 'gsm8k-1' \(0\)"
+    ):
+        ReplayedUser([SCRIPTED, UNSCRIPTED], max_horizon=2)
+    with pytest.raises(ScriptError, match=r"needs 3 .* 'scripted' \(2\)"):
+        ReplayedUser([SCRIPTED], max_horizon=4)
 
 
 def test_user_simulator_with_tiny_model(tiny_model_path: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,14 +13,16 @@ from dialogsim.rewards.math_reward import MathAnswerReward
 from dialogsim.rewards.null import NoReward
 from dialogsim.rewards.routed import TaskRoutedReward
 from dialogsim.rewards.sequence_classification import SequenceClassificationReward
+from dialogsim.rewards.turn_answer import TurnAnswerReward
 
 MATH_SPEC = "math"
 MATH_FORMAT_SPEC = "math_format"
 CODE_SPEC = "code"
 VERIFIER_SPEC = "verifier"
 NO_REWARD_SPEC = "none"
+TURN_ANSWER_SPEC = "turn_answer"
 MATH_TASK_PREFIX = "Math"
-BUILTIN_SPECS = (MATH_SPEC, MATH_FORMAT_SPEC, CODE_SPEC, VERIFIER_SPEC, NO_REWARD_SPEC)
+BUILTIN_SPECS = (MATH_SPEC, MATH_FORMAT_SPEC, CODE_SPEC, VERIFIER_SPEC, NO_REWARD_SPEC, TURN_ANSWER_SPEC)
 # The task prefixes each built-in reward scores (rows of other tasks get NaN); a sequence-classification
 # reward model scores every task.
 SCORED_TASKS: dict[str, tuple[str, ...]] = {
@@ -29,6 +31,7 @@ SCORED_TASKS: dict[str, tuple[str, ...]] = {
     CODE_SPEC: (CODE_TASK,),
     VERIFIER_SPEC: (MATH_TASK_PREFIX, CODE_TASK, LOGIC_TASK),
     NO_REWARD_SPEC: (),
+    TURN_ANSWER_SPEC: (MATH_TASK_PREFIX,),
 }
 EXAMPLE_REWARD_MODEL = "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2"
 
@@ -49,6 +52,8 @@ def build_reward_model(
             * ``"verifier"``: :class:`TaskRoutedReward` sending ``Math*`` rows to ``"math"``, ``Coding`` rows
               to ``"code"`` and ``Logic`` rows to :class:`AnswerMatchReward` (HotpotQA exact match + token
               F1 against the reference); others NaN;
+            * ``"turn_answer"``: :class:`TurnAnswerReward`, the last turn's answer against that turn's reference
+              (``meta["turn_references"]``: the arithmetic dialogues) + boxed answer, no model (``Math*`` rows);
             * ``"none"``: :class:`NoReward` (NaN for every dialogue), for dialogue generation only;
             * otherwise a Hugging Face id / local folder of a sequence-classification reward model, e.g.
               ``"Skywork/Skywork-Reward-Llama-3.1-8B-v0.2"`` or ``"RLHFlow/ArmoRM-Llama3-8B-v0.1"``.
@@ -80,6 +85,8 @@ def build_reward_model(
         )
     if builtin == NO_REWARD_SPEC:
         return NoReward()
+    if builtin == TURN_ANSWER_SPEC:
+        return TurnAnswerReward()
     return SequenceClassificationReward(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
 
 

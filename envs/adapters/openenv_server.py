@@ -302,6 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max_concurrent_envs", type=int, default=64)
     parser.add_argument("--prompts", default=None, help="prompt file or hub id (default: the shared prompts)")
     parser.add_argument("--user_model", default=None, help="simulated user's model (default: SmolLM2-135M)")
+    parser.add_argument("--user_template", default=None, help="student | paper | replay (default: student)")
+    parser.add_argument("--datasets", nargs="+", default=None, help="source datasets to keep (default: gsm8k)")
     parser.add_argument("--reward", default="math", help="a dialogsim.rewards.factory spec")
     parser.add_argument("--max_horizon", type=int, default=3)
     parser.add_argument(
@@ -317,8 +319,9 @@ def main(argv: list[str] | None = None) -> None:
         "max_horizon": args.max_horizon,
         "engine_dtype": args.engine_dtype,
     }
-    if args.user_model is not None:
-        settings["user_model"] = args.user_model
+    for name in ("user_model", "user_template", "datasets"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
     app = create_dialogue_app(build_simulator(**settings), args.max_concurrent_envs)
     uvicorn.run(app, host=args.host, port=args.port)
 

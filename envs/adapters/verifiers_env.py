@@ -107,7 +107,9 @@ class DialogsimEnvConfig(vf.EnvConfig):
     assistant: vf.AgentConfig = vf.AgentConfig(harness={"id": "null"})
     taskset: DialogsimTasksetConfig = DialogsimTasksetConfig()
     user_model: str = Field(DEFAULT_MODEL, description="model of the simulated user")
-    user_template: str = Field("student", description="'student' (small models) or 'paper'")
+    user_template: str = Field(
+        "student", description="'student' (small models), 'paper', or 'replay' (each row's scripted follow-ups)"
+    )
     user_backend: str = Field("transformers", description="engine of the user model: transformers, vllm, openai")
     user_base_url: str | None = Field(None, description="server of the user model when user_backend='openai'")
     engine_dtype: EngineDtype = Field(

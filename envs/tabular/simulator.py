@@ -151,12 +151,18 @@ class TabularUser:
         self.stats: Counter[str] = Counter()
 
     def next_questions(
-        self, dialogues: list[list[Message]], seed: int | None = None, *, seeds: Sequence[int] | None = None
+        self,
+        dialogues: list[list[Message]],
+        seed: int | None = None,
+        *,
+        seeds: Sequence[int] | None = None,
+        rows: Sequence[PromptRow] | None = None,
     ) -> list[UserTurn]:
         """The next user message of each dialogue (ending with an assistant reply), one generator per dialogue.
 
         Dialogue i's generator is seeded ``seeds[i]``, else :func:`~dialogsim.sampling.request_seed`
         (``seed``, i), else from fresh entropy (see :meth:`dialogsim.user.UserSimulator.next_questions`).
+        ``rows`` (the prompt rows) are not read: the MDP's state is the dialogue.
 
         Raises:
             TabularDialogueError: a dialogue is not the MDP's, or it is already at the last turn.
