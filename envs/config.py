@@ -72,7 +72,8 @@ class RewardConfig:
     reward: str = field(
         default="math",
         metadata=help_line(
-            "math (verifier + MiniLM) | math_format | code | verifier | none | a sequence-classification RM id/path"
+            "math (verifier + MiniLM) | math_format | code | verifier | none | a sequence-classification RM id/path "
+            "| package.module:name or an installed plugin's name: a reward of your own (README 'Your own reward')"
         ),
     )
     trust_remote_code: bool = field(
