@@ -117,7 +117,8 @@ def closest_model_name(name: str) -> str | None:
     Candidates: the embedded names, the model repos of the local Hugging Face cache (``scan_cache_dir``), and,
     below the nearest existing folder on ``name``'s path (``runs`` for ``runs/nope``), its sub-folders and the model
     folders (those with a ``config.json``) up to :data:`NEAR_FOLDER_DEPTH` levels down, such as
-    ``runs/refuel/iteration_0/policy``. The current and the root folder are not searched below their sub-folders.
+    ``runs/refuel/iteration_0/policy``; when that folder is the current or the root folder, only its sub-folders
+    that are model folders.
     """
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
@@ -126,10 +127,12 @@ def closest_model_name(name: str) -> str | None:
     with contextlib.suppress(CacheNotFound):  # no cache folder yet
         candidates += [repo.repo_id for repo in scan_cache_dir().repos if repo.repo_type == "model"]
     near = next(parent for parent in Path(name).expanduser().parents if parent.is_dir())
-    candidates += [str(child) for child in sorted(near.iterdir()) if child.is_dir()]
-    if near.resolve() not in (Path.cwd(), Path(near.anchor or "/").resolve()):
-        patterns = ("/".join(["*"] * depth) + "/config.json" for depth in range(1, NEAR_FOLDER_DEPTH + 1))
-        candidates += [str(config.parent) for pattern in patterns for config in sorted(near.glob(pattern))]
+    searched = near.resolve() not in (Path.cwd(), Path(near.anchor or "/").resolve())
+    depth = NEAR_FOLDER_DEPTH if searched else 1
+    patterns = ["/".join(["*"] * level) + "/config.json" for level in range(1, depth + 1)]
+    candidates += [str(config.parent) for pattern in patterns for config in sorted(near.glob(pattern))]
+    if searched:
+        candidates += [str(child) for child in sorted(near.iterdir()) if child.is_dir()]
     best = difflib.get_close_matches(name, candidates, n=1, cutoff=0.0)
     return best[0] if best else None
 

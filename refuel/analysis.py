@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dialogsim.console import console_command
 from refuel.cli import parse_config
 from refuel.storage import atomic_path, read_rows, write_json
 from refuel.winrate import AVG_TURN, paper_table
@@ -315,7 +316,8 @@ def _without_prefix(column: str) -> str:
     return column.removeprefix("difference_")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+@console_command
+def main(argv: list[str]) -> None:
     """Entry point of ``python -m refuel.analysis``: write ``summary.json`` and ``summary.md``, print the markdown."""
     config = parse_config(AnalysisConfig, argv, description=__doc__)
     summary = summarize(config)
