@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from dialogsim.backends.transformers_backend import load_tokenizer
-from dialogsim.console import EPILOG, console_command
+from dialogsim.console import EPILOG, UsageError, console_command
 from dialogsim.data import default_prompt_source
 from dialogsim.prompts import PromptRow
 from envs.build import load_prompt_rows, select_partition
@@ -69,7 +69,7 @@ def build_manifests(train_file: Path, eval_file: Path, name: str) -> dict[str, s
         name: file name prefix.
 
     Raises:
-        ValueError: the two configs select prompts differently (source, filters, hold-out or token budget), so
+        UsageError: the two configs select prompts differently (source, filters, hold-out or token budget), so
             the evaluation would not run on the training run's held-out rows; what the prompt loader raises.
     """
     train_config = parse_config(RefuelConfig, ["--config", str(train_file)], description="")
@@ -77,7 +77,7 @@ def build_manifests(train_file: Path, eval_file: Path, name: str) -> dict[str, s
     selection = ("prompts", "tasks", "datasets", "splits", "holdout", "max_prompt_tokens")
     differ = [f for f in selection if getattr(train_config, f) != getattr(eval_config, f)]
     if differ or train_config.policy_model != eval_config.baseline:
-        raise ValueError(
+        raise UsageError(
             f"the training and evaluation configs select prompts differently ({differ or ['policy_model/baseline']}); "
             "give them the same prompts, filters, holdout, max_prompt_tokens and π_0"
         )

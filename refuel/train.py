@@ -213,9 +213,9 @@ def run(config: RefuelConfig) -> str:
     (each takes its share of every batch).
 
     Raises:
-        ValueError: ``config.reward`` cannot score the selected tasks, or is ``"none"``
+        UsageError: ``config.reward`` cannot be found or cannot score the selected tasks, or is ``"none"``
             (:func:`~dialogsim.rewards.factory.check_reward_scores`); a model name is neither a known name,
-            a folder nor a hub id.
+            a folder nor a hub id (offline: nor in the local cache; :func:`~dialogsim.models.check_model_name`).
         RunFolderError: ``output_dir`` is not this run's folder (see :meth:`~refuel.stages.RunFolder.check`).
         LaunchMismatchError: before any collection, when ``accelerate`` runs another engine or process
             count than the launch asked for (:func:`refuel.distributed.build_accelerator`).

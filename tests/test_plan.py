@@ -135,7 +135,7 @@ def test_unknown_keys_in_an_accelerate_config_fail(tmp_path: Path, offline: None
 def test_cpu_main_config_plans_a_single_process(
     offline: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The CPU main job needs no accelerate config; main() exits 0 and 1 as documented.
+    """The CPU main job needs no accelerate config; main() exits 0 and 2 as documented.
 
     The run folder is a fresh one: the config's own (runs/cpu-main) may hold a real run of other settings."""
     with pytest.raises(SystemExit) as exit_info:
@@ -145,8 +145,8 @@ def test_cpu_main_config_plans_a_single_process(
     assert "refuel-train --config" in out and "1 (single process" in out and "[embedded model (PyPI package)]" in out
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", str(RECIPE), "--eta", "-1"])
-    assert exit_info.value.code == 1
-    assert "eta=-1.0" in capsys.readouterr().out
+    assert exit_info.value.code == 2
+    assert "error: invalid RefuelConfig values: eta=-1.0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -161,13 +161,13 @@ def test_cpu_main_config_plans_a_single_process(
 def test_plan_refuses_what_train_refuses(
     flags: tuple[str, ...], yaml_line: str | None, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """refuel-plan runs the same field check as refuel-train, before anything else: exit 1 with the valid range."""
+    """refuel-plan runs the same field check as refuel-train, before anything else: exit 2 with the valid range."""
     config = tmp_path / "run.yaml"
     config.write_text((REPO / "configs" / "cpu_main.yaml").read_text() + (yaml_line or "") + "\n")
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", str(config), *flags])
-    assert exit_info.value.code == 1
-    assert message in capsys.readouterr().out
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_plan_reads_a_scalar_task_as_one_task(tmp_path: Path, offline: None) -> None:
