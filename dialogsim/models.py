@@ -55,6 +55,10 @@ MODEL_KINDS = {
 NEAR_FOLDER_DEPTH = 3  # model folders (with config.json) this many levels below a name's nearest existing folder
 
 
+class ModelNotCachedError(UsageError):
+    """With the hub off, a well-formed hub id that is not in the local Hugging Face cache (it cannot load here)."""
+
+
 def check_model_name(field: str, name: str) -> str:
     """Check, without loading or downloading anything, that ``name`` can name a model; return what kind it is.
 
@@ -72,8 +76,9 @@ def check_model_name(field: str, name: str) -> str:
         ``"hub"`` (online, checked for form only).
 
     Raises:
-        UsageError: names the field, the value, what is accepted and, offline, the closest existing folder, cached
-            hub id or embedded name (:func:`closest_model_name`).
+        UsageError: names the field, the value and what is accepted.
+        ModelNotCachedError: (a ``UsageError``) offline, a hub id absent from the cache; names the closest existing
+            folder, cached hub id or embedded name (:func:`closest_model_name`).
     """
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -102,7 +107,7 @@ def check_model_name(field: str, name: str) -> str:
     try:
         snapshot_download(name, local_files_only=True)
     except LocalEntryNotFoundError:
-        raise UsageError(
+        raise ModelNotCachedError(
             f"{field}={name!r}: the hub is off (HF_HUB_OFFLINE=1) and this is neither an embedded name ({known}), "
             f"an existing folder, nor a model in the local Hugging Face cache ({constants.HF_HUB_CACHE}); the closest "
             f"existing name is {closest_model_name(name)!r}. Fix the name, or download the model with the hub on "

@@ -124,12 +124,18 @@ def read_launch(path: Path | None, num_processes: int | None, plan: Plan) -> Lau
 
 def describe_model(field_name: str, value: str, plan: Plan) -> str:
     """What kind of model name ``value`` is (:data:`~dialogsim.models.MODEL_KINDS`); an invalid name
-    (:func:`~dialogsim.models.check_model_name`, offline: one absent from the local cache too) is recorded in
-    ``plan.errors``."""
-    from dialogsim.models import MODEL_KINDS, check_model_name
+    (:func:`~dialogsim.models.check_model_name`) is recorded in ``plan.errors``.
+
+    Offline, a hub id absent from the local cache is a warning, not an error: ``refuel-train`` would refuse it on
+    this machine, but a dry run may check a recipe for another one (the GPU recipe on a CPU machine).
+    """
+    from dialogsim.models import MODEL_KINDS, ModelNotCachedError, check_model_name
 
     try:
         return MODEL_KINDS[check_model_name(field_name, value)]
+    except ModelNotCachedError as error:
+        plan.warnings.append(f"{error}; refuel-train refuses it on this machine (fine for a recipe run elsewhere)")
+        return "hub id, not in the local cache"
     except UsageError as error:
         plan.errors.append(str(error))
         return "invalid"
@@ -152,6 +158,7 @@ def make_plan(
     Returns:
         A :class:`Plan`; ``plan.ok`` is False when a check failed.
     """
+    from dialogsim.models import ModelNotCachedError
     from dialogsim.rewards.factory import BUILTIN_SPECS, check_reward_scores
 
     plan = Plan()
@@ -181,6 +188,8 @@ def make_plan(
             )
     try:
         check_reward_scores(config.reward, config.tasks)
+    except ModelNotCachedError:
+        pass  # a reward model absent from the cache: describe_model's warning
     except UsageError as error:
         if str(error) not in plan.errors:  # a plugin that cannot be loaded is recorded once
             plan.errors.append(str(error))
@@ -357,7 +366,7 @@ def _reward_plugin(spec: str, plan: Plan) -> bool:
 
 
 @console_command
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> int:
     """Entry point of ``refuel-plan`` / ``python -m refuel.plan``; exits 0 when the configuration is valid, 2 when
     it is not (:mod:`dialogsim.console`)."""
     extra = argparse.ArgumentParser(add_help=False)
@@ -372,6 +381,7 @@ def main(argv: list[str]) -> None:
     print(plan.render())
     if not plan.ok:
         raise UsageError(f"the configuration does not validate: {'; '.join(plan.errors)}")
+    return 0
 
 
 if __name__ == "__main__":
