@@ -76,7 +76,8 @@ def check_model_name(field: str, name: str) -> str:
         ``"hub"`` (online, checked for form only).
 
     Raises:
-        UsageError: names the field, the value and what is accepted.
+        UsageError: names the field, the value, what is accepted and, for a path, the closest existing folder
+            (:func:`closest_model_name`).
         ModelNotCachedError: (a ``UsageError``) offline, a hub id absent from the cache; names the closest existing
             folder, cached hub id or embedded name (:func:`closest_model_name`).
     """
@@ -99,8 +100,8 @@ def check_model_name(field: str, name: str) -> str:
         validate_repo_id(name)
     except HFValidationError:
         raise UsageError(
-            f"{field}={name!r}: no such folder, and not a hub id (org/name); known names: {known}; "
-            "or give an existing folder or a hub id"
+            f"{field}={name!r}: no such folder, and not a hub id (org/name); the closest existing name is "
+            f"{closest_model_name(name)!r}; known names: {known}; or give an existing folder or a hub id"
         ) from None
     if not constants.HF_HUB_OFFLINE:
         return "hub"

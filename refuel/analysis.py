@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dialogsim.console import console_command
+from dialogsim.console import UsageError, console_command
 from refuel.cli import parse_config
 from refuel.storage import atomic_path, read_rows, write_json
 from refuel.winrate import AVG_TURN, paper_table
@@ -238,8 +238,14 @@ def prompts_to_resolve(judgements: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarize(config: AnalysisConfig) -> dict[str, Any]:
-    """Everything in the module docstring as one JSON-serialisable dict (missing evaluation files: left out)."""
+    """Everything in the module docstring as one JSON-serialisable dict (missing evaluation files: left out).
+
+    Raises:
+        UsageError: ``run_dir`` is not a folder.
+    """
     run_dir, eval_dir = Path(config.run_dir), Path(config.eval_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"--run_dir {run_dir}: no such folder; give the experiment's folder (<method>/iteration_<t>/)")
     iterations = {
         method: [iteration_summary(path.parent) for path in sorted((run_dir / method).glob("iteration_*/metrics.json"))]
         for method in config.methods

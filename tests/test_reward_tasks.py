@@ -71,8 +71,9 @@ def test_rows_of_an_unscorable_task_are_refused_before_the_user_model_loads(
     """With every task of the file selected (tasks=None), the loaded rows' tasks are checked; "none" is fine for
     generation (the env, refuel-evaluate's dialogues)."""
     settings = {"prompts": chat_prompts, "tasks": None, "datasets": None, "splits": None}
+    not_a_model = str(chat_prompts.parent)  # an existing folder passes the name check; loading it would fail
     with pytest.raises(ValueError, match="scores only Math"):
-        build_simulator(**settings, policy_model=tiny_model_path, user_model="no-such-model", reward="math")
+        build_simulator(**settings, policy_model=tiny_model_path, user_model=not_a_model, reward="math")
     simulator = build_simulator(**settings, policy_model=tiny_model_path, user_model=tiny_model_path, reward="none")
     assert {row.task for row in simulator.prompts.values()} == {"Chat"}
 
