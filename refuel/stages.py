@@ -45,13 +45,16 @@ class RunFolderError(UsageError):
 
 
 def describe_run(folder: Path) -> str:
-    """One line on what the run folder ``folder`` holds, for ``refuel-train``'s failure line: per iteration, the
-    last stage on disk (done, training checkpoint, pairs collected, collected batches), and that a rerun resumes.
+    """One line on what the run folder ``folder`` holds, for ``refuel-train``'s failure line: per iteration that
+    ``run.json`` records or that is on disk, the last stage reached (done, training checkpoint, pairs collected,
+    collecting with its batches on disk), and that a rerun resumes.
     """
     if not (folder / RUN_MARKER).exists():
         return f"nothing was written to {folder}"
+    recorded = json.loads((folder / RUN_MARKER).read_text()).get("stages", {})
+    names = set(recorded) | {path.name for path in folder.glob("iteration_*")}
     states = []
-    for iteration in sorted(folder.glob("iteration_*"), key=lambda path: _iteration_number(path.name)):
+    for iteration in (folder / name for name in sorted(names, key=_iteration_number)):
         if (iteration / "metrics.json").exists():
             states.append(f"{iteration.name} done")
         elif (iteration / "checkpoints").exists():
@@ -61,7 +64,7 @@ def describe_run(folder: Path) -> str:
         else:
             manifest = iteration / "shards" / "manifest.json"
             batches = len(json.loads(manifest.read_text())["batches"]) if manifest.exists() else 0
-            states.append(f"{iteration.name} {batches} collected batch(es) in shards/")
+            states.append(f"{iteration.name} collecting ({batches} batch(es) in shards/)")
     return f"run folder {folder}: {', '.join(states) or 'no stage started'}; the same command resumes from there"
 
 

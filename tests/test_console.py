@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -137,14 +138,15 @@ def test_evaluate_refuses_a_mistyped_run_folder_offline_before_anything_loads(
 def test_describe_run_says_where_each_iteration_stopped(tmp_path: Path) -> None:
     """The state in refuel-train's failure line: done iterations, collected batches, and that a rerun resumes."""
     assert describe_run(tmp_path / "run") == f"nothing was written to {tmp_path / 'run'}"
-    (tmp_path / RUN_MARKER).write_text("{}")
+    stages = {f"iteration_{t}": {"collection": {}} for t in range(3)}
+    (tmp_path / RUN_MARKER).write_text(json.dumps({"format": "refuel-train run", "stages": stages}))
     (tmp_path / "iteration_0").mkdir()
     (tmp_path / "iteration_0" / "metrics.json").write_text("{}")
     (tmp_path / "iteration_1" / "shards").mkdir(parents=True)
     (tmp_path / "iteration_1" / "shards" / "manifest.json").write_text(json.dumps({"batches": {"0": {}, "1": {}}}))
     assert describe_run(tmp_path) == (
-        f"run folder {tmp_path}: iteration_0 done, iteration_1 2 collected batch(es) in shards/; "
-        "the same command resumes from there"
+        f"run folder {tmp_path}: iteration_0 done, iteration_1 collecting (2 batch(es) in shards/), "
+        "iteration_2 collecting (0 batch(es) in shards/); the same command resumes from there"
     )
 
 
@@ -216,9 +218,9 @@ def test_a_failure_during_the_work_exits_1_with_the_run_folder_state(
     not_a_model.mkdir()
     flags = ["--policy_model", tiny_model_path, "--user_model", str(not_a_model), "--prompts", str(shared_prompts)]
     result = _run([*_command("refuel-train"), *flags, "--holdout", "0", "--output_dir", str(tmp_path / "run")])
-    _refused(result, f"; run folder {tmp_path / 'run'}: ", code=1)
-    assert "error: OSError: " in result.stderr and str(not_a_model) in result.stderr
-    assert "the same command resumes from there; rerun with --debug for the traceback" in result.stderr
+    _refused(result, f"; run folder {tmp_path / 'run'}: iteration_0 collecting (0 batch(es) in shards/); ", code=1)
+    assert re.search(r"^error: \w+Error: ", result.stderr.splitlines()[-1]), result.stderr[-3000:]
+    assert result.stderr.endswith("the same command resumes from there; rerun with --debug for the traceback\n")
 
 
 @pytest.mark.slow
