@@ -8,7 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from huggingface_hub import constants
 
+from dialogsim.models import ModelNotCachedError
 from dialogsim.rewards.factory import check_reward_scores
 from envs.build import build_simulator
 from refuel.config import RefuelConfig
@@ -102,9 +104,12 @@ def test_evaluate_refuses_a_reward_judge_that_cannot_score_the_tasks(
     assert not (tmp_path / "eval").exists()  # nothing generated
 
 
-def test_scorable_tasks_pass_and_the_fix_names_the_covering_rewards() -> None:
+def test_scorable_tasks_pass_and_the_fix_names_the_covering_rewards(monkeypatch: pytest.MonkeyPatch) -> None:
     check_reward_scores("verifier", ["Math_CoT", "Coding", "Logic"])
-    check_reward_scores("RLHFlow/ArmoRM-Llama3-8B-v0.1", ["Chat"])
+    with pytest.raises(ModelNotCachedError, match=r"reward='RLHFlow/ArmoRM-Llama3-8B-v0\.1': the hub is off"):
+        check_reward_scores("RLHFlow/ArmoRM-Llama3-8B-v0.1", ["Chat"])  # offline and not in the local cache
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    check_reward_scores("RLHFlow/ArmoRM-Llama3-8B-v0.1", ["Chat"])  # online: a reward model scores every task
     check_reward_scores("none", ["Chat"], generation_only=True)
     with pytest.raises(ValueError, match="pass --reward verifier, or select"):
         check_reward_scores("math_format", ["Math_CoT", "Logic"])
