@@ -13,8 +13,10 @@ What is checked: every field's type and range (:mod:`refuel.validation`, the che
 fields' combinations (LoRA only where adapters can be merged, precision
 and clipping agreeing with the engine, vLLM tensor parallelism within the GPUs, the user server's
 URL), per-device batch × accumulation × processes = ``effective_batch_size``, and that every model name
-is an embedded model, an existing folder or a well-formed hub id. Hub ids are checked for form only:
-nothing is downloaded, no model is loaded and the network is not used.
+is an embedded model, an existing folder or a well-formed hub id, and that a reward of the user's code
+(``--reward package.module:name``) loads and scores the tasks. Hub ids are checked for form only (with
+``HF_HUB_OFFLINE=1``, one absent from the local cache is a warning): nothing is downloaded, no model is loaded and
+the network is not used.
 
 Exit status (:mod:`dialogsim.console`): 0 when the configuration is valid (warnings allowed), 2 when a check
 fails (the plan on stdout with its ``error:`` lines, and one ``error:`` line on stderr), 1 when the dry run
@@ -178,7 +180,7 @@ def make_plan(
         user_kind = describe_model("user_model", config.user_model, plan)
     if config.reward.strip().lower() in BUILTIN_SPECS:
         reward_kind = "built-in reward"
-    elif _reward_plugin(config.reward, plan):
+    elif _is_reward_plugin(config.reward):
         reward_kind = "your own reward (plugin)"
     else:
         reward_kind = "sequence-classification reward model, " + describe_model("reward", config.reward, plan)
@@ -191,8 +193,7 @@ def make_plan(
     except ModelNotCachedError:
         pass  # a reward model absent from the cache: describe_model's warning
     except UsageError as error:
-        if str(error) not in plan.errors:  # a plugin that cannot be loaded is recorded once
-            plan.errors.append(str(error))
+        plan.errors.append(str(error))
     if config.prompts is None:
         from dialogsim.data import default_prompt_source
 
@@ -352,16 +353,15 @@ def make_plan(
     return plan
 
 
-def _reward_plugin(spec: str, plan: Plan) -> bool:
-    """Whether ``spec`` names a reward plugin (:func:`~dialogsim.plugins.find_plugin`); one that cannot be loaded is
-    recorded in ``plan.errors`` (and counts as one)."""
+def _is_reward_plugin(spec: str) -> bool:
+    """Whether ``spec`` names a reward plugin (:func:`~dialogsim.plugins.find_plugin`), also one that cannot be
+    loaded (``check_reward_scores`` reports it)."""
     from dialogsim.plugins import REWARD_GROUP, find_plugin
     from dialogsim.rewards.factory import REWARD_FLAG
 
     try:
         return find_plugin(spec.strip(), REWARD_GROUP, REWARD_FLAG) is not None
-    except UsageError as error:
-        plan.errors.append(str(error))
+    except UsageError:
         return True
 
 
