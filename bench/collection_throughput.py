@@ -56,9 +56,10 @@ from dialogsim.backends.base import ChatBackend, Completion
 from dialogsim.backends.openai_backend import OpenAIChatBackend
 from dialogsim.backends.serving import EngineRole, ServingEngine
 from dialogsim.backends.transformers_backend import TransformersBackend, load_tokenizer
+from dialogsim.console import EPILOG, console_command
 from dialogsim.data import default_prompt_file, load_prompts
 from dialogsim.messages import Message
-from dialogsim.models import DEFAULT_MODEL, resolve_model
+from dialogsim.models import DEFAULT_MODEL, check_model_name, resolve_model
 from dialogsim.precision import ENGINE_DTYPES
 from dialogsim.prompts import PromptRow
 from dialogsim.rewards.base import RewardModel
@@ -312,9 +313,12 @@ def arrangements(args: argparse.Namespace, servers: contextlib.ExitStack) -> dic
     return built
 
 
-def main() -> None:
+@console_command
+def main(argv: list[str]) -> None:
     """Parse flags, build the engines the chosen tables need, print the tables."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--tables", default="abc", help="which tables to print, e.g. 'bc' or 'd'")
     parser.add_argument("--pairs", type=int, default=32, help="pairs per batch (64 conversations in the roll-outs)")
@@ -331,7 +335,8 @@ def main() -> None:
         "--only", nargs="*", help="table (d): run only the arrangements whose name contains one of these"
     )
     parser.add_argument("--engine_dtype", default="auto", choices=ENGINE_DTYPES, help="precision of every engine")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_model_name("--model", args.model)
     print(machine_header("collection throughput", {"engines": args.engine_dtype}))
     sampling = SamplingParams(temperature=0.8, max_new_tokens=args.max_new_tokens)
     tokenizer = load_tokenizer(args.model)

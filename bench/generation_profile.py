@@ -29,8 +29,9 @@ import pandas as pd
 import torch
 
 from dialogsim.backends.transformers_backend import TransformersBackend, chat_prompt_ids
+from dialogsim.console import EPILOG, console_command
 from dialogsim.data import default_prompt_file, load_prompts
-from dialogsim.models import DEFAULT_MODEL
+from dialogsim.models import DEFAULT_MODEL, check_model_name
 from dialogsim.precision import ENGINE_DTYPES
 from dialogsim.prompts import PromptRow
 from dialogsim.user import TEMPLATES, render_user_prompt
@@ -104,16 +105,20 @@ def live_slot_fraction(backend: TransformersBackend, prompts: list[list[int]], s
     return sum(min(n, new.shape[1]) for n in lengths) / new.numel()
 
 
-def main() -> None:
+@console_command
+def main(argv: list[str]) -> None:
     """Parse flags, profile sequential and batched generation, print the tables."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--batch", type=int, default=32, help="conversations per batched generate call")
     parser.add_argument("--sequential", type=int, default=8, help="conversations run one at a time")
     parser.add_argument("--new_tokens", type=int, default=16, help="reply length in the phase split")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--engine_dtype", default="auto", choices=ENGINE_DTYPES, help="precision of the engines")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_model_name("--model", args.model)
     print(machine_header("generation profile", {"transformers engine": args.engine_dtype}))
     backend = TransformersBackend(args.model, dtype=args.engine_dtype, batch_size=args.batch)
     rows, _ = load_prompts(

@@ -45,9 +45,11 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from dialogsim.console import EPILOG, console_command
+from dialogsim.models import check_model_name
 
 from runs import grouped_medians, machine_header, run_worker
 
@@ -223,8 +225,11 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join([*lines, "", *ratios])
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@console_command
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG
+    )
     parser.add_argument("--model", default="smollm2-135m-instruct", help="policy name, folder or hub id")
     parser.add_argument("--pairs", type=int, default=2, help="pairs per batch B (2B sequences)")
     parser.add_argument("--prompt_tokens", type=int, default=64, help="tokens of s_h per sequence")
@@ -241,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--objective", choices=OBJECTIVES, help=argparse.SUPPRESS)
     parser.add_argument("--lora_r", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    check_model_name("--model", args.model)
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return

@@ -42,9 +42,10 @@ import pandas as pd
 from dialogsim.backends.factory import build_backend
 from dialogsim.backends.serving import ServingEngine
 from dialogsim.backends.transformers_backend import load_tokenizer
+from dialogsim.console import EPILOG, console_command
 from dialogsim.data import default_prompt_file, load_prompts
 from dialogsim.messages import Message
-from dialogsim.models import DEFAULT_MODEL
+from dialogsim.models import DEFAULT_MODEL, check_model_name
 from dialogsim.precision import ENGINE_DTYPES
 from dialogsim.prompts import PromptRow
 from dialogsim.rewards.factory import build_reward_model
@@ -161,9 +162,12 @@ def ours_run(
     return time.perf_counter() - started
 
 
-def main() -> None:
+@console_command
+def main(argv: list[str]) -> None:
     """Parse flags; as ``--child`` run one fresh-engine turn, else time both designs and print the table."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--backend", default="vllm", choices=["transformers", "vllm"], help="engine of both designs")
     parser.add_argument("--pairs", type=int, default=32, help="REFUEL pairs per iteration")
@@ -176,7 +180,8 @@ def main() -> None:
     parser.add_argument("--child", choices=["policy", "user"], help=argparse.SUPPRESS)
     parser.add_argument("--io", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_model_name("--model", args.model)
     if args.child:
         child(args.child, args.io, args)
         return

@@ -35,9 +35,10 @@ from pathlib import Path
 import pandas as pd
 
 from dialogsim.backends.transformers_backend import TransformersBackend, load_tokenizer
+from dialogsim.console import EPILOG, console_command
 from dialogsim.data import default_prompt_file, load_prompts
 from dialogsim.messages import Message
-from dialogsim.models import DEFAULT_MODEL
+from dialogsim.models import DEFAULT_MODEL, check_model_name
 from dialogsim.precision import ENGINE_DTYPES
 from dialogsim.prompts import PromptRow
 from dialogsim.rewards.base import RewardModel
@@ -138,9 +139,10 @@ def markdown(frame: pd.DataFrame) -> str:
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
-def main() -> None:
+@console_command
+def main(argv: list[str]) -> None:
     """Print the per-category table, the parts of the new reward and the spread of r − r'."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0], epilog=EPILOG)
     parser.add_argument("--replies", default="/tmp/smollm_replies.jsonl", help="cache of the policy's replies")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="policy model (name, folder or hub id)")
     parser.add_argument("--holdout", type=int, default=64, help="held-out prompts (the configs' holdout)")
@@ -151,7 +153,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32, help="conversations per generate call")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--engine_dtype", default="auto", choices=ENGINE_DTYPES, help="precision of the engines")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_model_name("--model", args.model)
     print(machine_header("reward headroom", {"policy": args.engine_dtype, "reward models": "float32"}))
 
     rows = held_out_rows(args.holdout, args.max_prompt_tokens)

@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 
+from dialogsim.console import EPILOG, console_command
 from dialogsim.data import default_prompt_file, load_prompts
 from dialogsim.messages import Message
 from dialogsim.rewards.code_verifier import CodeTestReward
@@ -31,12 +32,13 @@ def _dialogue(instruction: str, code: str) -> list[Message]:
     return [{"role": "user", "content": instruction}, {"role": "assistant", "content": f"```python\n{code}\n```"}]
 
 
-def main() -> None:
+@console_command
+def main(argv: list[str]) -> None:
     """Parse the arguments, time the programs, print the JSON line (see the module docstring)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=EPILOG)
     parser.add_argument("--rows", type=int, default=20, help="MBPP rows (reference + wrong solution each)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds; the median is reported")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(machine_header("sandbox overhead", {}))
     rows, _ = load_prompts(default_prompt_file(), tasks=["Coding"], datasets=["mbpp"], limit=args.rows)
     right = [_dialogue(row.instruction, row.meta["canonical_solution"]) for row in rows]

@@ -40,9 +40,11 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from dialogsim.console import EPILOG, console_command
+from dialogsim.models import check_model_name
 
 from memory import GIB, peak_rss_bytes, reset_peak_rss
 from runs import grouped_medians, machine_header, run_worker
@@ -226,8 +228,11 @@ def table(results: list[dict[str, Any]]) -> tuple[str, float | None]:
     return "\n".join(lines), median(new_path, "pair_epochs_per_min") / baseline
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@console_command
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG
+    )
     parser.add_argument("--model", default="smollm2-135m-instruct", help="policy name, folder or hub id")
     parser.add_argument("--pairs", type=int, default=16, help="training pairs per run (one epoch)")
     parser.add_argument("--runs", type=int, default=3, help="fresh processes per configuration; figures are medians")
@@ -246,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--path", choices=sorted(PATHS), help=argparse.SUPPRESS)
     parser.add_argument("--precision", choices=PRECISIONS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    check_model_name("--model", args.model)
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from datasets import config as datasets_config
 from datasets import load_dataset
 
+from dialogsim.console import UsageError
 from dialogsim.messages import ROLES, Message, MessageFormatError, count_turns, validate_messages
 from dialogsim.prompts import FOLLOW_UPS, TURN_REFERENCES, OfflineDialogue, PromptRow, instruction_key, question_key
 from dialogsim.rewards.math_verifier import last_boxed
@@ -95,8 +96,11 @@ INSTRUCTION_HELP = (
 _JSON_KEY = re.compile(r'"((?:[^"\\]|\\.)*)"\s*:')
 
 
-class PromptFormatError(ValueError):
-    """A prompt source breaks the UltraInteract row format; the message names the file, line or row, and field."""
+class PromptFormatError(UsageError):
+    """A prompt source breaks the UltraInteract row format; the message names the file, line or row, and field.
+
+    A refused file, so commands exit 2 (:mod:`dialogsim.console`); a ``ValueError``.
+    """
 
 
 @dataclass

@@ -11,7 +11,7 @@ from dialogsim.backends.base import ChatBackend
 from dialogsim.backends.factory import build_backend
 from dialogsim.backends.transformers_backend import load_tokenizer
 from dialogsim.data import LoadReport, default_prompt_source, load_prompts, split_train_eval
-from dialogsim.models import DEFAULT_MODEL
+from dialogsim.models import DEFAULT_MODEL, check_model_name
 from dialogsim.prompts import PromptRow
 from dialogsim.rewards.factory import build_reward_model, check_reward_scores
 from dialogsim.simulator import DialogueSimulator, EpisodeConfig
@@ -78,15 +78,21 @@ def build_simulator(
             filters, ``holdout``, ``partition``, ``limit`` and ``max_prompt_tokens`` are not applied again.
 
     Raises:
-        ValueError: a built-in ``reward`` that cannot score some task of the selected rows (the message gives
-            the tasks it scores and the ``--reward`` to use; see
-            :func:`~dialogsim.rewards.factory.check_reward_scores`); a field of ``config`` out of range;
+        UsageError: before anything loads, a model name or reward that cannot be found
+            (:func:`~dialogsim.models.check_model_name`, offline: absent from the local cache); after the rows
+            load, a ``reward`` that cannot score some task of them (the message gives the tasks it scores and the
+            ``--reward`` to use; see :func:`~dialogsim.rewards.factory.check_reward_scores`).
+        ValueError: a field of ``config`` out of range, or an unknown ``engine_dtype``;
             :class:`~dialogsim.user.ScriptError` (a ValueError): ``user_template="replay"`` and rows without a
             follow-up for some turn 2..``max_horizon`` (their ids), before the user and reward models load.
         TypeError: a name in ``settings`` that is not a :class:`~envs.config.SimulatorConfig` field.
     """
     config = SimulatorConfig(**(config or SimulatorConfig()).simulator_settings() | settings)
     precision.engine_dtype(engine_dtype)  # logs the decision; a bad value is refused before anything loads
+    check_model_name("policy_model", policy_model)  # names first, before anything loads
+    if user_engine is None and user_backend != "openai" and config.user_template != REPLAY:
+        check_model_name("user_model", config.user_model)
+    check_reward_scores(config.reward, None, generation_only=True)  # the reward's name; its tasks with the rows
     tokenizer = load_tokenizer(policy_model)
     if rows is None:
         rows, _ = load_prompt_rows(

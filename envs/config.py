@@ -77,7 +77,8 @@ class RewardConfig:
         default="math",
         metadata=help_line(
             "math (verifier + MiniLM) | math_format | turn_answer (per-turn references) | code | verifier | none | "
-            "a sequence-classification RM id/path"
+            "a sequence-classification RM id/path | package.module:name or an installed plugin's name: a reward of "
+            "your own (README 'Your own reward')"
         ),
     )
     trust_remote_code: bool = field(

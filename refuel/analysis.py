@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dialogsim.console import UsageError, console_command
 from refuel.cli import parse_config
 from refuel.storage import atomic_path, read_rows, write_json
 from refuel.winrate import AVG_TURN, paper_table
@@ -237,8 +238,14 @@ def prompts_to_resolve(judgements: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarize(config: AnalysisConfig) -> dict[str, Any]:
-    """Everything in the module docstring as one JSON-serialisable dict (missing evaluation files: left out)."""
+    """Everything in the module docstring as one JSON-serialisable dict (missing evaluation files: left out).
+
+    Raises:
+        UsageError: ``run_dir`` is not a folder.
+    """
     run_dir, eval_dir = Path(config.run_dir), Path(config.eval_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"--run_dir {run_dir}: no such folder; give the experiment's folder (<method>/iteration_<t>/)")
     iterations = {
         method: [iteration_summary(path.parent) for path in sorted((run_dir / method).glob("iteration_*/metrics.json"))]
         for method in config.methods
@@ -315,7 +322,8 @@ def _without_prefix(column: str) -> str:
     return column.removeprefix("difference_")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+@console_command
+def main(argv: list[str]) -> None:
     """Entry point of ``python -m refuel.analysis``: write ``summary.json`` and ``summary.md``, print the markdown."""
     config = parse_config(AnalysisConfig, argv, description=__doc__)
     summary = summarize(config)

@@ -276,9 +276,12 @@ class EvaluationConfig:
 class JudgeConfig:
     """The pairwise judge of two dialogues truncated at turn h (:func:`dialogsim.judges.build_judge`)."""
 
-    judge: Literal["reward", "llm"] = field(
+    judge: str = field(
         default="reward",
-        metadata=help_line("reward (--reward scores each truncated dialogue; ties ½) | llm (pairwise chat judge)"),
+        metadata=help_line(
+            "reward (--reward scores each truncated dialogue; ties ½) | llm (pairwise chat judge) | "
+            "package.module:name or an installed plugin's name: a judge of your own (README 'Your own reward')"
+        ),
     )
     judge_backend: Literal["transformers", "vllm", "openai"] = field(
         default="transformers", metadata=help_line("LLM judge engine: transformers | vllm | openai")

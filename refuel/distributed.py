@@ -30,13 +30,15 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
+from dialogsim.console import UsageError
 from refuel.config import RefuelConfig
 
 SHARDED_ENGINES = (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
 
-class LaunchMismatchError(RuntimeError):
-    """The ``Accelerator`` does not run the engine or process count that the launch asked for."""
+class LaunchMismatchError(UsageError, RuntimeError):
+    """The ``Accelerator`` does not run the engine or process count that the launch asked for (a refused
+    combination: commands exit 2)."""
 
 
 @dataclass(frozen=True)

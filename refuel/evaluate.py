@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +42,10 @@ import pandas as pd
 
 from dialogsim.backends.serving import ServingEngine, resolve_user_backend, user_engine
 from dialogsim.backends.transformers_backend import load_tokenizer
+from dialogsim.console import UsageError, console_command, failure_state
 from dialogsim.dialogue import fingerprint
 from dialogsim.judges.base import JudgePair, PairwiseJudge
-from dialogsim.judges.factory import build_judge
+from dialogsim.judges.factory import JUDGES, build_judge, find_judge_plugin
 from dialogsim.judges.reward_judge import RewardModelJudge
 from dialogsim.messages import Message
 from dialogsim.models import check_model_name, resolve_model
@@ -185,11 +186,13 @@ def judge_dialogues(
 
 
 def check_policies(config: EvaluateConfig) -> None:
-    """Check every model name of ``config`` (:func:`~dialogsim.models.check_model_name`) before anything loads.
+    """Check every model name of ``config`` (:func:`~dialogsim.models.check_model_name`), the reward and the judge
+    before anything loads.
 
     Raises:
-        ValueError: a candidate, the baseline, the user or the LLM judge is neither a known name, an existing
-            folder nor a hub id (e.g. a candidate's ``policy`` folder that a training run never wrote).
+        UsageError: a candidate, the baseline, the user, the LLM judge or the reward model is neither a known name,
+            an existing folder nor a hub id (offline: nor in the local Hugging Face cache; e.g. a candidate's
+            ``policy`` folder that a training run never wrote); a reward or judge plugin cannot be loaded.
     """
     names = [("baseline", config.baseline), *(("candidates", candidate) for candidate in config.candidates)]
     if config.user_backend != "openai":
@@ -198,6 +201,9 @@ def check_policies(config: EvaluateConfig) -> None:
         names.append(("judge_model", config.judge_model))
     for field_name, name in names:
         check_model_name(field_name, name)
+    check_reward_scores(config.reward, None, generation_only=True)  # its name; its tasks once the rows are known
+    if config.judge not in JUDGES:
+        find_judge_plugin(config.judge)
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Path]:
@@ -208,9 +214,10 @@ def evaluate(config: EvaluateConfig) -> dict[str, Path]:
         ``diagnostics_png`` and ``html``, all in ``<output_dir>/<judge name>/``.
 
     Raises:
-        ValueError: before any dialogue is generated: a model name is invalid (:func:`check_policies`), the
-            prompt selection is (:func:`evaluation_prompts`), or ``--judge reward`` comes with a ``--reward``
-            that cannot score the selected tasks (:func:`~dialogsim.rewards.factory.check_reward_scores`).
+        UsageError: before any dialogue is generated: a model name, the reward or the judge is invalid
+            (:func:`check_policies`), the prompt selection is (:func:`evaluation_prompts`), or ``--judge reward``
+            comes with a ``--reward`` that cannot score the selected tasks
+            (:func:`~dialogsim.rewards.factory.check_reward_scores`).
     """
     check_policies(config)
     precision = engine_dtype(config.engine_dtype, Hardware.detect(engine_device(config.backend)))  # logged once
@@ -263,11 +270,11 @@ def evaluation_prompts(config: EvaluateConfig) -> tuple[list[PromptRow], str]:
     counted with the baseline's tokenizer. The line is printed and shown in the HTML report.
 
     Raises:
-        ValueError: ``--all_rows`` without ``--prompts`` (the default set holds the training prompts), or no
-            row left; what :func:`envs.build.load_prompt_rows` raises.
+        UsageError: ``--all_rows`` without ``--prompts`` (the default set holds the training prompts).
+        ValueError: no row left; what :func:`envs.build.load_prompt_rows` raises.
     """
     if config.all_rows and config.prompts is None:
-        raise ValueError(
+        raise UsageError(
             "--all_rows evaluates every row of a given file, but --prompts is unset: the default prompt set holds "
             "the training prompts; pass --prompts <your test file>, or drop --all_rows to use the held-out rows"
         )
@@ -402,10 +409,21 @@ def _report_settings(config: EvaluateConfig, judge_name: str, prompts: str) -> d
     }
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``refuel-evaluate`` / ``python -m refuel.evaluate``."""
+def evaluation_state(output_dir: Path) -> str:
+    """One line on what a failed evaluation left in ``output_dir``: the policies whose dialogues are cached."""
+    cached = sorted((output_dir / "dialogues").glob("*.jsonl"))
+    if not cached:
+        return f"no dialogues cached in {output_dir}"
+    return f"{len(cached)} policies' dialogues cached in {output_dir / 'dialogues'}; the same command reuses them"
+
+
+@console_command
+def main(argv: list[str]) -> None:
+    """Entry point of ``refuel-evaluate`` / ``python -m refuel.evaluate`` (exit codes: :mod:`dialogsim.console`)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    evaluate(parse_config(EvaluateConfig, argv, description=__doc__))
+    config = parse_config(EvaluateConfig, argv, description=__doc__)
+    with failure_state(lambda: evaluation_state(Path(config.output_dir))):
+        evaluate(config)
 
 
 if __name__ == "__main__":

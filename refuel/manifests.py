@@ -23,12 +23,12 @@ import argparse
 import hashlib
 import json
 import sys
-from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from dialogsim.backends.transformers_backend import load_tokenizer
+from dialogsim.console import EPILOG, UsageError, console_command
 from dialogsim.data import default_prompt_source
 from dialogsim.prompts import PromptRow
 from envs.build import load_prompt_rows, select_partition
@@ -69,7 +69,7 @@ def build_manifests(train_file: Path, eval_file: Path, name: str) -> dict[str, s
         name: file name prefix.
 
     Raises:
-        ValueError: the two configs select prompts differently (source, filters, hold-out or token budget), so
+        UsageError: the two configs select prompts differently (source, filters, hold-out or token budget), so
             the evaluation would not run on the training run's held-out rows; what the prompt loader raises.
     """
     train_config = parse_config(RefuelConfig, ["--config", str(train_file)], description="")
@@ -77,7 +77,7 @@ def build_manifests(train_file: Path, eval_file: Path, name: str) -> dict[str, s
     selection = ("prompts", "tasks", "datasets", "splits", "holdout", "max_prompt_tokens")
     differ = [f for f in selection if getattr(train_config, f) != getattr(eval_config, f)]
     if differ or train_config.policy_model != eval_config.baseline:
-        raise ValueError(
+        raise UsageError(
             f"the training and evaluation configs select prompts differently ({differ or ['policy_model/baseline']}); "
             "give them the same prompts, filters, holdout, max_prompt_tokens and π_0"
         )
@@ -122,9 +122,12 @@ def _shown(path: Path) -> str:
     return str(resolved)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+@console_command
+def main(argv: list[str]) -> int:
     """Entry point of ``python -m refuel.manifests``; returns the exit status (1: ``--check`` found a difference)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG
+    )
     parser.add_argument("--train_config", type=Path, default=TRAIN_CONFIG, help="refuel-train YAML of the job")
     parser.add_argument("--eval_config", type=Path, default=EVAL_CONFIG, help="refuel-evaluate YAML of the job")
     parser.add_argument("--name", default="main", help="file name prefix of the manifests")

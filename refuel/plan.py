@@ -13,23 +13,26 @@ What is checked: every field's type and range (:mod:`refuel.validation`, the che
 fields' combinations (LoRA only where adapters can be merged, precision
 and clipping agreeing with the engine, vLLM tensor parallelism within the GPUs, the user server's
 URL), per-device batch × accumulation × processes = ``effective_batch_size``, and that every model name
-is an embedded model, an existing folder or a well-formed hub id. Hub ids are checked for form only:
-nothing is downloaded, no model is loaded and the network is not used.
+is an embedded model, an existing folder or a well-formed hub id, and that a reward of the user's code
+(``--reward package.module:name``) loads and scores the tasks. Hub ids are checked for form only (with
+``HF_HUB_OFFLINE=1``, one absent from the local cache is a warning): nothing is downloaded, no model is loaded and
+the network is not used.
 
-Exit status: 0 when the configuration is valid (warnings allowed), 1 when a check fails.
+Exit status (:mod:`dialogsim.console`): 0 when the configuration is valid (warnings allowed), 2 when a check
+fails (the plan on stdout with its ``error:`` lines, and one ``error:`` line on stderr), 1 when the dry run
+itself fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from dialogsim.console import UsageError, console_command
 from refuel.batching import step_schedule, validation_count
 from refuel.cli import parse_config
 from refuel.config import RefuelConfig
@@ -122,20 +125,22 @@ def read_launch(path: Path | None, num_processes: int | None, plan: Plan) -> Lau
 
 
 def describe_model(field_name: str, value: str, plan: Plan) -> str:
-    """What kind of model name ``value`` is; an invalid name (:func:`~dialogsim.models.check_model_name`) is
-    recorded in ``plan.errors``."""
-    from dialogsim.models import EMBEDDED_MODELS, check_model_name
+    """What kind of model name ``value`` is (:data:`~dialogsim.models.MODEL_KINDS`); an invalid name
+    (:func:`~dialogsim.models.check_model_name`) is recorded in ``plan.errors``.
+
+    Offline, a hub id absent from the local cache is a warning, not an error: ``refuel-train`` would refuse it on
+    this machine, but a dry run may check a recipe for another one (the GPU recipe on a CPU machine).
+    """
+    from dialogsim.models import MODEL_KINDS, ModelNotCachedError, check_model_name
 
     try:
-        check_model_name(field_name, value)
-    except ValueError as error:
+        return MODEL_KINDS[check_model_name(field_name, value)]
+    except ModelNotCachedError as error:
+        plan.warnings.append(f"{error}; refuel-train refuses it on this machine (fine for a recipe run elsewhere)")
+        return "hub id, not in the local cache"
+    except UsageError as error:
         plan.errors.append(str(error))
         return "invalid"
-    if value.lower() in EMBEDDED_MODELS:
-        return "embedded model (PyPI package)"
-    if Path(value).expanduser().exists():
-        return "local folder"
-    return "hub id, checked for form only"
 
 
 def make_plan(
@@ -155,6 +160,7 @@ def make_plan(
     Returns:
         A :class:`Plan`; ``plan.ok`` is False when a check failed.
     """
+    from dialogsim.models import ModelNotCachedError
     from dialogsim.precision import Hardware, engine_device, engine_dtype
     from dialogsim.rewards.factory import BUILTIN_SPECS, check_reward_scores
     from dialogsim.user import REPLAY
@@ -178,6 +184,8 @@ def make_plan(
         user_kind = describe_model("user_model", config.user_model, plan)
     if config.reward.strip().lower() in BUILTIN_SPECS:
         reward_kind = "built-in reward"
+    elif _is_reward_plugin(config.reward):
+        reward_kind = "your own reward (plugin)"
     else:
         reward_kind = "sequence-classification reward model, " + describe_model("reward", config.reward, plan)
         if any(name in config.reward.lower() for name in REMOTE_CODE_REWARDS) and not config.trust_remote_code:
@@ -186,7 +194,9 @@ def make_plan(
             )
     try:
         check_reward_scores(config.reward, config.tasks)
-    except ValueError as error:
+    except ModelNotCachedError:
+        pass  # a reward model absent from the cache: describe_model's warning
+    except UsageError as error:
         plan.errors.append(str(error))
     if config.prompts is None:
         from dialogsim.data import default_prompt_source
@@ -349,8 +359,22 @@ def make_plan(
     return plan
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``python -m refuel.plan``; exits 0 when the configuration is valid, 1 otherwise."""
+def _is_reward_plugin(spec: str) -> bool:
+    """Whether ``spec`` names a reward plugin (:func:`~dialogsim.plugins.find_plugin`), also one that cannot be
+    loaded (``check_reward_scores`` reports it)."""
+    from dialogsim.plugins import REWARD_GROUP, find_plugin
+    from dialogsim.rewards.factory import REWARD_FLAG
+
+    try:
+        return find_plugin(spec.strip(), REWARD_GROUP, REWARD_FLAG) is not None
+    except UsageError:
+        return True
+
+
+@console_command
+def main(argv: list[str]) -> int:
+    """Entry point of ``refuel-plan`` / ``python -m refuel.plan``; exits 0 when the configuration is valid, 2 when
+    it is not (:mod:`dialogsim.console`)."""
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--accelerate_config", "--accelerate-config", type=Path)
     extra.add_argument("--num_processes", "--num-processes", type=int)
@@ -358,14 +382,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     config_file = argparse.ArgumentParser(add_help=False)
     config_file.add_argument("--config", type=Path)
     config_path = config_file.parse_known_args(rest)[0].config
-    try:
-        config = parse_config(RefuelConfig, rest, description=__doc__)
-    except ValueError as error:  # RefuelConfig.__post_init__
-        print(f"error: {error}\nFAILED: the run configuration does not validate")
-        sys.exit(1)
+    config = parse_config(RefuelConfig, rest, description=__doc__)
     plan = make_plan(config, known.accelerate_config, known.num_processes, config_path)
     print(plan.render())
-    sys.exit(0 if plan.ok else 1)
+    if not plan.ok:
+        raise UsageError(f"the configuration does not validate: {'; '.join(plan.errors)}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from dialogsim.console import UsageError
 from refuel.config import COLLECTION_FIELDS, TRAINING_FIELDS, RefuelConfig
 from refuel.storage import write_json
 
@@ -39,8 +40,32 @@ STAGE_FILES = {
 }
 
 
-class RunFolderError(ValueError):
+class RunFolderError(UsageError):
     """``--output_dir`` holds something else than this run: another program's files or other settings."""
+
+
+def describe_run(folder: Path) -> str:
+    """One line on what the run folder ``folder`` holds, for ``refuel-train``'s failure line: per iteration that
+    ``run.json`` records or that is on disk, the last stage reached (done, training checkpoint, pairs collected,
+    collecting with its batches on disk), and that a rerun resumes.
+    """
+    if not (folder / RUN_MARKER).exists():
+        return f"nothing was written to {folder}"
+    recorded = json.loads((folder / RUN_MARKER).read_text()).get("stages", {})
+    names = set(recorded) | {path.name for path in folder.glob("iteration_*")}
+    states = []
+    for iteration in (folder / name for name in sorted(names, key=_iteration_number)):
+        if (iteration / "metrics.json").exists():
+            states.append(f"{iteration.name} done")
+        elif (iteration / "checkpoints").exists():
+            states.append(f"{iteration.name} training checkpoint in checkpoints/")
+        elif (iteration / "pairs.jsonl").exists():
+            states.append(f"{iteration.name} pairs collected, not trained")
+        else:
+            manifest = iteration / "shards" / "manifest.json"
+            batches = len(json.loads(manifest.read_text())["batches"]) if manifest.exists() else 0
+            states.append(f"{iteration.name} collecting ({batches} batch(es) in shards/)")
+    return f"run folder {folder}: {', '.join(states) or 'no stage started'}; the same command resumes from there"
 
 
 def stage_settings(config: RefuelConfig, stage: str) -> dict[str, Any]:

@@ -21,9 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 import time
-from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, set_seed
 from dialogsim.backends.base import ChatBackend, WeightSyncBackend
 from dialogsim.backends.serving import ServingEngine, resolve_user_backend, user_engine
 from dialogsim.backends.transformers_backend import load_tokenizer
+from dialogsim.console import console_command, failure_state
 from dialogsim.dialogue import fingerprint
 from dialogsim.models import check_model_name, resolve_model
 from dialogsim.precision import Hardware, engine_device, engine_dtype, training_dtype
@@ -56,7 +55,7 @@ from refuel.pairs import (
 from refuel.provenance import run_provenance
 from refuel.resets import ResetDistribution
 from refuel.shards import PairShards
-from refuel.stages import RunFolder, RunFolderError, stage_settings
+from refuel.stages import RunFolder, describe_run, stage_settings
 from refuel.storage import write_json, write_rows
 from refuel.trainer import RefuelTrainer
 
@@ -221,9 +220,9 @@ def run(config: RefuelConfig) -> str:
     (each takes its share of every batch).
 
     Raises:
-        ValueError: ``config.reward`` cannot score the selected tasks, or is ``"none"``
+        UsageError: ``config.reward`` cannot be found or cannot score the selected tasks, or is ``"none"``
             (:func:`~dialogsim.rewards.factory.check_reward_scores`); a model name is neither a known name,
-            a folder nor a hub id.
+            a folder nor a hub id (offline: nor in the local cache; :func:`~dialogsim.models.check_model_name`).
         RunFolderError: ``output_dir`` is not this run's folder (see :meth:`~refuel.stages.RunFolder.check`).
         LaunchMismatchError: before any collection, when ``accelerate`` runs another engine or process
             count than the launch asked for (:func:`refuel.distributed.build_accelerator`).
@@ -294,14 +293,13 @@ def _report(iteration_dir: Path, metrics: dict[str, Any]) -> None:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``refuel-train`` / ``python -m refuel.train``."""
+@console_command
+def main(argv: list[str]) -> None:
+    """Entry point of ``refuel-train`` / ``python -m refuel.train`` (exit codes: :mod:`dialogsim.console`)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = parse_config(RefuelConfig, argv, description=__doc__)
-    try:
+    with failure_state(lambda: describe_run(Path(config.output_dir))):
         print(f"final policy: {run(config)}")
-    except RunFolderError as error:
-        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

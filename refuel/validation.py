@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from dialogsim.console import UsageError
+
 
 @dataclass(frozen=True)
 class Range:
@@ -184,7 +186,7 @@ def check_config(config: Any, ranges: Mapping[str, Range] | None = None) -> None
     is valid for an evaluation but not for training, whose log-probs are taken at the temperature).
 
     Raises:
-        ValueError: names each bad field, its value and what is valid, e.g.
+        UsageError: (a ``ValueError``) names each bad field, its value and what is valid, e.g.
             ``eta=inf (valid: a finite number > 0)``, ``pairs_per_iteration=4.5 (valid: an integer ≥ 2)``,
             ``user_base_url=None (valid: the server's URL with --user_backend openai, …)``.
     """
@@ -203,4 +205,4 @@ def check_config(config: Any, ranges: Mapping[str, Range] | None = None) -> None
             if set(rule.fields) <= names and not rule.holds(config):
                 problems.append(f"{rule.fields[0]}={getattr(config, rule.fields[0])!r} (valid: {rule.valid})")
     if problems:
-        raise ValueError(f"invalid {type(config).__name__} values: {', '.join(problems)}")
+        raise UsageError(f"invalid {type(config).__name__} values: {', '.join(problems)}")

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the worktree's packages; make_pairs from the tests
 
+from dialogsim.console import EPILOG, console_command  # noqa: E402 (the worktree's, from the path set above)
+
 STEP_TIMEOUT_S = 150
 PAIRS = 8
 
@@ -200,9 +202,12 @@ STEPS: dict[str, Callable[[Path, str], dict]] = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+@console_command
+def main(argv: list[str]) -> int:
     """Run the steps (``check``) or one launched process of the engine steps (``worker``)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG
+    )
     parser.add_argument("mode", choices=("check", "worker"))
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the local SmolLM2 of dialogsim.models)")
     parser.add_argument("--model", help="worker: the tiny model folder")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dialogsim.console import UsageError
 from refuel.cli import parse_config
 from refuel.config import RefuelConfig
 from refuel.evaluate import EvaluateConfig
@@ -74,34 +75,36 @@ def test_json_config_is_read(tmp_path: Path) -> None:
     assert (config.pairs_per_iteration, config.datasets, config.seed) == (8, ["gsm8k", "MATH"], 7)
 
 
-def test_unknown_config_key_exits_naming_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """An unknown key in the config file is a usage error (SystemExit 2) whose message names the key."""
+def test_unknown_config_key_is_a_usage_error_naming_the_key(tmp_path: Path) -> None:
+    """An unknown key in the config file is a UsageError (commands exit 2) whose message names the key and file."""
     path = tmp_path / "run.yaml"
     path.write_text("eta: 2.0\nlearnig_rate: 1e-5\n")
-    with pytest.raises(SystemExit) as raised:
+    with pytest.raises(UsageError, match="learnig_rate") as raised:
         parse_config(RefuelConfig, ["--config", str(path)], description="test")
-    assert raised.value.code == 2
-    error = capsys.readouterr().err
-    assert "learnig_rate" in error and str(path) in error
+    assert str(path) in str(raised.value)
 
 
 @pytest.mark.parametrize(
     ("name", "text", "message"),
     [
-        ("missing.yaml", None, "file not found"),
-        ("list.yaml", "- eta\n- 2\n", "expected a mapping"),
+        ("missing.yaml", None, "--config {path}: file not found"),
+        ("list.yaml", "- eta\n- 2\n", "--config {path}: expected a mapping"),
+        ("broken.yaml", "seed: 1\neta: [1,\n", "{path}:3:1: expected the node content, but found '<stream end>'"),
+        ("indent.yaml", "seed: 1\n eta: 2\n", "{path}:2:5: mapping values are not allowed here"),
+        ("broken.json", '{"seed": 1,\n "eta": }', "{path}:2:9: Expecting value"),
     ],
 )
-def test_bad_config_file_exits(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, text: str | None, message: str
+def test_bad_config_file_is_a_usage_error_naming_file_line_column(
+    tmp_path: Path, name: str, text: str | None, message: str
 ) -> None:
-    """A missing config file or one that is not a mapping is a usage error with a message saying so."""
+    """A missing config file, one that is not a mapping, or one with a syntax error (file:line:column, 1-based,
+    instead of PyYAML's traceback naming ``<unicode string>``) is a UsageError saying so."""
     path = tmp_path / name
     if text is not None:
         path.write_text(text)
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError) as raised:
         parse_config(RefuelConfig, ["--config", str(path)], description="test")
-    assert message in capsys.readouterr().err
+    assert str(raised.value).startswith(message.format(path=path)), str(raised.value)
 
 
 def test_unknown_flag_is_rejected_naming_it(capsys: pytest.CaptureFixture[str]) -> None:

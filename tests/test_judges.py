@@ -244,7 +244,7 @@ def test_build_judge_and_labels(tiny_model_path: str) -> None:
     llm_judge = build_judge("llm", model=tiny_model_path)
     assert isinstance(llm_judge, LLMJudge) and isinstance(llm_judge.backend, TransformersBackend)
     assert llm_judge.name == f"{judge_label('llm', tiny_model_path)}-compare"
-    with pytest.raises(ValueError, match="unknown judge 'gpt'; choose one of reward, llm"):
+    with pytest.raises(ValueError, match="--judge gpt: unknown judge; choose one of reward, llm"):
         build_judge("gpt")
     with pytest.raises(ValueError, match="base_url"):
         build_judge("llm", backend="openai", model="gpt-4o")

@@ -52,9 +52,13 @@ def test_check_finds_a_changed_manifest(smollm2_path: str, shared_prompts: Path,
 
 
 @pytest.mark.parametrize("flag", ["--holdout", "--tasks"])
-def test_configs_that_select_different_prompts_are_rejected(tmp_path: Path, flag: str) -> None:
+def test_configs_that_select_different_prompts_are_rejected(
+    tmp_path: Path, flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     eval_config = tmp_path / "eval.yaml"
     value = "8" if flag == "--holdout" else "[Coding]"
     eval_config.write_text(f"{flag.lstrip('-')}: {value}\n")
-    with pytest.raises(ValueError, match=flag.lstrip("-")):
+    with pytest.raises(SystemExit) as exit_info:
         main(["--eval_config", str(eval_config), "--check"])
+    assert exit_info.value.code == 2  # a refused combination (dialogsim.console)
+    assert flag.lstrip("-") in capsys.readouterr().err

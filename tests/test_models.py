@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from huggingface_hub import constants
 from safetensors import safe_open
 from transformers import AutoConfig
 
 from dialogsim import models
 from dialogsim.backends.transformers_backend import load_tokenizer
-from dialogsim.models import DEFAULT_MODEL, EmbeddedModel, resolve_model
+from dialogsim.models import DEFAULT_MODEL, EmbeddedModel, ModelNotCachedError, check_model_name, resolve_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2_PARAMETERS = 134_515_008  # tied input/output embeddings are stored once
@@ -106,3 +107,22 @@ def test_missing_package_says_how_to_install_it(tmp_path: Path, monkeypatch: pyt
         resolve_model("absent-model")
     assert not (tmp_path / "absent-model").exists()
     assert [path.name for path in tmp_path.iterdir() if path.is_dir()] == []
+
+
+def test_offline_a_hub_id_must_be_in_the_local_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HF_HUB_OFFLINE=1: a cached hub id passes, one absent from the cache is refused naming the closest cached id;
+    online, a hub id is checked for form only (nothing is looked up)."""
+    repo = tmp_path / "hub" / "models--org--cached-model"  # what huggingface_hub writes for a downloaded model
+    snapshot = repo / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert check_model_name("user_model", "org/cached-model") == "cached"
+    closest = r"user_model='org/cached-modle': the hub is off .* the closest existing name is 'org/cached-model'"
+    with pytest.raises(ModelNotCachedError, match=closest):
+        check_model_name("user_model", "org/cached-modle")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert check_model_name("user_model", "org/cached-modle") == "hub"

@@ -58,7 +58,8 @@ def test_gpu_recipe_dry_run_command_exits_0() -> None:
         "accelerate launch --config_file configs/accelerate/fsdp.yaml -m refuel.train --config "
         "configs/gpu_setting_one.yaml",
         "8 (FSDP2, accelerate mixed precision bf16)",
-        "meta-llama/Meta-Llama-3-8B-Instruct [hub id, checked for form only]",
+        "meta-llama/Meta-Llama-3-8B-Instruct [hub id, not in the local cache]",  # HF_HUB_OFFLINE=1: a warning
+        "warning: reward='RLHFlow/ArmoRM-Llama3-8B-v0.1': the hub is off",
         "meta-llama/Llama-3.1-70B-Instruct",
         "RLHFlow/ArmoRM-Llama3-8B-v0.1",
         "iterations     2: π_0 → π_1 → π_2",
@@ -135,18 +136,16 @@ def test_unknown_keys_in_an_accelerate_config_fail(tmp_path: Path, offline: None
 def test_cpu_main_config_plans_a_single_process(
     offline: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The CPU main job needs no accelerate config; main() exits 0 and 1 as documented.
+    """The CPU main job needs no accelerate config; main() exits 0 and 2 as documented.
 
     The run folder is a fresh one: the config's own (runs/cpu-main) may hold a real run of other settings."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--config", str(REPO / "configs" / "cpu_main.yaml"), "--output_dir", str(tmp_path / "run")])
-    assert exit_info.value.code == 0
+    assert main(["--config", str(REPO / "configs" / "cpu_main.yaml"), "--output_dir", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "refuel-train --config" in out and "1 (single process" in out and "[embedded model (PyPI package)]" in out
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", str(RECIPE), "--eta", "-1"])
-    assert exit_info.value.code == 1
-    assert "eta=-1.0" in capsys.readouterr().out
+    assert exit_info.value.code == 2
+    assert "error: invalid RefuelConfig values: eta=-1.0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -161,13 +160,13 @@ def test_cpu_main_config_plans_a_single_process(
 def test_plan_refuses_what_train_refuses(
     flags: tuple[str, ...], yaml_line: str | None, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """refuel-plan runs the same field check as refuel-train, before anything else: exit 1 with the valid range."""
+    """refuel-plan runs the same field check as refuel-train, before anything else: exit 2 with the valid range."""
     config = tmp_path / "run.yaml"
     config.write_text((REPO / "configs" / "cpu_main.yaml").read_text() + (yaml_line or "") + "\n")
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", str(config), *flags])
-    assert exit_info.value.code == 1
-    assert message in capsys.readouterr().out
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_plan_reads_a_scalar_task_as_one_task(tmp_path: Path, offline: None) -> None:

@@ -8,7 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from huggingface_hub import constants
 
+from dialogsim.models import ModelNotCachedError
 from dialogsim.rewards.factory import check_reward_scores
 from envs.build import build_simulator
 from refuel.config import RefuelConfig
@@ -71,8 +73,9 @@ def test_rows_of_an_unscorable_task_are_refused_before_the_user_model_loads(
     """With every task of the file selected (tasks=None), the loaded rows' tasks are checked; "none" is fine for
     generation (the env, refuel-evaluate's dialogues)."""
     settings = {"prompts": chat_prompts, "tasks": None, "datasets": None, "splits": None}
+    not_a_model = str(chat_prompts.parent)  # an existing folder passes the name check; loading it would fail
     with pytest.raises(ValueError, match="scores only Math"):
-        build_simulator(**settings, policy_model=tiny_model_path, user_model="no-such-model", reward="math")
+        build_simulator(**settings, policy_model=tiny_model_path, user_model=not_a_model, reward="math")
     simulator = build_simulator(**settings, policy_model=tiny_model_path, user_model=tiny_model_path, reward="none")
     assert {row.task for row in simulator.prompts.values()} == {"Chat"}
 
@@ -101,9 +104,12 @@ def test_evaluate_refuses_a_reward_judge_that_cannot_score_the_tasks(
     assert not (tmp_path / "eval").exists()  # nothing generated
 
 
-def test_scorable_tasks_pass_and_the_fix_names_the_covering_rewards() -> None:
+def test_scorable_tasks_pass_and_the_fix_names_the_covering_rewards(monkeypatch: pytest.MonkeyPatch) -> None:
     check_reward_scores("verifier", ["Math_CoT", "Coding", "Logic"])
-    check_reward_scores("RLHFlow/ArmoRM-Llama3-8B-v0.1", ["Chat"])
+    with pytest.raises(ModelNotCachedError, match=r"reward='RLHFlow/ArmoRM-Llama3-8B-v0\.1': the hub is off"):
+        check_reward_scores("RLHFlow/ArmoRM-Llama3-8B-v0.1", ["Chat"])  # offline and not in the local cache
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    check_reward_scores("RLHFlow/ArmoRM-Llama3-8B-v0.1", ["Chat"])  # online: a reward model scores every task
     check_reward_scores("none", ["Chat"], generation_only=True)
     with pytest.raises(ValueError, match="pass --reward verifier, or select"):
         check_reward_scores("math_format", ["Math_CoT", "Logic"])

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from huggingface_hub import constants
 
 from dialogsim.models import check_model_name
 from refuel.stages import RUN_MARKER
@@ -156,11 +158,20 @@ def test_a_model_folder_as_output_dir_is_refused_before_anything_is_written(
     assert {path.name: path.read_bytes() for path in model.iterdir()} == before
 
 
-def test_a_model_name_typo_names_the_known_models(tmp_path: Path, tiny_model_path: str, shared_prompts: Path) -> None:
+def test_a_model_name_typo_names_the_known_models(
+    tmp_path: Path,
+    tiny_model_path: str,
+    shared_prompts: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """smollm2-135m (no -instruct): refused with the known names, not a hub connection error."""
-    with pytest.raises(ValueError, match=r"policy_model='smollm2-135m'.*did you mean 'smollm2-135m-instruct'"):
-        main([*_flags(tmp_path / "run", tiny_model_path, shared_prompts), "--policy_model", "smollm2-135m"])
+    message = _refused(
+        [*_flags(tmp_path / "run", tiny_model_path, shared_prompts), "--policy_model", "smollm2-135m"], capsys
+    )
+    assert re.search(r"policy_model='smollm2-135m'.*did you mean 'smollm2-135m-instruct'", message), message
     with pytest.raises(ValueError, match="no such folder"):
         check_model_name("candidates", str(tmp_path / "no" / "such" / "policy"))
-    check_model_name("policy_model", tiny_model_path)
-    check_model_name("policy_model", "HuggingFaceTB/SmolLM2-135M-Instruct")  # a hub id, checked for form only
+    assert check_model_name("policy_model", tiny_model_path) == "folder"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # online, a hub id is checked for form only
+    assert check_model_name("policy_model", "HuggingFaceTB/SmolLM2-135M-Instruct") == "hub"

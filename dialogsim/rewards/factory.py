@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from dialogsim.console import UsageError
+from dialogsim.models import check_model_name
+from dialogsim.plugins import REWARD_GROUP, build_plugin, find_plugin, scored_tasks
 from dialogsim.rewards.answer_match import LOGIC_TASK, AnswerMatchReward
 from dialogsim.rewards.base import RewardModel
 from dialogsim.rewards.code_verifier import CODE_TASK, CodeTestReward
 from dialogsim.rewards.embedding import SentenceEmbedder
+from dialogsim.rewards.function import FunctionReward
 from dialogsim.rewards.math_format import MathFormatReward
 from dialogsim.rewards.math_reward import MathAnswerReward
 from dialogsim.rewards.null import NoReward
@@ -34,6 +38,7 @@ SCORED_TASKS: dict[str, tuple[str, ...]] = {
     TURN_ANSWER_SPEC: (MATH_TASK_PREFIX,),
 }
 EXAMPLE_REWARD_MODEL = "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2"
+REWARD_FLAG = "--reward"
 
 
 def build_reward_model(
@@ -55,6 +60,10 @@ def build_reward_model(
             * ``"turn_answer"``: :class:`TurnAnswerReward`, the last turn's answer against that turn's reference
               (``meta["turn_references"]``: the arithmetic dialogues) + boxed answer, no model (``Math*`` rows);
             * ``"none"``: :class:`NoReward` (NaN for every dialogue), for dialogue generation only;
+            * ``"package.module:name"`` or the name of an installed plugin (entry-point group
+              ``dialogsim.rewards``): the user's :class:`RewardModel` class or instance, a factory returning one,
+              or a plain function ``(dialogues, rows) -> list[float]`` (wrapped in :class:`FunctionReward`); see
+              :mod:`dialogsim.plugins`;
             * otherwise a Hugging Face id / local folder of a sequence-classification reward model, e.g.
               ``"Skywork/Skywork-Reward-Llama-3.1-8B-v0.2"`` or ``"RLHFlow/ArmoRM-Llama3-8B-v0.1"``.
         device: torch device for the model(s).
@@ -63,11 +72,12 @@ def build_reward_model(
         dtype: the ``engine_dtype`` setting of the model(s) (:func:`dialogsim.precision.engine_dtype`).
 
     Raises:
-        ValueError: ``spec`` is empty.
+        UsageError: ``spec`` is empty, or names a plugin that cannot be loaded or is not a reward
+            (:func:`~dialogsim.plugins.build_plugin`).
     """
     name = spec.strip()
     if not name:
-        raise ValueError(
+        raise UsageError(
             f"build_reward_model: empty reward spec; pass one of {', '.join(BUILTIN_SPECS)} or a "
             "sequence-classification reward model id or path such as 'RLHFlow/ArmoRM-Llama3-8B-v0.1'"
         )
@@ -87,15 +97,21 @@ def build_reward_model(
         return NoReward()
     if builtin == TURN_ANSWER_SPEC:
         return TurnAnswerReward()
+    plugin = find_plugin(name, REWARD_GROUP, REWARD_FLAG)
+    if plugin is not None:
+        return build_plugin(plugin, name, REWARD_FLAG, RewardModel, 2, FunctionReward)
     return SequenceClassificationReward(name, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def check_reward_scores(spec: str, tasks: Iterable[str] | None, generation_only: bool = False) -> None:
-    """Refuse, before anything is generated, a reward that cannot score every selected task.
+    """Refuse, before anything is generated, a reward that cannot be found or cannot score every selected task.
 
     Built-in rewards score the task prefixes of :data:`SCORED_TASKS` (NaN elsewhere, so every pair of
-    those rows would be dropped as ``invalid_reward`` after the whole collection); a sequence-classification
-    reward model scores every task. ``"none"`` scores nothing: it is accepted only for generation.
+    those rows would be dropped as ``invalid_reward`` after the whole collection); a reward plugin scores the
+    prefixes of its ``scored_tasks`` attribute, every task without one (:func:`~dialogsim.plugins.scored_tasks`;
+    only its module is imported, nothing is built); a sequence-classification reward model scores every task and
+    its name is checked (:func:`~dialogsim.models.check_model_name`, offline: in the local cache). ``"none"``
+    scores nothing: it is accepted only for generation.
 
     Args:
         spec: a :func:`build_reward_model` spec (the ``--reward`` value).
@@ -105,13 +121,18 @@ def check_reward_scores(spec: str, tasks: Iterable[str] | None, generation_only:
             so ``"none"`` is fine.
 
     Raises:
-        ValueError: names the reward, the tasks it cannot score, the tasks it can and the ``--reward`` to use.
+        UsageError: names the reward, the tasks it cannot score, the tasks it can and the ``--reward`` to use; or
+            the plugin or model that cannot be found.
     """
-    builtin = spec.strip().lower()
-    if builtin not in SCORED_TASKS or (builtin == NO_REWARD_SPEC and generation_only):
+    name = spec.strip()
+    builtin = name.lower()
+    if builtin == NO_REWARD_SPEC and generation_only:
+        return
+    prefixes = SCORED_TASKS[builtin] if builtin in SCORED_TASKS else _plugin_or_model_tasks(name)
+    if prefixes is None:
         return
     selected = sorted(set(tasks)) if tasks is not None else []
-    unscored = [task for task in selected if not task.startswith(SCORED_TASKS[builtin])]
+    unscored = [task for task in selected if not task.startswith(prefixes)]
     if builtin != NO_REWARD_SPEC and not unscored:
         return
     covering = [
@@ -121,12 +142,27 @@ def check_reward_scores(spec: str, tasks: Iterable[str] | None, generation_only:
         f"--reward <a sequence-classification reward model id or folder, e.g. {EXAMPLE_REWARD_MODEL}> (scores any task)"
     )
     if builtin == NO_REWARD_SPEC:
-        raise ValueError(
+        raise UsageError(
             "--reward none scores no dialogue: it is for generating dialogues only (the env, refuel-evaluate), "
             f"and training would drop every pair; pass {fix}"
         )
-    scored = ", ".join(f"{p}*" if p == MATH_TASK_PREFIX else p for p in SCORED_TASKS[builtin])
-    raise ValueError(
-        f"--reward {builtin} scores only {scored} rows, not the selected task(s) {', '.join(unscored)} (their "
+    scored = ", ".join(f"{p}*" if p == MATH_TASK_PREFIX else p for p in prefixes)
+    shown = builtin if builtin in SCORED_TASKS else name
+    raise UsageError(
+        f"--reward {shown} scores only {scored} rows, not the selected task(s) {', '.join(unscored)} (their "
         f"rewards would all be NaN and every pair dropped); pass {fix}, or select scorable tasks with --tasks"
     )
+
+
+def _plugin_or_model_tasks(spec: str) -> tuple[str, ...] | None:
+    """The task prefixes the reward plugin ``spec`` scores (``None``: every task), or ``None`` for a reward model
+    whose name :func:`~dialogsim.models.check_model_name` accepts.
+
+    Raises:
+        UsageError: a plugin that cannot be loaded, or a model name that is not valid (or, offline, not cached).
+    """
+    plugin = find_plugin(spec, REWARD_GROUP, REWARD_FLAG)
+    if plugin is None:
+        check_model_name("reward", spec)
+        return None
+    return scored_tasks(plugin)

@@ -50,6 +50,7 @@ from openenv.core.env_server.interfaces import Environment
 from openenv.core.env_server.types import Action, Observation, State
 from pydantic import Field
 
+from dialogsim.console import EPILOG, console_command
 from dialogsim.dialogue import DialogueState
 from dialogsim.messages import Message
 from dialogsim.precision import ENGINE_DTYPES
@@ -292,11 +293,12 @@ class RemoteSimulator:
         self._pool.shutdown()
 
 
-def main(argv: list[str] | None = None) -> None:
+@console_command
+def main(argv: list[str]) -> None:
     """Serve a dialogsim worker: ``python -m envs.adapters.openenv_server --port 8000 [--prompts FILE ...]``."""
     import uvicorn
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max_concurrent_envs", type=int, default=64)
