@@ -53,6 +53,11 @@ class UserTemplate:
     answer_marker: str | None
     sampling: SamplingParams
 
+    @classmethod
+    def model_free(cls, name: str, sampling: SamplingParams) -> UserTemplate:
+        """The template of a user that renders no prompt (a scripted or tabular user): only a name and sampling."""
+        return cls(name, None, "", "", "", "", None, sampling)
+
 
 TEMPLATES: dict[str, UserTemplate] = {
     "paper": UserTemplate(
@@ -282,16 +287,7 @@ class ReplayedUser:
         self.name = REPLAY
         self.backend = self
         self.sampling = SamplingParams(temperature=0.0, max_new_tokens=1)
-        self.template = UserTemplate(
-            name=REPLAY,
-            system=None,
-            header="",
-            footer="",
-            user_label="",
-            assistant_label="",
-            answer_marker=None,
-            sampling=self.sampling,
-        )
+        self.template = UserTemplate.model_free(REPLAY, self.sampling)
         self.stats: Counter[str] = Counter()
 
     def next_questions(

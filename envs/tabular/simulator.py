@@ -138,16 +138,7 @@ class TabularUser:
         self.name = f"tabular-user:{mdp.model_name}"
         self.backend = self
         self.sampling = SamplingParams(temperature=1.0, max_new_tokens=1)
-        self.template = UserTemplate(
-            name="tabular",
-            system=None,
-            header="",
-            footer="",
-            user_label="",
-            assistant_label="",
-            answer_marker=None,
-            sampling=self.sampling,
-        )
+        self.template = UserTemplate.model_free("tabular", self.sampling)
         self.stats: Counter[str] = Counter()
 
     def next_questions(
