@@ -108,6 +108,19 @@ def test_train_refuses_tasks_its_reward_cannot_score_in_one_line(
     assert err.count("\n") == 1 and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("main", [train.main, evaluate.main])
+def test_a_missing_prompt_file_is_refused_in_one_line_before_anything_is_written(
+    main: Command, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "prompts.jsonl"
+    argv = ["--prompts", str(missing), "--output_dir", str(tmp_path / "out")]
+    if main is evaluate.main:
+        argv += ["--candidates", "smollm2-135m-instruct"]  # the default candidate is a run folder that is not here
+    code, err = _main_exit(main, argv, capsys)
+    assert code == 2 and err.startswith(f"error: prompt source '{missing}' is neither a file") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("candidate", "problem", "closest"),
     [
