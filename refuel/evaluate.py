@@ -43,6 +43,7 @@ import pandas as pd
 from dialogsim.backends.serving import ServingEngine, resolve_user_backend, user_engine
 from dialogsim.backends.transformers_backend import load_tokenizer
 from dialogsim.console import UsageError, console_command, failure_state
+from dialogsim.data import check_prompt_source
 from dialogsim.dialogue import fingerprint
 from dialogsim.judges.base import JudgePair, PairwiseJudge
 from dialogsim.judges.factory import JUDGES, build_judge, find_judge_plugin
@@ -219,6 +220,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Path]:
             comes with a ``--reward`` that cannot score the selected tasks
             (:func:`~dialogsim.rewards.factory.check_reward_scores`).
     """
+    check_prompt_source(config.prompts)
     check_policies(config)
     precision = engine_dtype(config.engine_dtype, Hardware.detect(engine_device(config.backend)))  # logged once
     policies = [config.baseline, *config.candidates]

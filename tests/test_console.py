@@ -113,10 +113,7 @@ def test_a_missing_prompt_file_is_refused_in_one_line_before_anything_is_written
     main: Command, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     missing = tmp_path / "prompts.jsonl"
-    argv = ["--prompts", str(missing), "--output_dir", str(tmp_path / "out")]
-    if main is evaluate.main:
-        argv += ["--candidates", "smollm2-135m-instruct"]  # the default candidate is a run folder that is not here
-    code, err = _main_exit(main, argv, capsys)
+    code, err = _main_exit(main, ["--prompts", str(missing), "--output_dir", str(tmp_path / "out")], capsys)
     assert code == 2 and err.startswith(f"error: prompt source '{missing}' is neither a file") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
