@@ -215,7 +215,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Path]:
         ``diagnostics_png`` and ``html``, all in ``<output_dir>/<judge name>/``.
 
     Raises:
-        UsageError: before any dialogue is generated: a model name, the reward or the judge is invalid
+        UsageError: before any dialogue is generated: the prompt source is missing
+            (:class:`~dialogsim.data.PromptsNotFoundError`), a model name, the reward or the judge is invalid
             (:func:`check_policies`), the prompt selection is (:func:`evaluation_prompts`), or ``--judge reward``
             comes with a ``--reward`` that cannot score the selected tasks
             (:func:`~dialogsim.rewards.factory.check_reward_scores`).
