@@ -67,8 +67,8 @@ from dialogsim.rewards.factory import build_reward_model
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator, EpisodeConfig
 from dialogsim.user import UserSimulator
-from refuel.collect import collect_pairs
-from refuel.rollout import run_policy
+from refuel.collection.collect import collect_pairs
+from refuel.collection.rollout import run_policy
 
 from runs import machine_header
 

@@ -3,7 +3,7 @@
     python bench/memory.py                      # SmolLM2-135M-Instruct, bf16 autocast, 3 runs per configuration
     python bench/memory.py --gradient_checkpointing --runs 5 --pairs 4
 
-Both steps run through :class:`refuel.trainer.RefuelTrainer` (same ``accelerate`` setup, AdamW, clipping,
+Both steps run through :class:`refuel.training.trainer.RefuelTrainer` (same ``accelerate`` setup, AdamW, clipping,
 precision, gradient checkpointing and LoRA); they differ only in the objective:
 
 - ``refuel``: the REFUEL least-squares loss on the relative log-ratio of the two replies (π_t log-probs
@@ -111,8 +111,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from dialogsim.models import resolve_model
     from dialogsim.precision import training_dtype
     from refuel.config import RefuelConfig
-    from refuel.logprobs import masked_sequence_logprobs
-    from refuel.trainer import RefuelTrainer
+    from refuel.training.logprobs import masked_sequence_logprobs
+    from refuel.training.trainer import RefuelTrainer
 
     class TimedRefuelTrainer(RefuelTrainer):
         """RefuelTrainer that times its π_t log-prob pass (done once, in the constructor)."""

@@ -17,7 +17,7 @@ This script times that design with our engines, prompts and reward: per turn and
 every dialogue active at that turn, and writes them back; both branches are scored by the same reward.
 Each dialogue runs to its own horizon H ~ U{1..max} (the public code runs every dialogue to the largest
 horizon, which costs more), so the anchor's time is a lower bound on the design's. Ours is
-:func:`refuel.collect.collect_pairs` on one engine serving π_t and the simulated user (the main job's
+:func:`refuel.collection.collect.collect_pairs` on one engine serving π_t and the simulated user (the main job's
 arrangement), its one engine start per iteration timed separately and included in the ratio.
 
 Prints one table (median of ``--repeats`` runs made in this one invocation, seeds 0, 1, ...) and, as its
@@ -52,7 +52,7 @@ from dialogsim.rewards.factory import build_reward_model
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator, EpisodeConfig
 from dialogsim.user import UserSimulator
-from refuel.collect import collect_pairs
+from refuel.collection.collect import collect_pairs
 
 from runs import machine_header
 

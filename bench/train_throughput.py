@@ -95,7 +95,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from dialogsim.models import resolve_model
     from dialogsim.precision import training_dtype
     from refuel.config import RefuelConfig
-    from refuel.trainer import RefuelTrainer
+    from refuel.training.trainer import RefuelTrainer
 
     torch.set_num_threads(args.threads)
     path = resolve_model(args.model)
@@ -170,7 +170,7 @@ def ratio_error(trainer: Any, exact_t: dict[int, Any]) -> float:
     """
     import torch
 
-    from refuel.loss import relative_log_ratio
+    from refuel.training.loss import relative_log_ratio
 
     trainer.model.eval()
     with torch.no_grad():  # [6, B] per micro-batch: the refuel_loss arguments

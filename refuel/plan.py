@@ -33,10 +33,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 from dialogsim.console import UsageError, console_command
-from refuel.batching import step_schedule, validation_count
 from refuel.cli import parse_config
 from refuel.config import RefuelConfig
 from refuel.stages import RunFolder, RunFolderError
+from refuel.training.batching import step_schedule, validation_count
 
 SHARDED_TYPES = ("DEEPSPEED", "FSDP")
 REMOTE_CODE_REWARDS = ("armorm",)  # reward models whose hub code must run (trust_remote_code)
@@ -301,7 +301,7 @@ def make_plan(
     # the plan
     run_config = str(config_file) if config_file else "<run config>"
     if processes > 1 or accelerate_config is not None:
-        command = f"accelerate launch --config_file {accelerate_config} -m refuel.train --config {run_config}"
+        command = f"accelerate launch --config_file {accelerate_config} -m refuel.training.train --config {run_config}"
     else:
         command = f"refuel-train --config {run_config}"
     memory = [

@@ -18,9 +18,9 @@ from dialogsim.rewards.math_reward import MathAnswerReward
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator, EpisodeConfig
 from dialogsim.user import UserSimulator
-from refuel.collect import CollectionResult, collect_pairs, iter_pair_batches
+from refuel.collection.collect import CollectionResult, collect_pairs, iter_pair_batches
+from refuel.collection.resets import ResetDistribution, plan_reset_points
 from refuel.pairs import tokenize_pair
-from refuel.resets import ResetDistribution, plan_reset_points
 
 N_PAIRS = 4
 MAX_HORIZON = 2

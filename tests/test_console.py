@@ -19,8 +19,10 @@ from pathlib import Path
 import pytest
 
 from dialogsim.console import DEBUG_ENV, Command, UsageError, console_command, failure_state
-from refuel import evaluate, plan, train
+from refuel import plan
+from refuel.evaluation import evaluate
 from refuel.stages import RUN_MARKER, describe_run
+from refuel.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 BROKEN_YAML = "seed: 1\neta: [1,\n"
@@ -227,7 +229,7 @@ def test_a_failure_during_the_work_exits_1_with_the_run_folder_state(
 @pytest.mark.parametrize(
     ("module", "argv", "message"),
     [
-        ("refuel.analysis", ["--run_dir", "{tmp}/nothing"], "--run_dir {tmp}/nothing: no such folder"),
+        ("refuel.evaluation.analysis", ["--run_dir", "{tmp}/nothing"], "--run_dir {tmp}/nothing: no such folder"),
         ("refuel.manifests", ["--eval_config", "{eval}", "--check"], "select prompts differently (['holdout'])"),
         ("envs.adapters.openenv_server", ["--reward", "no_such_module:score"], "--reward no_such_module:score"),
         ("envs.adapters.openenv_server", ["--user_model", "runs/nope"], "user_model='runs/nope'"),

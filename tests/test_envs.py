@@ -31,7 +31,7 @@ from dialogsim.simulator import DialogueSimulator, EpisodeConfig
 from dialogsim.user import ScriptError, UserSimulator, render_user_prompt
 from envs import ENV_ID, DialogueEnv, VectorDialogueEnv
 from envs.spaces import UnicodeText
-from refuel.rollout import PolicyRun, run_policies, run_policy
+from refuel.collection.rollout import PolicyRun, run_policies, run_policy
 
 # Temperature 1.0 (not the paper's 0.01) so that the user model's raw reply depends on the sampling
 # seed: restoring a snapshot must then restore the RNG for the replies to match.

@@ -18,11 +18,18 @@ from dialogsim.messages import Message
 from dialogsim.prompts import PromptRow
 from dialogsim.sampling import SamplingParams
 from refuel.config import RefuelConfig
-from refuel.diagnostics import DIAGNOSTIC_COLUMNS
-from refuel.evaluate import EvaluateConfig, dialogue_cache, evaluate, evaluation_prompts, judge_dialogues, main
-from refuel.report import write_html_report
+from refuel.evaluation.diagnostics import DIAGNOSTIC_COLUMNS
+from refuel.evaluation.evaluate import (
+    EvaluateConfig,
+    dialogue_cache,
+    evaluate,
+    evaluation_prompts,
+    judge_dialogues,
+    main,
+)
+from refuel.evaluation.report import write_html_report
+from refuel.evaluation.winrate import count_table, judge_statistics, paper_table, per_turn_win_rates
 from refuel.storage import write_json
-from refuel.winrate import count_table, judge_statistics, paper_table, per_turn_win_rates
 
 HOLDOUT = 8
 MAX_PROMPT_TOKENS = 100  # short GSM8K prompts keep the tiny-model dialogues fast

@@ -16,7 +16,7 @@ from dialogsim.judges.reward_judge import pairwise_outcome
 from dialogsim.messages import Message
 from dialogsim.prompts import PromptRow
 from dialogsim.sampling import SamplingParams
-from refuel.winrate import judge_statistics, per_turn_win_rates
+from refuel.evaluation.winrate import judge_statistics, per_turn_win_rates
 
 ROW = PromptRow(id="p", task="Math_CoT", dataset="gsm8k", instruction="What is 6 times 3?", reference="18")
 

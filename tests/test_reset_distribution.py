@@ -21,10 +21,10 @@ from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator, EpisodeConfig
 from dialogsim.user import UserSimulator, render_user_prompt
 from envs.tabular import PROMPT_ID, TabularDialogueMDP, TabularPolicy, build_tabular_simulator, reference_logits
-from refuel.collect import collect_pairs, iter_pair_batches, sample_offline_dialogues
+from refuel.collection.collect import collect_pairs, iter_pair_batches, sample_offline_dialogues
+from refuel.collection.resets import RESET_SOURCES, ResetDistribution, plan_reset_points
 from refuel.pairs import tokenize_pair
-from refuel.resets import RESET_SOURCES, ResetDistribution, plan_reset_points
-from refuel.tabular import TABLE_SAMPLING
+from refuel.tabular.mirror_descent import TABLE_SAMPLING
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from dialogsim.backends.transformers_backend import chat_prompt_ids, load_tokenizer
 from refuel.config import RefuelConfig
 from refuel.pairs import TokenizedPair
-from refuel.trainer import NonFiniteTrainingError, RefuelTrainer, ValidationMetrics, save_pretrained_atomic
+from refuel.training.trainer import NonFiniteTrainingError, RefuelTrainer, ValidationMetrics, save_pretrained_atomic
 
 ETA = 1.0
 TEMPERATURE = 0.8

@@ -39,11 +39,11 @@ from dialogsim.precision import Hardware, engine_device, engine_dtype, training_
 from dialogsim.rewards.factory import check_reward_scores
 from dialogsim.simulator import DialogueSimulator
 from envs.build import build_simulator
-from refuel.batching import validation_count
 from refuel.cli import parse_config
-from refuel.collect import iter_pair_batches
+from refuel.collection.collect import iter_pair_batches
+from refuel.collection.resets import ResetDistribution
+from refuel.collection.shards import PairShards
 from refuel.config import RefuelConfig
-from refuel.distributed import build_accelerator
 from refuel.pairs import (
     SCORED_PAIR_FEATURES,
     TOKENIZED_PAIR_FEATURES,
@@ -53,11 +53,11 @@ from refuel.pairs import (
     tokenize_pairs,
 )
 from refuel.provenance import run_provenance
-from refuel.resets import ResetDistribution
-from refuel.shards import PairShards
 from refuel.stages import RunFolder, describe_run, stage_settings
 from refuel.storage import write_json, write_rows
-from refuel.trainer import RefuelTrainer
+from refuel.training.batching import validation_count
+from refuel.training.distributed import build_accelerator
+from refuel.training.trainer import RefuelTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def prepare_pairs(
     """Collect and tokenise pairs with π_t (the weights in ``policy_path``) into ``pairs.jsonl`` and their
     statistics into ``collection.json``, unless a previous run did.
 
-    Collection streams batch by batch into crash-safe shards (:class:`~refuel.shards.PairShards`):
+    Collection streams batch by batch into crash-safe shards (:class:`~refuel.collection.shards.PairShards`):
     a restarted run collects only the batches that are not on disk yet.
     """
     path = Path(config.output_dir) / f"iteration_{iteration}" / "pairs.jsonl"
@@ -225,7 +225,7 @@ def run(config: RefuelConfig) -> str:
             a folder nor a hub id (offline: nor in the local cache; :func:`~dialogsim.models.check_model_name`).
         RunFolderError: ``output_dir`` is not this run's folder (see :meth:`~refuel.stages.RunFolder.check`).
         LaunchMismatchError: before any collection, when ``accelerate`` runs another engine or process
-            count than the launch asked for (:func:`refuel.distributed.build_accelerator`).
+            count than the launch asked for (:func:`refuel.training.distributed.build_accelerator`).
     """
     check_reward_scores(config.reward, config.tasks)  # before anything is written or generated
     run_dir = Path(config.output_dir)
@@ -295,7 +295,7 @@ def _report(iteration_dir: Path, metrics: dict[str, Any]) -> None:
 
 @console_command
 def main(argv: list[str]) -> None:
-    """Entry point of ``refuel-train`` / ``python -m refuel.train`` (exit codes: :mod:`dialogsim.console`)."""
+    """Entry point of ``refuel-train`` / ``python -m refuel.training.train`` (exit codes: :mod:`dialogsim.console`)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = parse_config(RefuelConfig, argv, description=__doc__)
     with failure_state(lambda: describe_run(Path(config.output_dir))):
