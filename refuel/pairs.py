@@ -36,7 +36,7 @@ class Pair(TypedDict):
         turn: h, the reset turn (1 ≤ h ≤ H): y and y' are the h-th assistant replies.
         horizon: H, the turn after whose reply both dialogues are scored.
         reset_source: which part of the reset distribution s_h came from: ``"current"`` (roll-in with
-            π_t), ``"reference"`` (roll-in with π_ref), ``"prompt"`` (a β prompt start), ``"dataset"``
+            π_t), ``"initial"`` (roll-in with π_ref, the initial policy), ``"prompt"`` (a β prompt start), ``"dataset"``
             (an offline prefix).
         offline_id: the offline dialogue whose prefix s_h is, for ``"dataset"``; ``""`` otherwise.
         snapshot_json: the environment snapshot of s_h (JSON text).

@@ -21,8 +21,8 @@ import pytest
 from dialogsim.console import DEBUG_ENV, Command, UsageError, console_command, failure_state
 from refuel import plan
 from refuel.evaluation import evaluate
-from refuel.stages import RUN_MARKER, describe_run
-from refuel.training import train
+from refuel.run_folder import RUN_MARKER, describe_run
+from refuel.training import iterations
 
 REPO = Path(__file__).resolve().parents[1]
 BROKEN_YAML = "seed: 1\neta: [1,\n"
@@ -85,11 +85,13 @@ def _main_exit(main: Command, argv: list[str], capsys: pytest.CaptureFixture[str
 
 def test_train_refuses_a_non_finite_eta_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 28, row 1: the right message, now alone on one line with exit 2."""
-    code, err = _main_exit(train.main, ["--config", str(REPO / "configs" / "cpu_main.yaml"), "--eta", "inf"], capsys)
+    code, err = _main_exit(
+        iterations.main, ["--config", str(REPO / "configs" / "cpu_main.yaml"), "--eta", "inf"], capsys
+    )
     assert (code, err) == (2, "error: invalid RefuelConfig values: eta=inf (valid: a finite number > 0)\n")
 
 
-@pytest.mark.parametrize("main", [train.main, plan.main, evaluate.main])
+@pytest.mark.parametrize("main", [iterations.main, plan.main, evaluate.main])
 def test_broken_yaml_names_file_line_and_column(
     main: Command, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -105,7 +107,7 @@ def test_train_refuses_tasks_its_reward_cannot_score_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Issue 28, row 3: `--tasks Chat` with the default reward; nothing is written."""
-    code, err = _main_exit(train.main, ["--tasks", "Chat", "--output_dir", str(tmp_path / "run")], capsys)
+    code, err = _main_exit(iterations.main, ["--tasks", "Chat", "--output_dir", str(tmp_path / "run")], capsys)
     assert code == 2 and err.startswith("error: --reward math scores only Math* rows, not the selected task(s) Chat")
     assert err.count("\n") == 1 and not (tmp_path / "run").exists()
 

@@ -15,7 +15,7 @@ shares nor the validation batches split evenly):
 - single process: 1 × 4 pairs (full fine-tuning, and LoRA for ``ddp_lora``).
 
 The FSDP launch also records the refusals of launches that accelerate would silently run as something
-else (FSDP1 and DeepSpeed on CPU processes, LoRA under FSDP), and one real ``refuel.training.train`` launch of
+else (FSDP1 and DeepSpeed on CPU processes, LoRA under FSDP), and one real ``refuel.training.iterations`` launch of
 ``fsdp.yaml`` on CPU without ``ACCELERATE_USE_CPU`` (accelerate: 2 unjoined processes) must stop before
 collecting anything.
 
@@ -303,12 +303,12 @@ def test_fsdp_launch_refuses_what_it_cannot_run(launched: Callable[[str], Path])
 
 
 def test_unjoined_launch_stops_before_collection(tmp_path: Path) -> None:
-    """``refuel.training.train`` under fsdp.yaml on CPU without ACCELERATE_USE_CPU: accelerate leaves the 2 processes
-    unjoined (DistributedType.NO, 1 process each); the run stops before writing or collecting anything."""
+    """``refuel.training.iterations`` under fsdp.yaml on CPU without ACCELERATE_USE_CPU: accelerate leaves the
+    2 processes unjoined (DistributedType.NO, 1 process each); the run stops before writing or collecting anything."""
     if torch.cuda.is_available():
         pytest.skip("with a GPU, accelerate joins the processes")
     run_dir = tmp_path / "run"
-    process = _accelerate_launch("fsdp", ["-m", "refuel.training.train", "--output_dir", str(run_dir)], cpu=False)
+    process = _accelerate_launch("fsdp", ["-m", "refuel.training.iterations", "--output_dir", str(run_dir)], cpu=False)
     assert process.returncode != 0
     assert (  # a refused combination: one line per process (dialogsim.console)
         "error: the launch asked for FSDP2 on 2 processes but accelerate built NO on 1 process(es): "

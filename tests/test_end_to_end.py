@@ -19,7 +19,7 @@ from envs.build import select_partition
 from refuel.config import RefuelConfig
 from refuel.evaluation.evaluate import EvaluateConfig, evaluate
 from refuel.storage import read_rows
-from refuel.training.train import run
+from refuel.training.iterations import run
 
 HOLDOUT = 8
 PAIRS = 4

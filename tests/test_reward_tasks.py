@@ -16,7 +16,7 @@ from envs.build import build_simulator
 from refuel.config import RefuelConfig
 from refuel.evaluation.evaluate import EvaluateConfig, evaluate
 from refuel.plan import make_plan
-from refuel.training.train import run
+from refuel.training.iterations import run
 
 CHAT_ROWS = [
     {"id": f"chat-{i}", "task": "Chat", "dataset": "chat", "split": "train", "instruction": text}

@@ -3,7 +3,7 @@
 Prompts: the first ``--n_prompts`` of the ``--holdout`` rows that ``refuel-train`` never trained on, or with
 ``--prompts <file> --all_rows`` every row of a test file that passes the filters (``--tasks all`` keeps every
 task); the rows dropped are printed by reason. Policies are labelled from their run's metadata
-(:mod:`refuel.evaluation.labels`: ``π_0``, ``REFUEL π_1``, ``REBEL-LT π_1`` ...), not by folder name.
+(:mod:`refuel.evaluation.policy_names`: ``π_0``, ``REFUEL π_1``, ``REBEL-LT π_1`` ...), not by folder name.
 
 Three separate steps:
 
@@ -60,7 +60,7 @@ from refuel.cli import parse_config
 from refuel.collection.rollout import PolicyRun, run_policies
 from refuel.config import GENERATION_FIELDS, EvaluateConfig
 from refuel.evaluation.diagnostics import diagnostics_frame, policy_diagnostics, save_diagnostics
-from refuel.evaluation.labels import method_name, policy_labels
+from refuel.evaluation.policy_names import method_name, policy_labels
 from refuel.evaluation.report import write_html_report
 from refuel.evaluation.winrate import count_table, judge_statistics, paper_table, per_turn_win_rates, save_report
 from refuel.provenance import run_provenance
@@ -81,10 +81,10 @@ def policy_identity(policy: str) -> dict[str, Any]:
 def dialogue_cache(config: EvaluateConfig, policy: str) -> Path:
     """``<output_dir>/dialogues/<name>-<key>.jsonl``; the key covers the policy's weights and generation settings.
 
-    ``name`` is only for reading: the policy's own folder name (:func:`~refuel.evaluation.labels.method_name`), which
-    does not depend on the policies evaluated beside it, so the same policy finds its cache in any candidate set;
-    the key tells policies of the same name apart. The key holds the user's engine kind
-    (``user_backend="auto"`` resolved), not whether it shares the policy's.
+    ``name`` is only for reading: the policy's own folder name
+    (:func:`~refuel.evaluation.policy_names.method_name`), which does not depend on the policies evaluated beside
+    it, so the same policy finds its cache in any candidate set; the key tells policies of the same name apart. The
+    key holds the user's engine kind (``user_backend="auto"`` resolved), not whether it shares the policy's.
     """
     name = method_name(policy)
     user_backend = resolve_user_backend(config.user_backend, config.backend)
