@@ -2,8 +2,8 @@
 
 Usage (the README's "Engine precision" table)::
 
-    python bench/engine_precision.py                      # vLLM 64 prompts × 64 tokens, transformers 16 × 32
-    python bench/engine_precision.py --engines vllm --dtypes float32 bfloat16
+    python -m bench.engine_precision                      # vLLM 64 prompts × 64 tokens, transformers 16 × 32
+    python -m bench.engine_precision --engines vllm --dtypes float32 bfloat16
 
 Each (engine, dtype) runs in a fresh process (:mod:`runs`): the engine starts on SmolLM2-135M-Instruct, decodes
 once to warm up, then ``--repeats`` times greedy replies of exactly ``--new_tokens`` tokens (end-of-sequence
@@ -26,10 +26,9 @@ from typing import Any
 
 import pandas as pd
 
+from bench.runs import machine_header, run_worker
 from dialogsim.models import DEFAULT_MODEL
 from dialogsim.precision import Hardware, engine_device, engine_dtype
-
-from runs import machine_header, run_worker
 
 ENGINES = ("vllm", "transformers")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     for engine in args.engines:
         prompts = args.vllm_prompts if engine == "vllm" else args.transformers_prompts
         for dtype in args.dtypes:
-            command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", args.model]
+            command = [sys.executable, "-m", __spec__.name, "--worker", "--model", args.model]
             command += ["--engine", engine, "--dtype", dtype, "--prompts", str(prompts)]
             command += ["--new_tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
             row: dict[str, Any] = {"engine": engine, "dtype": dtype, "batch": f"{prompts} × {args.new_tokens}"}

@@ -1,7 +1,7 @@
 """Peak memory and step time of a REFUEL step vs a plain SFT step on the same batch (full fine-tuning and LoRA).
 
-    python bench/memory.py                      # SmolLM2-135M-Instruct, bf16 autocast, 3 runs per configuration
-    python bench/memory.py --gradient_checkpointing --runs 5 --pairs 4
+    python -m bench.memory                      # SmolLM2-135M-Instruct, bf16 autocast, 3 runs per configuration
+    python -m bench.memory --gradient_checkpointing --runs 5 --pairs 4
 
 Both steps run through :class:`refuel.training.trainer.RefuelTrainer` (same ``accelerate`` setup, AdamW, clipping,
 precision, gradient checkpointing and LoRA); they differ only in the objective:
@@ -48,10 +48,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.runs import grouped_medians, machine_header, run_worker
 from dialogsim.console import EPILOG, console_command
 from dialogsim.models import check_model_name
-
-from runs import grouped_medians, machine_header, run_worker
 
 GIB = 1024**3
 OBJECTIVES = ("refuel", "sft", "sft_hf")
@@ -194,7 +193,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def worker_command(args: argparse.Namespace, objective: str, lora_r: int) -> list[str]:
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--objective", objective]
+    command = [sys.executable, "-m", __spec__.name, "--worker", "--objective", objective]
     command += ["--lora_r", str(lora_r), "--model", args.model, "--pairs", str(args.pairs)]
     command += ["--prompt_tokens", str(args.prompt_tokens), "--reply_tokens", str(args.reply_tokens)]
     command += ["--steps", str(args.steps), "--threads", str(args.threads), "--mixed_precision", args.mixed_precision]

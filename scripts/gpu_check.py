@@ -58,7 +58,7 @@ def require_cuda() -> None:
 
 def make_tiny_model(folder: Path, tokenizer_path: str) -> str:
     """Save a random-initialised 2-layer Llama (seed 0) with the tokenizer of ``tokenizer_path`` to ``folder``."""
-    from conftest import tiny_llama_config
+    from doubles import tiny_llama_config
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
@@ -85,7 +85,7 @@ def _config(output_dir: Path, per_device: int) -> RefuelConfig:
 
 def train_and_reload(model_path: str, out: Path, per_device: int) -> dict:
     """2 bf16 REFUEL steps on the pairs of ``make_pairs``, saved and reloaded; returns what was checked."""
-    from test_trainer import make_pairs
+    from doubles import make_pairs
     from transformers import AutoModelForCausalLM
 
     from dialogsim.backends.transformers_backend import load_tokenizer

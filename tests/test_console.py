@@ -258,7 +258,7 @@ def test_python_m_entries_refuse_in_one_line(module: str, argv: list[str], messa
     ],
 )
 def test_bench_scripts_refuse_an_unknown_model_in_one_line(script: str) -> None:
-    result = _run([sys.executable, f"bench/{script}.py", "--model", "runs/nope"])
+    result = _run([sys.executable, "-m", f"bench.{script}", "--model", "runs/nope"])
     _refused(result, "--model='runs/nope': the hub is off")
 
 
@@ -268,6 +268,6 @@ def test_gpu_check_and_sandbox_bench_exit_2_without_a_traceback() -> None:
     if not __import__("torch").cuda.is_available():
         result = _run([sys.executable, "scripts/gpu_check.py", "check"])
         assert result.returncode == 2 and "Traceback" not in result.stderr and "no CUDA device" in result.stderr
-    result = _run([sys.executable, "bench/sandbox_overhead.py", "--rows", "many"])
+    result = _run([sys.executable, "-m", "bench.sandbox_overhead", "--rows", "many"])
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: argument --rows: invalid int value: 'many'" in result.stderr

@@ -168,7 +168,7 @@ def worker(argv: Sequence[str]) -> None:
 
 @pytest.fixture(scope="module")
 def rows(tiny_model_path: str) -> list[dict[str, Any]]:
-    from test_trainer import make_pairs
+    from doubles import make_pairs
 
     return make_pairs(load_tokenizer(tiny_model_path), PAIRS + VALIDATION_PAIRS)
 

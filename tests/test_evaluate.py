@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from doubles import LengthReward
 
 from dialogsim.backends.base import Completion
 from dialogsim.judges import LLMJudge, RewardModelJudge
@@ -52,15 +53,6 @@ DIALOGUES = {
     "long": {"a": messages("ccc", "c"), "b": messages("ccc")},  # b ended after turn 1
     "short": {"a": messages("c", "ccccc"), "b": messages("c", "c")},
 }
-
-
-class LengthReward:
-    """Stub reward: length of the last assistant message."""
-
-    failures: dict[str, int] = {}  # noqa: RUF012 (read-only stub)
-
-    def score(self, dialogues: list[list[Message]], rows: list[PromptRow]) -> list[float]:
-        return [float(len(dialogue[-1]["content"])) for dialogue in dialogues]
 
 
 class PreferLonger:
@@ -312,6 +304,6 @@ def test_greedy_evaluation_is_valid_but_greedy_training_is_not() -> None:
 
 @pytest.mark.parametrize(("field", "value"), [("horizon", 9), ("temperature", float("inf")), ("n_prompts", 0)])
 def test_evaluate_settings_are_checked_like_the_training_ones(field: str, value: float) -> None:
-    """The shared field check (refuel.validation) runs for refuel-evaluate too, with the valid range."""
+    """The shared field check (refuel.settings_check) runs for refuel-evaluate too, with the valid range."""
     with pytest.raises(ValueError, match=f"{field}="):
         EvaluateConfig(**{field: value})

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_trainer import make_pairs
+from doubles import make_pairs
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 import refuel.training.iterations

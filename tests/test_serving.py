@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama_config
+from doubles import tiny_llama_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from dialogsim.backends.serving import EngineRole, ServingEngine, architecture, resolve_user_backend, user_engine
