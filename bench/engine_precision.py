@@ -27,7 +27,8 @@ from typing import Any
 import pandas as pd
 
 from bench.runs import machine_header, run_worker
-from dialogsim.models import DEFAULT_MODEL
+from dialogsim.console import EPILOG, console_command
+from dialogsim.models import DEFAULT_MODEL, check_model_name
 from dialogsim.precision import Hardware, engine_device, engine_dtype
 
 ENGINES = ("vllm", "transformers")
@@ -89,9 +90,12 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     return {"tokens_per_second": statistics.median(rates), "start_seconds": start_seconds}
 
 
-def main(argv: list[str] | None = None) -> None:
+@console_command
+def main(argv: list[str]) -> None:
     """Run every (engine, dtype) in a fresh process and print the table and ``auto``'s share of the best."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
@@ -105,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=DTYPES, help=argparse.SUPPRESS)
     parser.add_argument("--prompts", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    check_model_name("--model", args.model)
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return

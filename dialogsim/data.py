@@ -54,6 +54,12 @@ from dialogsim.rewards.math_verifier import last_boxed
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+
+class PromptsNotFoundError(UsageError):
+    """The prompt source names no file, folder or hub dataset (or none is given and the default is missing):
+    a refusal before anything is generated (commands exit 2 with its message, :mod:`dialogsim.console`)."""
+
+
 logger = logging.getLogger(__name__)
 
 PROMPTS_ENV_VAR = "DIALOGSIM_PROMPTS"
@@ -153,17 +159,17 @@ def default_prompt_file() -> Path:
         ``<repo>/../shared/data/ultrainteract/`` (found relative to this package).
 
     Raises:
-        FileNotFoundError: ``$DIALOGSIM_PROMPTS`` names no file, or it is unset and the shared file is absent.
+        PromptsNotFoundError: ``$DIALOGSIM_PROMPTS`` names no file, or it is unset and the shared file is absent.
     """
     configured = os.environ.get(PROMPTS_ENV_VAR)
     if configured:
         path = Path(configured).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"${PROMPTS_ENV_VAR} is set to {path}, which is not a file; fix or unset it")
+            raise PromptsNotFoundError(f"${PROMPTS_ENV_VAR} is set to {path}, which is not a file; fix or unset it")
         return path
     if SHARED_PROMPTS.is_file():
         return SHARED_PROMPTS
-    raise FileNotFoundError(
+    raise PromptsNotFoundError(
         f"no prompt file: ${PROMPTS_ENV_VAR} is unset and {SHARED_PROMPTS} does not exist; pass a "
         ".jsonl/.json/.parquet file in UltraInteract format or a hub id (openbmb/UltraInteract_sft)"
     )
@@ -184,7 +190,7 @@ def default_prompt_source(shared: Path = SHARED_PROMPTS, offline: bool | None = 
             (set by ``HF_HUB_OFFLINE=1`` or ``HF_DATASETS_OFFLINE=1``).
 
     Raises:
-        FileNotFoundError: ``$DIALOGSIM_PROMPTS`` names no file, or offline with no ``shared`` file
+        PromptsNotFoundError: ``$DIALOGSIM_PROMPTS`` names no file, or offline with no ``shared`` file
             (the message says how to fix either).
     """
     if os.environ.get(PROMPTS_ENV_VAR):
@@ -194,7 +200,7 @@ def default_prompt_source(shared: Path = SHARED_PROMPTS, offline: bool | None = 
     if offline is None:
         offline = datasets_config.HF_HUB_OFFLINE
     if offline:
-        raise FileNotFoundError(
+        raise PromptsNotFoundError(
             f"no default prompts: {shared} does not exist and the hub is off (HF_HUB_OFFLINE / "
             f"HF_DATASETS_OFFLINE is set), so {HUB_PROMPTS} cannot be read; pass --prompts <file>, set "
             f"${PROMPTS_ENV_VAR}, put the shared data at {shared}, or unset the offline variables"
@@ -242,7 +248,7 @@ def load_prompts(
         The kept rows and a :class:`LoadReport`.
 
     Raises:
-        FileNotFoundError: ``source`` is neither a file, a folder nor a hub id.
+        PromptsNotFoundError: ``source`` is neither a file, a folder nor a hub id.
         PromptFormatError: a row is malformed (message: file, 1-based line or 0-based row, field, fix),
             the source is empty, or two rows share an id.
         ConnectionError: a hub id could not be reached (offline).
@@ -316,7 +322,7 @@ def load_offline_dialogues(
         unique with ``#<index>``) and a :class:`LoadReport` of kind ``"dialogues"``.
 
     Raises:
-        FileNotFoundError: ``source`` is neither a file, a folder nor a hub id.
+        PromptsNotFoundError: ``source`` is neither a file, a folder nor a hub id.
         PromptFormatError: the source is empty, not JSON objects (file, line), or has neither a
             ``messages`` nor a ``trajectory`` column.
         ConnectionError: a hub id could not be reached (offline).
@@ -428,13 +434,29 @@ def _read_records(
     ``schema`` defaults to the prompt rows' (:data:`PROMPT_ROWS`).
     """
     schema = schema or PROMPT_ROWS
+    if check_prompt_source(source) == "file":
+        return _read_file(Path(source).expanduser(), cache_dir, schema)
+    return _read_dataset(str(source), cache_dir)
+
+
+def check_prompt_source(source: str | Path | None) -> str:
+    """What kind of prompt source ``source`` is, without reading it: ``"file"``, ``"folder"`` or ``"hub"``.
+
+    ``None`` stands for :func:`default_prompt_source`. Commands call it before anything is written or loaded.
+
+    Raises:
+        PromptsNotFoundError: ``source`` is neither an existing file or folder nor a hub dataset id (or ``None``
+            and the default is missing); the message says what to pass.
+    """
+    source = default_prompt_source() if source is None else source
     path = Path(source).expanduser()
     if path.is_file():
-        return _read_file(path, cache_dir, schema)
-    looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) is not None
-    if path.is_dir() or (looks_like_hub_id and path.suffix.lower() not in FILE_BUILDERS):
-        return _read_dataset(str(source), cache_dir)
-    raise FileNotFoundError(
+        return "file"
+    if path.is_dir():
+        return "folder"
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) is not None and path.suffix.lower() not in FILE_BUILDERS:
+        return "hub"
+    raise PromptsNotFoundError(
         f"prompt source {str(source)!r} is neither a file, a folder nor a hub dataset id; pass a "
         f".jsonl/.json/.parquet file (e.g. {SHARED_PROMPTS}) or a hub id (openbmb/UltraInteract_sft)"
     )

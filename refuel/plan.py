@@ -199,11 +199,11 @@ def make_plan(
     except UsageError as error:
         plan.errors.append(str(error))
     if config.prompts is None:
-        from dialogsim.data import default_prompt_source
+        from dialogsim.data import PromptsNotFoundError, default_prompt_source
 
         try:
             prompts = f"{default_prompt_source()} (default)"
-        except FileNotFoundError as error:
+        except PromptsNotFoundError as error:
             prompts = "(none)"
             plan.errors.append(str(error))
     elif Path(config.prompts).expanduser().exists():

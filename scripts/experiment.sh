@@ -181,5 +181,12 @@ else
   touch "$evaluated"
 fi
 
-python -m refuel.evaluation.analysis --run_dir "$out" --eval_dir "$judge_dir" --methods "${folders[@]}" "${budget[@]}"
+# REFUEL − REBEL-LT per turn, paired by prompt; the labels are refuel-evaluate's (refuel/evaluation/policy_names.py):
+# two REFUEL runs' last policies share "REFUEL π_T", so seed 0's carries its folder.
+refuel_label="REFUEL π_$iterations"
+if [[ $task == arithmetic ]]; then
+  refuel_label+=" (refuel/iteration_$last)"
+fi
+python -m refuel.evaluation.analysis --run_dir "$out" --eval_dir "$judge_dir" --methods "${folders[@]}" "${budget[@]}" \
+  --contrast "$refuel_label" "REBEL-LT π_$iterations"
 echo "=== $(date -Is) experiment done: $out/summary.md"

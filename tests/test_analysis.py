@@ -15,6 +15,7 @@ from refuel.evaluation.analysis import (
     markdown,
     measured_speeds,
     pair_statistics,
+    paired_difference,
     projected_minutes,
     prompts_to_resolve,
     summarize,
@@ -67,6 +68,35 @@ def test_prompts_to_resolve_by_hand() -> None:
     assert table.loc[1, "sd"] == pytest.approx(0.5)
     assert table.loc[1, "prompts_needed"] == math.ceil((1.959964 * 0.5 / 0.25) ** 2) == 16
     assert table.loc[2, "win_rate"] == pytest.approx(50.0) and math.isnan(table.loc[2, "prompts_needed"])
+
+
+def test_paired_difference_by_hand() -> None:
+    """A − B per turn, paired by prompt: the mean of per-prompt differences, a bootstrap interval around it, and the
+    prompts a 95 % interval would need; prompts judged for one method only are left out."""
+    prompts = [f"p{i}" for i in range(40)]
+    a = [1.0] * 30 + [0.0] * 10  # turn 1: A wins 75 % of prompts
+    b = [1.0] * 20 + [0.0] * 20  # B wins 50 %, on a subset of A's wins
+    rows = [("A", p, 1, x) for p, x in zip(prompts, a, strict=True)]
+    rows += [("B", p, 1, x) for p, x in zip(prompts, b, strict=True)]
+    rows += [
+        ("A", "p0", 2, 1.0),
+        ("B", "p0", 2, 1.0),
+        ("A", "p1", 2, 0.0),
+        ("B", "p1", 2, 0.0),
+        ("A", "only-a", 2, 1.0),
+    ]
+    judgements = pd.DataFrame(rows, columns=["method", "prompt_id", "turn", "outcome"])
+    table = paired_difference(judgements, "A", "B").set_index("turn")
+    first = table.loc[1]
+    assert first["difference"] == pytest.approx(25.0) and first["prompts"] == 40
+    assert 10 < first["ci_low"] < 25 < first["ci_high"] < 40  # d is 1 on 10 prompts, 0 on 30: sd 0.439
+    sd = pd.Series([1.0] * 10 + [0.0] * 30).std(ddof=1)
+    assert first["prompts_needed"] == math.ceil((1.959964 * sd / 0.25) ** 2)
+    second = table.loc[2]  # identical outcomes on the two shared prompts: no spread, no interval, never resolved
+    assert second["difference"] == 0 and second["prompts"] == 2
+    assert math.isnan(second["ci_low"]) and math.isnan(second["prompts_needed"])
+    with pytest.raises(ValueError, match=r"--contrast C: no such method in judgements.csv; its methods: \['A', 'B'\]"):
+        paired_difference(judgements, "A", "C")
 
 
 def _iteration(run: Path, method: str, collection: dict, started: float, trained: float) -> None:

@@ -112,6 +112,16 @@ def test_train_refuses_tasks_its_reward_cannot_score_in_one_line(
     assert err.count("\n") == 1 and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("main", [iterations.main, evaluate.main])
+def test_a_missing_prompt_file_is_refused_in_one_line_before_anything_is_written(
+    main: Command, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "prompts.jsonl"
+    code, err = _main_exit(main, ["--prompts", str(missing), "--output_dir", str(tmp_path / "out")], capsys)
+    assert code == 2 and err.startswith(f"error: prompt source '{missing}' is neither a file") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("candidate", "problem", "closest"),
     [
@@ -250,6 +260,7 @@ def test_python_m_entries_refuse_in_one_line(module: str, argv: list[str], messa
     "script",
     [
         "collection_throughput",
+        "engine_precision",
         "generation_profile",
         "memory",
         "reference_design",

@@ -17,6 +17,7 @@ from dialogsim.data import (
     HUB_PROMPTS,
     LoadReport,
     PromptFormatError,
+    PromptsNotFoundError,
     _prevalidate_json,
     chat_token_counts,
     default_prompt_file,
@@ -255,7 +256,7 @@ def test_empty_file_is_reported(tmp_path: Path, content: bytes) -> None:
 
 
 def test_missing_source_says_what_to_pass(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="openbmb/UltraInteract_sft"):
+    with pytest.raises(PromptsNotFoundError, match="openbmb/UltraInteract_sft"):
         load_prompts(tmp_path / "nope.jsonl")
 
 
@@ -364,7 +365,7 @@ def test_default_prompt_file(monkeypatch: pytest.MonkeyPatch, shared_prompts: Pa
     monkeypatch.setenv("DIALOGSIM_PROMPTS", str(custom))
     assert default_prompt_file() == custom
     monkeypatch.setenv("DIALOGSIM_PROMPTS", str(tmp_path / "missing.jsonl"))
-    with pytest.raises(FileNotFoundError, match="DIALOGSIM_PROMPTS"):
+    with pytest.raises(PromptsNotFoundError, match="DIALOGSIM_PROMPTS"):
         default_prompt_file()
 
 
@@ -393,9 +394,9 @@ def test_default_prompt_source_offline_without_a_local_file_says_how_to_fix(
 ) -> None:
     monkeypatch.delenv("DIALOGSIM_PROMPTS", raising=False)
     missing = tmp_path / "missing.jsonl"
-    with pytest.raises(FileNotFoundError, match=r"hub is off .*pass --prompts <file>, set \$DIALOGSIM_PROMPTS"):
+    with pytest.raises(PromptsNotFoundError, match=r"hub is off .*pass --prompts <file>, set \$DIALOGSIM_PROMPTS"):
         default_prompt_source(shared=missing)  # offline read from datasets.config (HF_DATASETS_OFFLINE=1 here)
-    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+    with pytest.raises(PromptsNotFoundError, match=re.escape(str(missing))):
         default_prompt_source(shared=missing, offline=True)
 
 

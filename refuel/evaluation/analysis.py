@@ -6,6 +6,9 @@ folder of ``refuel-evaluate`` (``win_rates.csv``, ``judgements.csv``, ``diagnost
 * the paper's method × turn win-rate table with bootstrap 95 % intervals, and whether each interval contains 50 %;
 * per turn, the held-out prompts a 95 % interval would need to exclude 50 % at the observed win rate and spread
   (normal approximation: n = (1.96 · sd / (p − ½))², sd the standard deviation of the per-prompt outcomes);
+* with ``--contrast A B`` (two method labels of ``judgements.csv``, e.g. ``"REFUEL π_2" "REBEL-LT π_2"``): per turn,
+  the win-rate difference A − B with a paired bootstrap 95 % interval over prompts, and the prompts that would
+  exclude 0 (:func:`paired_difference`);
 * the per-turn diagnostics of every policy (copied from ``diagnostics.csv``);
 * per iteration: the validation loss and sign agreement before and after training (``metrics.json``), and the
   spread of the regression target r − r' over the collected pairs (:func:`pair_statistics`);
@@ -50,6 +53,10 @@ class AnalysisConfig:
     budget_pairs: int = field(default=1280, metadata={"help": "pairs the projected run collects"})
     budget_pair_epochs: int = field(default=2304, metadata={"help": "training pairs × epochs the projected run does"})
     budget_dialogues: int = field(default=1000, metadata={"help": "evaluation dialogues (policies × prompts)"})
+    contrast: list[str] = field(
+        default_factory=list,
+        metadata={"help": "two method labels of judgements.csv, A B: the per-turn difference A − B (paired by prompt)"},
+    )
 
 
 @dataclass
@@ -237,6 +244,65 @@ def prompts_to_resolve(judgements: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["method", "turn", "win_rate", "sd", "prompts_needed"])
 
 
+def paired_difference(judgements: pd.DataFrame, first: str, second: str, seed: int = 0) -> pd.DataFrame:
+    """Per turn h: the win-rate difference ``first`` − ``second`` against the same baseline, paired by prompt.
+
+    Both methods were judged against the baseline on the same held-out prompts, so the per-prompt outcome
+    difference d = o_first − o_second removes the prompts' shared difficulty. The interval is a percentile
+    bootstrap over prompts (``scipy.stats.bootstrap``, 9,999 resamples, ``paired=True``); ``prompts_needed`` is
+    the normal-approximation count n = ⌈(1.96 · sd(d) / mean(d))²⌉ for a 95 % interval to exclude 0.
+
+    Args:
+        judgements: ``judgements.csv`` of ``refuel-evaluate`` (``method``, ``prompt_id``, ``turn``, ``outcome``).
+        first / second: method labels in ``judgements["method"]``.
+        seed: the bootstrap's seed.
+
+    Returns:
+        One row per turn: ``turn``, ``difference`` (points, first − second), ``ci_low``, ``ci_high`` (points),
+        ``prompts`` (judged for both), ``prompts_needed``.
+
+    Raises:
+        UsageError: a label absent from ``judgements`` (the message lists the labels present).
+    """
+    from scipy import stats
+
+    labels = sorted(judgements["method"].unique())
+    missing = [label for label in (first, second) if label not in labels]
+    if missing:
+        raise UsageError(f"--contrast {' '.join(missing)}: no such method in judgements.csv; its methods: {labels}")
+    outcomes = judgements.dropna(subset=["outcome"]).pivot_table(
+        index=["turn", "prompt_id"], columns="method", values="outcome"
+    )
+    rows = []
+    for turn, group in outcomes[[first, second]].dropna().groupby(level="turn"):
+        d = (group[first] - group[second]).to_numpy()  # [prompts]
+        mean, sd = float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else math.nan
+        low = high = math.nan
+        if len(d) > 1 and sd > 0:
+            interval = stats.bootstrap(
+                (group[first].to_numpy(), group[second].to_numpy()),
+                lambda a, b, axis=-1: np.mean(a - b, axis=axis),
+                paired=True,
+                vectorized=True,
+                n_resamples=9_999,
+                method="percentile",
+                rng=np.random.default_rng(seed),
+            ).confidence_interval
+            low, high = interval.low, interval.high
+        needed = math.ceil((Z_95 * sd / mean) ** 2) if mean != 0 and math.isfinite(sd) else math.nan
+        rows.append(
+            {
+                "turn": int(turn),
+                "difference": 100 * mean,
+                "ci_low": 100 * low,
+                "ci_high": 100 * high,
+                "prompts": len(d),
+                "prompts_needed": needed,
+            }
+        )
+    return pd.DataFrame(rows, columns=["turn", "difference", "ci_low", "ci_high", "prompts", "prompts_needed"])
+
+
 def summarize(config: AnalysisConfig) -> dict[str, Any]:
     """Everything in the module docstring as one JSON-serialisable dict (missing evaluation files: left out).
 
@@ -254,15 +320,23 @@ def summarize(config: AnalysisConfig) -> dict[str, Any]:
     dialogues = None
     if (eval_dir / "win_rates.csv").exists():
         rates = pd.read_csv(eval_dir / "win_rates.csv", dtype={"turn": str})
+        judgements = pd.read_csv(eval_dir / "judgements.csv")
         diagnostics = pd.read_csv(eval_dir / "diagnostics.csv")
         per_turn = rates[rates["turn"] != AVG_TURN]
         summary |= {
             "win_rates": rates.to_dict("records"),
             "table": paper_table(rates).reset_index().to_dict("records"),
             "every_interval_contains_50": bool(((per_turn["ci_low"] <= 50) & (per_turn["ci_high"] >= 50)).all()),
-            "prompts_to_resolve": prompts_to_resolve(pd.read_csv(eval_dir / "judgements.csv")).to_dict("records"),
+            "prompts_to_resolve": prompts_to_resolve(judgements).to_dict("records"),
             "diagnostics": diagnostics.to_dict("records"),
         }
+        if config.contrast:
+            if len(config.contrast) != 2:
+                raise UsageError(f"--contrast takes two method labels, A B; got {config.contrast}")
+            summary["contrast"] = {
+                "methods": config.contrast,
+                "per_turn": paired_difference(judgements, *config.contrast).to_dict("records"),
+            }
         dialogues = int(diagnostics.groupby("method")["dialogues"].max().sum())
     speeds = measured_speeds(run_dir, config.methods, dialogues)
     summary["speeds"] = asdict(speeds)
@@ -289,6 +363,12 @@ def markdown(summary: Mapping[str, Any]) -> str:
             markdown_table(pd.DataFrame(summary["prompts_to_resolve"])),
             "\n## Per-turn diagnostics of each policy's own dialogues (rates in %)",
             markdown_table(pd.DataFrame(summary["diagnostics"])),
+        ]
+    if "contrast" in summary:
+        first, second = summary["contrast"]["methods"]
+        parts += [
+            f"\n## {first} − {second}: win-rate difference (points), paired bootstrap 95 % intervals over prompts",
+            markdown_table(pd.DataFrame(summary["contrast"]["per_turn"])),
         ]
     rows = [{"method": method} | row for method, items in summary["iterations"].items() for row in items]
     if rows:

@@ -43,6 +43,7 @@ import pandas as pd
 from dialogsim.backends.serving import ServingEngine, resolve_user_backend, user_engine
 from dialogsim.backends.transformers_backend import load_tokenizer
 from dialogsim.console import UsageError, console_command, failure_state
+from dialogsim.data import check_prompt_source
 from dialogsim.dialogue import fingerprint
 from dialogsim.judges.base import JudgePair, PairwiseJudge
 from dialogsim.judges.factory import JUDGES, build_judge, find_judge_plugin
@@ -214,11 +215,13 @@ def evaluate(config: EvaluateConfig) -> dict[str, Path]:
         ``diagnostics_png`` and ``html``, all in ``<output_dir>/<judge name>/``.
 
     Raises:
-        UsageError: before any dialogue is generated: a model name, the reward or the judge is invalid
+        UsageError: before any dialogue is generated: the prompt source is missing
+            (:class:`~dialogsim.data.PromptsNotFoundError`), a model name, the reward or the judge is invalid
             (:func:`check_policies`), the prompt selection is (:func:`evaluation_prompts`), or ``--judge reward``
             comes with a ``--reward`` that cannot score the selected tasks
             (:func:`~dialogsim.rewards.factory.check_reward_scores`).
     """
+    check_prompt_source(config.prompts)
     check_policies(config)
     precision = engine_dtype(config.engine_dtype, Hardware.detect(engine_device(config.backend)))  # logged once
     policies = [config.baseline, *config.candidates]

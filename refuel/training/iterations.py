@@ -33,6 +33,7 @@ from dialogsim.backends.base import ChatBackend, WeightSyncBackend
 from dialogsim.backends.serving import ServingEngine, resolve_user_backend, user_engine
 from dialogsim.backends.transformers_backend import load_tokenizer
 from dialogsim.console import console_command, failure_state
+from dialogsim.data import check_prompt_source
 from dialogsim.dialogue import fingerprint
 from dialogsim.models import check_model_name, resolve_model
 from dialogsim.precision import Hardware, engine_device, engine_dtype, training_dtype
@@ -228,6 +229,7 @@ def run(config: RefuelConfig) -> str:
             count than the launch asked for (:func:`refuel.training.distributed.build_accelerator`).
     """
     check_reward_scores(config.reward, config.tasks)  # before anything is written or generated
+    check_prompt_source(config.prompts)
     run_dir = Path(config.output_dir)
     folder = RunFolder(run_dir)
     restart = folder.check(config)
