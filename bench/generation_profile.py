@@ -2,7 +2,7 @@
 
 Usage (the README's numbers)::
 
-    python bench/generation_profile.py --batch 32 --sequential 8 --new_tokens 16 --repeats 3
+    python -m bench.generation_profile --batch 32 --sequential 8 --new_tokens 16 --repeats 3
 
 Splits the wall time of generating one reply per conversation into prefill (the forward pass over
 the prompt) and decode (one forward per new token), for one conversation at a time and for a
@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from bench.runs import machine_header
 from dialogsim.backends.transformers_backend import TransformersBackend, chat_prompt_ids
 from dialogsim.console import EPILOG, console_command
 from dialogsim.data import default_prompt_file, load_prompts
@@ -35,8 +36,6 @@ from dialogsim.models import DEFAULT_MODEL, check_model_name
 from dialogsim.precision import ENGINE_DTYPES
 from dialogsim.prompts import PromptRow
 from dialogsim.user import TEMPLATES, render_user_prompt
-
-from runs import machine_header
 
 
 def median_seconds(run: Callable[[], Any], repeats: int) -> float:

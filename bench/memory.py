@@ -1,9 +1,9 @@
 """Peak memory and step time of a REFUEL step vs a plain SFT step on the same batch (full fine-tuning and LoRA).
 
-    python bench/memory.py                      # SmolLM2-135M-Instruct, bf16 autocast, 3 runs per configuration
-    python bench/memory.py --gradient_checkpointing --runs 5 --pairs 4
+    python -m bench.memory                      # SmolLM2-135M-Instruct, bf16 autocast, 3 runs per configuration
+    python -m bench.memory --gradient_checkpointing --runs 5 --pairs 4
 
-Both steps run through :class:`refuel.trainer.RefuelTrainer` (same ``accelerate`` setup, AdamW, clipping,
+Both steps run through :class:`refuel.training.trainer.RefuelTrainer` (same ``accelerate`` setup, AdamW, clipping,
 precision, gradient checkpointing and LoRA); they differ only in the objective:
 
 - ``refuel``: the REFUEL least-squares loss on the relative log-ratio of the two replies (π_t log-probs
@@ -48,10 +48,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.runs import grouped_medians, machine_header, run_worker
 from dialogsim.console import EPILOG, console_command
 from dialogsim.models import check_model_name
-
-from runs import grouped_medians, machine_header, run_worker
 
 GIB = 1024**3
 OBJECTIVES = ("refuel", "sft", "sft_hf")
@@ -111,8 +110,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from dialogsim.models import resolve_model
     from dialogsim.precision import training_dtype
     from refuel.config import RefuelConfig
-    from refuel.logprobs import masked_sequence_logprobs
-    from refuel.trainer import RefuelTrainer
+    from refuel.training.logprobs import masked_sequence_logprobs
+    from refuel.training.trainer import RefuelTrainer
 
     class TimedRefuelTrainer(RefuelTrainer):
         """RefuelTrainer that times its π_t log-prob pass (done once, in the constructor)."""
@@ -194,7 +193,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def worker_command(args: argparse.Namespace, objective: str, lora_r: int) -> list[str]:
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--objective", objective]
+    command = [sys.executable, "-m", __spec__.name, "--worker", "--objective", objective]
     command += ["--lora_r", str(lora_r), "--model", args.model, "--pairs", str(args.pairs)]
     command += ["--prompt_tokens", str(args.prompt_tokens), "--reply_tokens", str(args.reply_tokens)]
     command += ["--steps", str(args.steps), "--threads", str(args.threads), "--mixed_precision", args.mixed_precision]

@@ -2,7 +2,7 @@
 
 Usage (the README's numbers)::
 
-    python bench/reference_design.py --pairs 32 --max_horizon 3 --max_new_tokens 128 --repeats 3
+    python -m bench.reference_design --pairs 32 --max_horizon 3 --max_new_tokens 128 --repeats 3
 
 The public code (github.com/ZhaolinGao/REFUEL, ``setting_one/generate.py``) collects a REFUEL iteration's
 data turn by turn, each turn one new process per role: a process loads a fresh engine for π_t, generates
@@ -13,11 +13,11 @@ generates the second branch from there, again turn by turn with fresh engines. N
 turns: no engine, no KV cache, no batch across roles.
 
 This script times that design with our engines, prompts and reward: per turn and role one
-``python bench/reference_design.py --child ...`` process builds the engine (``--backend``), generates for
+``python -m bench.reference_design --child ...`` process builds the engine (``--backend``), generates for
 every dialogue active at that turn, and writes them back; both branches are scored by the same reward.
 Each dialogue runs to its own horizon H ~ U{1..max} (the public code runs every dialogue to the largest
 horizon, which costs more), so the anchor's time is a lower bound on the design's. Ours is
-:func:`refuel.collect.collect_pairs` on one engine serving π_t and the simulated user (the main job's
+:func:`refuel.collection.collect.collect_pairs` on one engine serving π_t and the simulated user (the main job's
 arrangement), its one engine start per iteration timed separately and included in the ratio.
 
 Prints one table (median of ``--repeats`` runs made in this one invocation, seeds 0, 1, ...) and, as its
@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bench.runs import machine_header
 from dialogsim.backends.factory import build_backend
 from dialogsim.backends.serving import ServingEngine
 from dialogsim.backends.transformers_backend import load_tokenizer
@@ -52,9 +53,7 @@ from dialogsim.rewards.factory import build_reward_model
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator, EpisodeConfig
 from dialogsim.user import UserSimulator
-from refuel.collect import collect_pairs
-
-from runs import machine_header
+from refuel.collection.collect import collect_pairs
 
 USER_TEMPLATE = "student"
 
@@ -86,7 +85,7 @@ def fresh_engine_turn(role: str, dialogues: list[list[Message]], args: argparse.
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "dialogues.json"
         path.write_text(json.dumps(dialogues))
-        command = [sys.executable, __file__, "--child", role, "--io", str(path), "--seed", str(seed)]
+        command = [sys.executable, "-m", __spec__.name, "--child", role, "--io", str(path), "--seed", str(seed)]
         command += ["--backend", args.backend, "--model", args.model]
         command += ["--max_new_tokens", str(args.max_new_tokens), "--temperature", str(args.temperature)]
         process = subprocess.run(command, capture_output=True, text=True, check=False)

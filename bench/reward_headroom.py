@@ -2,7 +2,7 @@
 
 Usage (the numbers in :class:`dialogsim.rewards.math_format.MathFormatReward`'s docstring)::
 
-    python bench/reward_headroom.py --replies /tmp/smollm_replies.jsonl
+    python -m bench.reward_headroom --replies /tmp/smollm_replies.jsonl
 
 Takes the held-out GSM8K Math_CoT prompts the project evaluates on (``holdout`` prompts chosen by id
 hash, as ``refuel-train`` / ``refuel-evaluate`` do), samples ``--samples`` turn-1 replies per prompt
@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.runs import machine_header
 from dialogsim.backends.transformers_backend import TransformersBackend, load_tokenizer
 from dialogsim.console import EPILOG, console_command
 from dialogsim.data import default_prompt_file, load_prompts
@@ -47,8 +48,6 @@ from dialogsim.rewards.math_format import MathFormatReward
 from dialogsim.rewards.math_reward import reference_solution
 from dialogsim.sampling import SamplingParams
 from envs.build import select_partition
-
-from runs import machine_header
 
 REWARD_SPECS = ("math", "math_format")
 NUMBER_LIST = " ".join(str(number) for number in range(1, 41))

@@ -2,7 +2,7 @@
 
 Usage (the numbers under the README's reliability table)::
 
-    python bench/sandbox_overhead.py --rows 20 --repeats 3
+    python -m bench.sandbox_overhead --rows 20 --repeats 3
 
 Runs, ``--repeats`` times, one at a time (``CodeTestReward(workers=1)``): an empty program (``pass``:
 process start plus sandbox setup, the per-program overhead) and the first ``--rows`` MBPP rows of the
@@ -19,13 +19,12 @@ import statistics
 import sys
 import time
 
+from bench.runs import machine_header
 from dialogsim.console import EPILOG, console_command
 from dialogsim.data import default_prompt_file, load_prompts
 from dialogsim.messages import Message
 from dialogsim.rewards.code_verifier import CodeTestReward
 from dialogsim.rewards.sandbox import isolation_level, run_python
-
-from runs import machine_header
 
 
 def _dialogue(instruction: str, code: str) -> list[Message]:

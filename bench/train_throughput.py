@@ -1,8 +1,8 @@
 """REFUEL training throughput: pair-epochs per minute, peak memory and bf16 log-prob noise, old path vs new path.
 
-    python bench/train_throughput.py                 # SmolLM2-135M-Instruct, the main job's pair shapes, 3 runs
-    python bench/train_throughput.py --runs 5 --pairs 32
-    python bench/train_throughput.py --pairs_file runs/cpu-main/iteration_0/pairs.jsonl --paths shared_prefix \
+    python -m bench.train_throughput                 # SmolLM2-135M-Instruct, the main job's pair shapes, 3 runs
+    python -m bench.train_throughput --runs 5 --pairs 32
+    python -m bench.train_throughput --pairs_file runs/cpu-main/iteration_0/pairs.jsonl --paths shared_prefix \
         --pairs 24 --idle_vllm      # the main job's real pairs, beside an idle vLLM engine as in refuel-train
 
 Paths (each in a fresh subprocess, ``--runs`` times, interleaved; every figure is the median over runs):
@@ -43,11 +43,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.memory import GIB, peak_rss_bytes, reset_peak_rss
+from bench.runs import grouped_medians, machine_header, run_worker
 from dialogsim.console import EPILOG, console_command
 from dialogsim.models import check_model_name
-
-from memory import GIB, peak_rss_bytes, reset_peak_rss
-from runs import grouped_medians, machine_header, run_worker
 
 PATHS = {"separate": ("separate", False), "shared_prefix": ("shared_prefix", True)}
 PRECISIONS = ("no", "bf16")
@@ -95,7 +94,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from dialogsim.models import resolve_model
     from dialogsim.precision import training_dtype
     from refuel.config import RefuelConfig
-    from refuel.trainer import RefuelTrainer
+    from refuel.training.trainer import RefuelTrainer
 
     torch.set_num_threads(args.threads)
     path = resolve_model(args.model)
@@ -170,7 +169,7 @@ def ratio_error(trainer: Any, exact_t: dict[int, Any]) -> float:
     """
     import torch
 
-    from refuel.loss import relative_log_ratio
+    from refuel.training.loss import relative_log_ratio
 
     trainer.model.eval()
     with torch.no_grad():  # [6, B] per micro-batch: the refuel_loss arguments
@@ -267,7 +266,7 @@ def main(argv: list[str]) -> None:
     for run in range(args.runs):  # interleaved, so that a change of machine load hits every configuration
         for path in args.paths:
             for precision in args.precisions:
-                command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--path", path]
+                command = [sys.executable, "-m", __spec__.name, "--worker", "--path", path]
                 command += ["--precision", precision, "--model", args.model, "--pairs", str(args.pairs)]
                 command += ["--threads", str(args.threads)]
                 if args.pairs_file is not None:

@@ -19,7 +19,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from dialogsim.console import EPILOG, UsageError
-from refuel.validation import union_members
+from refuel.settings_check import union_members
 
 ConfigT = TypeVar("ConfigT")
 
@@ -30,7 +30,7 @@ def parse_config(config_class: type[ConfigT], argv: Sequence[str] | None, descri
     Raises:
         SystemExit: bad flags (argparse's message names them; exit 2).
         UsageError: the config file is missing, not YAML / JSON (file:line:column), not a mapping, or has unknown
-            keys; a value is invalid (:func:`refuel.validation.check_config`, from the config's ``__post_init__``).
+            keys; a value is invalid (:func:`refuel.settings_check.check_config`, from the config's ``__post_init__``).
     """
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=Path)
@@ -53,7 +53,7 @@ def _read_config_file(path: Path, known: set[str], config_class: type) -> dict[s
 
     A bare string for a list field is a one-item list (``tasks: Math_CoT`` is ``[Math_CoT]``, not its
     letters) and a number for a float field is a float, also where YAML 1.1 reads a string (``1e-6``).
-    Other types are checked when the config is built (:func:`refuel.validation.check_config`).
+    Other types are checked when the config is built (:func:`refuel.settings_check.check_config`).
 
     Args:
         known: the parser's destinations (``--help``'s flags without dashes).

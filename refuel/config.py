@@ -24,9 +24,9 @@ group                       fields
 
 ``refuel-train`` and ``refuel-plan`` take :class:`RefuelConfig`, ``refuel-evaluate`` takes :class:`EvaluateConfig`;
 their command lines are generated from them (:func:`refuel.cli.parse_config`). What a run stage's fingerprint
-(:mod:`refuel.stages`) and an evaluation's dialogue cache key cover is a union of groups
+(:mod:`refuel.run_folder`) and an evaluation's dialogue cache key cover is a union of groups
 (:data:`COLLECTION_GROUPS`, :data:`TRAINING_GROUPS`, :data:`GENERATION_GROUPS`), so a new field enters them by
-the group it is declared in. Every value is checked when a config is built (:func:`refuel.validation.check_config`),
+the group it is declared in. Every value is checked when a config is built (:func:`refuel.settings_check.check_config`),
 before anything loads.
 """
 
@@ -39,7 +39,7 @@ from dialogsim.models import DEFAULT_MODEL
 from dialogsim.precision import EngineDtype
 from dialogsim.sampling import SamplingParams
 from envs.config import PromptConfig, SimulatorConfig, UserConfig, field_names, help_line
-from refuel.validation import NON_NEGATIVE, check_config
+from refuel.settings_check import NON_NEGATIVE, check_config
 
 Method = Literal["refuel", "rebel_lt", "dpo_lt"]
 Rollin = Literal["current", "initial", "dataset"]
@@ -249,7 +249,7 @@ class RefuelConfig(RunConfig, TrainingConfig, CollectionConfig, DialogueConfig):
 
     Raises:
         ValueError: a field of the wrong type, out of range, or in a combination that does not run
-            (:func:`refuel.validation.check_config`), naming each one and what is valid.
+            (:func:`refuel.settings_check.check_config`), naming each one and what is valid.
     """
 
     def __post_init__(self) -> None:
@@ -322,7 +322,7 @@ class EvaluateConfig(CandidatesConfig, JudgeConfig, EvaluationConfig, DialogueCo
         check_config(self, {"temperature": NON_NEGATIVE})
 
 
-# What each stage of a run depends on (refuel.stages) and what shapes an evaluation's dialogues (its cache key).
+# What each stage of a run depends on (refuel.run_folder) and what shapes an evaluation's dialogues (its cache key).
 COLLECTION_GROUPS = (SimulatorConfig, SamplingConfig, SeedConfig, CollectionConfig, EngineConfig)
 TRAINING_GROUPS = (*COLLECTION_GROUPS, TrainingConfig)
 GENERATION_GROUPS = (

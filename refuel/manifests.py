@@ -2,7 +2,7 @@
 
 ``python -m refuel.manifests`` (defaults: the main job's ``configs/cpu_main.yaml`` and ``configs/cpu_eval.yaml``)
 selects the prompts exactly as ``refuel-train`` and ``refuel-evaluate`` do (:func:`envs.build.load_prompt_rows`
-with the run's filters, token budget and hold-out, :func:`refuel.evaluate.evaluation_prompts`) and writes to
+with the run's filters, token budget and hold-out, :func:`refuel.evaluation.evaluate.evaluation_prompts`) and writes to
 ``data/manifests/``:
 
 - ``<name>_train.jsonl``: the rows ``refuel-train`` draws its reset points from;
@@ -34,7 +34,7 @@ from dialogsim.prompts import PromptRow
 from envs.build import load_prompt_rows, select_partition
 from refuel.cli import parse_config
 from refuel.config import RefuelConfig
-from refuel.evaluate import EvaluateConfig, evaluation_prompts
+from refuel.evaluation.evaluate import EvaluateConfig, evaluation_prompts
 from refuel.provenance import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,12 +4,12 @@ A pair is one reset state s_h, two turn-h replies y and y' of π_t, and the hori
 of the two complete dialogues (REFUEL, Gao et al. 2025, Algorithm 1). Each stage returns a new,
 larger record and never adds keys to the one it was given::
 
-    refuel.collect.pair_record    ─► Pair           shards/shard-<b>.jsonl        (PAIR_FEATURES)
+    refuel.collection.collect.pair_record    ─► Pair           shards/shard-<b>.jsonl        (PAIR_FEATURES)
     refuel.pairs.tokenize_pair    ─► TokenizedPair  pairs.jsonl before training   (TOKENIZED_PAIR_FEATURES)
-    refuel.trainer.RefuelTrainer  ─► ScoredPair     pairs.jsonl after training    (SCORED_PAIR_FEATURES)
+    refuel.training.trainer.RefuelTrainer  ─► ScoredPair     pairs.jsonl after training    (SCORED_PAIR_FEATURES)
 
-The trainer then collates micro-batches of scored pairs (:func:`refuel.packing.pack_pairs`, or
-:func:`pad_pairs` for the separate layout) and feeds them to :func:`refuel.loss.refuel_loss`.
+The trainer then collates micro-batches of scored pairs (:func:`refuel.training.packing.pack_pairs`, or
+:func:`pad_pairs` for the separate layout) and feeds them to :func:`refuel.training.loss.refuel_loss`.
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ from refuel.storage import read_rows
 
 
 class Pair(TypedDict):
-    """One collected REFUEL pair (a row of a collection shard), built by :func:`refuel.collect.pair_record`.
+    """One collected REFUEL pair (a row of a collection shard), built by :func:`refuel.collection.collect.pair_record`.
 
     Attributes:
         prompt_id: the prompt row the dialogues answer.
         turn: h, the reset turn (1 ≤ h ≤ H): y and y' are the h-th assistant replies.
         horizon: H, the turn after whose reply both dialogues are scored.
         reset_source: which part of the reset distribution s_h came from: ``"current"`` (roll-in with
-            π_t), ``"reference"`` (roll-in with π_ref), ``"prompt"`` (a β prompt start), ``"dataset"``
+            π_t), ``"initial"`` (roll-in with π_ref, the initial policy), ``"prompt"`` (a β prompt start), ``"dataset"``
             (an offline prefix).
         offline_id: the offline dialogue whose prefix s_h is, for ``"dataset"``; ``""`` otherwise.
         snapshot_json: the environment snapshot of s_h (JSON text).

@@ -8,8 +8,8 @@ Every ``refuel-train`` flag is accepted (flags override the ``--config`` file), 
   count, engine (DDP, DeepSpeed, FSDP) and mixed precision are checked against the run config.
 - ``--num_processes N``: overrides the file's process count, as ``accelerate launch`` does.
 
-What is checked: every field's type and range (:mod:`refuel.validation`, the check ``refuel-train`` runs),
-``--output_dir`` (a new folder, or a run whose recorded stage settings agree: :mod:`refuel.stages`), the
+What is checked: every field's type and range (:mod:`refuel.settings_check`, the check ``refuel-train`` runs),
+``--output_dir`` (a new folder, or a run whose recorded stage settings agree: :mod:`refuel.run_folder`), the
 fields' combinations (LoRA only where adapters can be merged, precision
 and clipping agreeing with the engine, vLLM tensor parallelism within the GPUs, the user server's
 URL), per-device batch × accumulation × processes = ``effective_batch_size``, and that every model name
@@ -33,10 +33,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 from dialogsim.console import UsageError, console_command
-from refuel.batching import step_schedule, validation_count
 from refuel.cli import parse_config
 from refuel.config import RefuelConfig
-from refuel.stages import RunFolder, RunFolderError
+from refuel.run_folder import RunFolder, RunFolderError
+from refuel.training.batching import step_schedule, validation_count
 
 SHARDED_TYPES = ("DEEPSPEED", "FSDP")
 REMOTE_CODE_REWARDS = ("armorm",)  # reward models whose hub code must run (trust_remote_code)
@@ -301,7 +301,9 @@ def make_plan(
     # the plan
     run_config = str(config_file) if config_file else "<run config>"
     if processes > 1 or accelerate_config is not None:
-        command = f"accelerate launch --config_file {accelerate_config} -m refuel.train --config {run_config}"
+        command = (
+            f"accelerate launch --config_file {accelerate_config} -m refuel.training.iterations --config {run_config}"
+        )
     else:
         command = f"refuel-train --config {run_config}"
     memory = [

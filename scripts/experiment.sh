@@ -5,7 +5,7 @@
 #   2. every policy (REFUEL π_1 and π_2, the others after their 2nd iteration) against π_0 on the held-out prompts,
 #      H = 3, judged by the training reward: the paper's method × turn table with 95 % intervals, the per-turn
 #      diagnostics (accuracy per turn included), plots, an HTML report;
-#   3. python -m refuel.analysis: the table, the diagnostics, the validation sign agreement per iteration, the
+#   3. python -m refuel.evaluation.analysis: the table, the diagnostics, the validation sign agreement per iteration, the
 #      spread of r − r' and what the policy can influence, measured speeds → <out>/summary.json, summary.md.
 #
 # The tasks (configs/<experiment|arithmetic>/train.yaml and eval.yaml):
@@ -65,7 +65,7 @@ case $task in
     reward=math_format
     default_out=runs/experiment
     runs=("refuel refuel 0" "rebel_lt rebel_lt 0" "dpo_lt dpo_lt 0")
-    budget=() # refuel.analysis's defaults project this task's full run
+    budget=() # refuel.evaluation.analysis's defaults project this task's full run
     ;;
   arithmetic)
     configs=configs/arithmetic
@@ -170,7 +170,7 @@ for run in "${runs[@]}"; do
   # The first REFUEL run's policies are evaluated as soon as they exist: its table can be read while the others train.
   if [[ $folder == "${folders[0]}" && ! -f $evaluated ]]; then
     stage evaluate-refuel evaluate "${candidates[@]:0:iterations}"
-    python -m refuel.analysis --run_dir "$out" --eval_dir "$judge_dir" --methods "$folder" "${budget[@]}"
+    python -m refuel.evaluation.analysis --run_dir "$out" --eval_dir "$judge_dir" --methods "$folder" "${budget[@]}"
   fi
 done
 
@@ -181,12 +181,12 @@ else
   touch "$evaluated"
 fi
 
-# REFUEL − REBEL-LT per turn, paired by prompt; the labels are refuel-evaluate's (refuel/labels.py): two REFUEL runs'
-# last policies share "REFUEL π_T", so seed 0's carries its folder.
+# REFUEL − REBEL-LT per turn, paired by prompt; the labels are refuel-evaluate's (refuel/evaluation/policy_names.py):
+# two REFUEL runs' last policies share "REFUEL π_T", so seed 0's carries its folder.
 refuel_label="REFUEL π_$iterations"
 if [[ $task == arithmetic ]]; then
   refuel_label+=" (refuel/iteration_$last)"
 fi
-python -m refuel.analysis --run_dir "$out" --eval_dir "$judge_dir" --methods "${folders[@]}" "${budget[@]}" \
+python -m refuel.evaluation.analysis --run_dir "$out" --eval_dir "$judge_dir" --methods "${folders[@]}" "${budget[@]}" \
   --contrast "$refuel_label" "REBEL-LT π_$iterations"
 echo "=== $(date -Is) experiment done: $out/summary.md"

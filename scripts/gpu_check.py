@@ -3,14 +3,14 @@
 Steps (each prints ``PASS``/``FAIL``/``SKIP`` with its wall time; the exit status is 1 if any failed):
 
 - ``loss``: the REFUEL and DPO losses on CUDA in bf16 equal their fp32 values (rtol 2e-2).
-- ``trainer``: :class:`refuel.trainer.RefuelTrainer` on CUDA with ``mixed_precision: bf16`` and a
+- ``trainer``: :class:`refuel.training.trainer.RefuelTrainer` on CUDA with ``mixed_precision: bf16`` and a
   random-initialised tiny Llama: the π_t log-ratio is exactly 0 before training (validation loss =
   η²·mean (r − r')²), 2 optimizer steps with finite losses move the weights, the saved folder reloads.
 - ``collection``: REFUEL pair collection on the transformers backend on CUDA (no vLLM): policy and
   user are the tiny model, 4 reset points on 2 hand-written GSM8K-style prompts, pairs tokenised.
 - ``fsdp`` / ``deepspeed_zero2`` / ``deepspeed_zero3``: one process under ``accelerate launch`` with the
   shipped ``configs/accelerate/*.yaml`` (bf16): accelerate must build that engine (the launch check of
-  :mod:`refuel.distributed`), 2 REFUEL steps, the gathered full state dict saved and reloaded equal to
+  :mod:`refuel.training.distributed`), 2 REFUEL steps, the gathered full state dict saved and reloaded equal to
   the trained weights. DeepSpeed steps are skipped when ``deepspeed`` is not importable.
 
 Without CUDA it stops at once with exit status 2 and says so. Usage: ``bash scripts/gpu_check.sh``.
@@ -58,7 +58,7 @@ def require_cuda() -> None:
 
 def make_tiny_model(folder: Path, tokenizer_path: str) -> str:
     """Save a random-initialised 2-layer Llama (seed 0) with the tokenizer of ``tokenizer_path`` to ``folder``."""
-    from conftest import tiny_llama_config
+    from doubles import tiny_llama_config
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
@@ -85,12 +85,12 @@ def _config(output_dir: Path, per_device: int) -> RefuelConfig:
 
 def train_and_reload(model_path: str, out: Path, per_device: int) -> dict:
     """2 bf16 REFUEL steps on the pairs of ``make_pairs``, saved and reloaded; returns what was checked."""
-    from test_trainer import make_pairs
+    from doubles import make_pairs
     from transformers import AutoModelForCausalLM
 
     from dialogsim.backends.transformers_backend import load_tokenizer
     from dialogsim.precision import training_dtype
-    from refuel.trainer import RefuelTrainer
+    from refuel.training.trainer import RefuelTrainer
 
     tokenizer = load_tokenizer(model_path)
     rows = make_pairs(tokenizer, PAIRS + 2)
@@ -121,7 +121,7 @@ def train_and_reload(model_path: str, out: Path, per_device: int) -> dict:
 
 def step_loss(_: Path, __: str) -> dict:
     """REFUEL and DPO losses in bf16 on CUDA against fp32."""
-    from refuel.loss import dpo_loss, refuel_loss
+    from refuel.training.loss import dpo_loss, refuel_loss
 
     generator = torch.Generator().manual_seed(0)
     values = [torch.randn(64, generator=generator) * scale for scale in (30, 30, 30, 30, 1, 1)]
@@ -151,7 +151,7 @@ def step_collection(_: Path, model_path: str) -> dict:
     from dialogsim.sampling import SamplingParams
     from dialogsim.simulator import DialogueSimulator, EpisodeConfig
     from dialogsim.user import UserSimulator
-    from refuel.collect import collect_pairs
+    from refuel.collection.collect import collect_pairs
     from refuel.pairs import tokenize_pairs
 
     policy = TransformersBackend(model_path, device="cuda")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -32,28 +31,10 @@ def smollm2_path() -> str:
     return resolve_model("smollm2-135m-instruct")
 
 
-def tiny_llama_config(tokenizer: Any, **overrides: Any) -> Any:
-    """A 2-layer, 32-wide Llama config for ``tokenizer`` (random-initialised test models)."""
-    from transformers import LlamaConfig
-
-    settings = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 2048,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    return LlamaConfig(**(settings | overrides))
-
-
 @pytest.fixture(scope="session")
 def tiny_model_path(smollm2_path: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A randomly initialised 2-layer Llama with SmolLM2's tokenizer and chat template."""
+    from doubles import tiny_llama_config  # imports transformers: only after the offline settings above
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)

@@ -1,4 +1,4 @@
-"""refuel.analysis on hand-made pair rows, metrics, timings and judgements (numbers worked out by hand)."""
+"""refuel.evaluation.analysis on hand-made pair rows, metrics, timings and judgements (numbers worked out by hand)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from refuel.analysis import (
+from refuel.evaluation.analysis import (
     AnalysisConfig,
     markdown,
     measured_speeds,
@@ -20,8 +20,8 @@ from refuel.analysis import (
     prompts_to_resolve,
     summarize,
 )
+from refuel.evaluation.winrate import per_turn_win_rates
 from refuel.storage import write_json, write_rows
-from refuel.winrate import per_turn_win_rates
 
 # d = r − r' = 0.5 (h = H = 1), 0 (h = H = 2), −1 (h = 1 < H = 3), 0.5 (h = 2 < H = 3); the NaN pair is left out.
 PAIRS = [

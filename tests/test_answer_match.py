@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
+from doubles import first_rows
 
 from dialogsim.messages import Message
 from dialogsim.prompts import PromptRow
@@ -106,23 +106,10 @@ def test_failures_are_nan_and_counted() -> None:
     assert reward.failures == {"unsupported_task:Math_CoT": 1, "no_reference": 1, "no_assistant_reply": 1}
 
 
-def _logic_rows(path: Path, count: int) -> list[PromptRow]:
-    rows = []
-    with path.open() as handle:
-        for line in handle:
-            record = json.loads(line)
-            if record["task"] == "Logic":
-                fields = {key: record[key] for key in ("id", "task", "dataset", "instruction", "reference", "split")}
-                rows.append(PromptRow(**fields, meta=record["meta"]))
-            if len(rows) == count:
-                return rows
-    pytest.fail(f"{path} holds fewer than {count} Logic rows")
-
-
 def test_verifier_scores_real_logic_rows(shared_prompts: Path) -> None:
     """``--reward verifier`` routes the shared HotpotQA rows to the answer match: the reference stated as the
     answer scores 1.5 on every row, another row's (different) reference 0 or a small F1, never NaN."""
-    rows = _logic_rows(shared_prompts, 20)
+    rows = first_rows(shared_prompts, 20, task="Logic")
     verifier = build_reward_model("verifier")
     right = [
         _dialogue(f"Let me think step by step.\nAnswer:\n{row.reference}", question=row.instruction) for row in rows

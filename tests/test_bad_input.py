@@ -83,13 +83,19 @@ def test_a_bad_field_in_a_prompt_row_is_a_prompt_format_error_naming_it(
 def test_non_utf8_or_non_json_bytes_are_a_prompt_format_error(
     tmp_path_factory: pytest.TempPathFactory, garbage: bytes
 ) -> None:
-    """Arbitrary bytes on line 2 of a prompt file: PromptFormatError with the file and line, or a clean load."""
+    """Arbitrary bytes on line 2 of a prompt file: PromptFormatError with the file and line, or a clean load.
+
+    A clean load happens only when line 2 is blank (JSON whitespace), and then it holds line 1's row alone."""
+    line = garbage.replace(b"\n", b" ")
     path = tmp_path_factory.mktemp("bytes") / "prompts.jsonl"
-    path.write_bytes(json.dumps(VALID_ROW).encode() + b"\n" + garbage.replace(b"\n", b" ") + b"\n")
+    path.write_bytes(json.dumps(VALID_ROW).encode() + b"\n" + line + b"\n")
     try:
-        load_prompts(path, tasks=None)
+        rows, report = load_prompts(path, tasks=None)
     except PromptFormatError as error:
         assert str(path) in str(error)
+        return
+    assert line.strip(b" \t\r") == b"", f"line 2 {line!r} is not blank, yet it loaded"
+    assert report.rows_read == 1 and [row.id for row in rows] == [VALID_ROW["id"]]
 
 
 def _snapshot() -> dict[str, Any]:

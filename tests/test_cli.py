@@ -13,7 +13,7 @@ import pytest
 from dialogsim.console import UsageError
 from refuel.cli import parse_config
 from refuel.config import RefuelConfig
-from refuel.evaluate import EvaluateConfig
+from refuel.evaluation.evaluate import EvaluateConfig
 
 
 def test_flags_set_fields() -> None:
@@ -159,7 +159,7 @@ def test_evaluate_config_parsing(tmp_path: Path) -> None:
     assert (config.holdout, config.horizon, config.baseline) == (8, 5, "some/model")
 
 
-@pytest.mark.parametrize("module", ["refuel.train", "refuel.evaluate", "refuel.plan"])
+@pytest.mark.parametrize("module", ["refuel.training.iterations", "refuel.evaluation.evaluate", "refuel.plan"])
 def test_help_prints_every_flag(module: str, capsys: pytest.CaptureFixture[str]) -> None:
     """--help renders (argparse %-formats help lines, so a literal % must be escaped) and exits 0."""
     main = importlib.import_module(module).main

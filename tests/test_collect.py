@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from doubles import RecordingBackend, first_rows
 from scipy import stats
 from transformers import PreTrainedTokenizerBase
 
@@ -18,28 +19,14 @@ from dialogsim.rewards.math_reward import MathAnswerReward
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator, EpisodeConfig
 from dialogsim.user import UserSimulator
-from refuel.collect import CollectionResult, collect_pairs, iter_pair_batches
+from refuel.collection.collect import CollectionResult, collect_pairs, iter_pair_batches
+from refuel.collection.resets import ResetDistribution, plan_reset_points
 from refuel.pairs import tokenize_pair
-from refuel.resets import ResetDistribution, plan_reset_points
 
 N_PAIRS = 4
 MAX_HORIZON = 2
 SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=8)
 Parts = tuple[list[PromptRow], UserSimulator, MathAnswerReward]
-
-
-def gsm8k_rows(path: Path, count: int) -> list[PromptRow]:
-    """The first ``count`` GSM8K rows of the shared prompt file."""
-    rows: list[PromptRow] = []
-    with path.open() as handle:
-        for line in handle:
-            record = json.loads(line)
-            if record["dataset"] == "gsm8k":
-                fields = {key: record[key] for key in ("id", "task", "dataset", "instruction", "reference", "split")}
-                rows.append(PromptRow(**fields, meta=record["meta"]))
-            if len(rows) == count:
-                return rows
-    raise AssertionError(f"fewer than {count} gsm8k rows in {path}")
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +49,7 @@ def parts(tiny_model_path: str, shared_prompts: Path) -> Parts:
         "student",
         sampling=SamplingParams(temperature=0.01, max_new_tokens=8, repetition_penalty=1.2, stop=("?",)),
     )
-    return gsm8k_rows(shared_prompts, 6), user, MathAnswerReward()
+    return first_rows(shared_prompts, 6, dataset="gsm8k"), user, MathAnswerReward()
 
 
 def _simulator(parts: Parts, tokenizer: PreTrainedTokenizerBase, max_horizon: int) -> DialogueSimulator:
@@ -163,28 +150,16 @@ def test_horizon_and_reset_turn_are_uniform(parts: Parts, tokenizer: PreTrainedT
     )
 
 
-class CountingBackend:
-    """Delegates to a real backend and records, per call, the turn index h of every conversation."""
-
-    def __init__(self, inner: TransformersBackend) -> None:
-        self.inner, self.name = inner, inner.name
-        self.calls: list[list[int]] = []
-
-    def chat(self, conversations: list[list[dict[str, str]]], sampling: SamplingParams) -> list:
-        self.calls.append([sum(m["role"] == "user" for m in c) for c in conversations])
-        return self.inner.chat(conversations, sampling)
-
-
 @pytest.mark.slow
 def test_one_policy_call_per_round_for_rollins_branches_and_rollouts(
     simulator: DialogueSimulator, policy: TransformersBackend
 ) -> None:
     """A batch needs max(H) rounds, each one policy call over every active conversation of every pair."""
-    counting = CountingBackend(policy)
+    counting = RecordingBackend(policy)
     collect_pairs(simulator, counting, N_PAIRS, SAMPLING, seed=0)
     points = plan_reset_points(simulator, N_PAIRS, np.random.default_rng(0))
     assert len(counting.calls) == max(point.horizon for point in points)
-    conversations = sum(len(call) for call in counting.calls)
+    conversations = sum(len(call) for call in counting.turns())
     # each pair: h − 1 roll-in replies, then 2 × (H − h + 1) branch replies (unless its roll-in was truncated)
     assert conversations <= sum(point.turn - 1 + 2 * (point.horizon - point.turn + 1) for point in points)
 
@@ -192,17 +167,17 @@ def test_one_policy_call_per_round_for_rollins_branches_and_rollouts(
 @pytest.mark.slow
 def test_rollin_policy_generates_turns_before_h_only(simulator: DialogueSimulator, policy: TransformersBackend) -> None:
     """With a separate roll-in policy (π_ref), it answers turns < h; π_t answers turn h and after."""
-    rollin, learner = CountingBackend(policy), CountingBackend(policy)
+    rollin, learner = RecordingBackend(policy), RecordingBackend(policy)
     result = collect_pairs(
         simulator, learner, 6, SAMPLING, seed=3, reset=ResetDistribution.last_turn(), initial_policy=rollin
     )
-    turns = [turn for call in rollin.calls for turn in call]
+    turns = [turn for call in rollin.turns() for turn in call]
     assert turns, "some pair should have h > 1"
     for pair in result.pairs:
         assert pair["turn"] == pair["horizon"]  # reset at the last turn
         assert pair["reset_source"] == "initial"  # π_ref roll-ins
-    assert len(learner.calls) >= 1 and all(len(call) % 2 == 0 for call in learner.calls), "y and y' together"
-    assert max(turns) < max(turn for call in learner.calls for turn in call)
+    assert len(learner.calls) >= 1 and all(len(call) % 2 == 0 for call in learner.turns()), "y and y' together"
+    assert max(turns) < max(turn for call in learner.turns() for turn in call)
 
 
 @pytest.mark.slow

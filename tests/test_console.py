@@ -19,8 +19,10 @@ from pathlib import Path
 import pytest
 
 from dialogsim.console import DEBUG_ENV, Command, UsageError, console_command, failure_state
-from refuel import evaluate, plan, train
-from refuel.stages import RUN_MARKER, describe_run
+from refuel import plan
+from refuel.evaluation import evaluate
+from refuel.run_folder import RUN_MARKER, describe_run
+from refuel.training import iterations
 
 REPO = Path(__file__).resolve().parents[1]
 BROKEN_YAML = "seed: 1\neta: [1,\n"
@@ -83,11 +85,13 @@ def _main_exit(main: Command, argv: list[str], capsys: pytest.CaptureFixture[str
 
 def test_train_refuses_a_non_finite_eta_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 28, row 1: the right message, now alone on one line with exit 2."""
-    code, err = _main_exit(train.main, ["--config", str(REPO / "configs" / "cpu_main.yaml"), "--eta", "inf"], capsys)
+    code, err = _main_exit(
+        iterations.main, ["--config", str(REPO / "configs" / "cpu_main.yaml"), "--eta", "inf"], capsys
+    )
     assert (code, err) == (2, "error: invalid RefuelConfig values: eta=inf (valid: a finite number > 0)\n")
 
 
-@pytest.mark.parametrize("main", [train.main, plan.main, evaluate.main])
+@pytest.mark.parametrize("main", [iterations.main, plan.main, evaluate.main])
 def test_broken_yaml_names_file_line_and_column(
     main: Command, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -103,12 +107,12 @@ def test_train_refuses_tasks_its_reward_cannot_score_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Issue 28, row 3: `--tasks Chat` with the default reward; nothing is written."""
-    code, err = _main_exit(train.main, ["--tasks", "Chat", "--output_dir", str(tmp_path / "run")], capsys)
+    code, err = _main_exit(iterations.main, ["--tasks", "Chat", "--output_dir", str(tmp_path / "run")], capsys)
     assert code == 2 and err.startswith("error: --reward math scores only Math* rows, not the selected task(s) Chat")
     assert err.count("\n") == 1 and not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("main", [train.main, evaluate.main])
+@pytest.mark.parametrize("main", [iterations.main, evaluate.main])
 def test_a_missing_prompt_file_is_refused_in_one_line_before_anything_is_written(
     main: Command, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -237,7 +241,7 @@ def test_a_failure_during_the_work_exits_1_with_the_run_folder_state(
 @pytest.mark.parametrize(
     ("module", "argv", "message"),
     [
-        ("refuel.analysis", ["--run_dir", "{tmp}/nothing"], "--run_dir {tmp}/nothing: no such folder"),
+        ("refuel.evaluation.analysis", ["--run_dir", "{tmp}/nothing"], "--run_dir {tmp}/nothing: no such folder"),
         ("refuel.manifests", ["--eval_config", "{eval}", "--check"], "select prompts differently (['holdout'])"),
         ("envs.adapters.openenv_server", ["--reward", "no_such_module:score"], "--reward no_such_module:score"),
         ("envs.adapters.openenv_server", ["--user_model", "runs/nope"], "user_model='runs/nope'"),
@@ -256,6 +260,7 @@ def test_python_m_entries_refuse_in_one_line(module: str, argv: list[str], messa
     "script",
     [
         "collection_throughput",
+        "engine_precision",
         "generation_profile",
         "memory",
         "reference_design",
@@ -264,7 +269,7 @@ def test_python_m_entries_refuse_in_one_line(module: str, argv: list[str], messa
     ],
 )
 def test_bench_scripts_refuse_an_unknown_model_in_one_line(script: str) -> None:
-    result = _run([sys.executable, f"bench/{script}.py", "--model", "runs/nope"])
+    result = _run([sys.executable, "-m", f"bench.{script}", "--model", "runs/nope"])
     _refused(result, "--model='runs/nope': the hub is off")
 
 
@@ -274,6 +279,6 @@ def test_gpu_check_and_sandbox_bench_exit_2_without_a_traceback() -> None:
     if not __import__("torch").cuda.is_available():
         result = _run([sys.executable, "scripts/gpu_check.py", "check"])
         assert result.returncode == 2 and "Traceback" not in result.stderr and "no CUDA device" in result.stderr
-    result = _run([sys.executable, "bench/sandbox_overhead.py", "--rows", "many"])
+    result = _run([sys.executable, "-m", "bench.sandbox_overhead", "--rows", "many"])
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: argument --rows: invalid int value: 'many'" in result.stderr

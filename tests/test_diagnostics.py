@@ -15,7 +15,7 @@ from dialogsim.messages import Message
 from dialogsim.prompts import PromptRow
 from dialogsim.rewards.math_format import copy_rate
 from dialogsim.user import FALLBACK_QUESTION
-from refuel.diagnostics import (
+from refuel.evaluation.diagnostics import (
     DIAGNOSTIC_COLUMNS,
     TurnDiagnostics,
     diagnostics_frame,

@@ -10,12 +10,12 @@ shares nor the validation batches split evenly):
 - ``ddp_accumulation``: 2 processes × 1 pair × 2 accumulation steps;
 - ``ddp_lora``: 2 processes × 2 pairs with LoRA r 4 (only adapters train; merged on save);
 - ``fsdp`` / ``fsdp_accumulation``: as ``ddp`` / ``ddp_accumulation`` with every parameter sharded by
-  FSDP2 (``fully_shard`` per decoder layer and on the root, :mod:`refuel.distributed`: accelerate
+  FSDP2 (``fully_shard`` per decoder layer and on the root, :mod:`refuel.training.distributed`: accelerate
   shards only on GPUs); gradients and weights are compared gathered in full;
 - single process: 1 × 4 pairs (full fine-tuning, and LoRA for ``ddp_lora``).
 
 The FSDP launch also records the refusals of launches that accelerate would silently run as something
-else (FSDP1 and DeepSpeed on CPU processes, LoRA under FSDP), and one real ``refuel.train`` launch of
+else (FSDP1 and DeepSpeed on CPU processes, LoRA under FSDP), and one real ``refuel.training.iterations`` launch of
 ``fsdp.yaml`` on CPU without ``ACCELERATE_USE_CPU`` (accelerate: 2 unjoined processes) must stop before
 collecting anything.
 
@@ -46,8 +46,8 @@ from transformers import AutoModelForCausalLM
 
 from dialogsim.backends.transformers_backend import load_tokenizer
 from refuel.config import RefuelConfig
-from refuel.distributed import LaunchMismatchError, RequestedLaunch, build_accelerator, check_launch
-from refuel.trainer import RefuelTrainer
+from refuel.training.distributed import LaunchMismatchError, RequestedLaunch, build_accelerator, check_launch
+from refuel.training.trainer import RefuelTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # every test here runs or reads a 2-process `accelerate launch`
@@ -168,7 +168,7 @@ def worker(argv: Sequence[str]) -> None:
 
 @pytest.fixture(scope="module")
 def rows(tiny_model_path: str) -> list[dict[str, Any]]:
-    from test_trainer import make_pairs
+    from doubles import make_pairs
 
     return make_pairs(load_tokenizer(tiny_model_path), PAIRS + VALIDATION_PAIRS)
 
@@ -303,12 +303,12 @@ def test_fsdp_launch_refuses_what_it_cannot_run(launched: Callable[[str], Path])
 
 
 def test_unjoined_launch_stops_before_collection(tmp_path: Path) -> None:
-    """``refuel.train`` under fsdp.yaml on CPU without ACCELERATE_USE_CPU: accelerate leaves the 2 processes
-    unjoined (DistributedType.NO, 1 process each); the run stops before writing or collecting anything."""
+    """``refuel.training.iterations`` under fsdp.yaml on CPU without ACCELERATE_USE_CPU: accelerate leaves the
+    2 processes unjoined (DistributedType.NO, 1 process each); the run stops before writing or collecting anything."""
     if torch.cuda.is_available():
         pytest.skip("with a GPU, accelerate joins the processes")
     run_dir = tmp_path / "run"
-    process = _accelerate_launch("fsdp", ["-m", "refuel.train", "--output_dir", str(run_dir)], cpu=False)
+    process = _accelerate_launch("fsdp", ["-m", "refuel.training.iterations", "--output_dir", str(run_dir)], cpu=False)
     assert process.returncode != 0
     assert (  # a refused combination: one line per process (dialogsim.console)
         "error: the launch asked for FSDP2 on 2 processes but accelerate built NO on 1 process(es): "

@@ -17,9 +17,9 @@ from dialogsim.backends.transformers_backend import load_tokenizer
 from dialogsim.data import load_prompts
 from envs.build import select_partition
 from refuel.config import RefuelConfig
-from refuel.evaluate import EvaluateConfig, evaluate
+from refuel.evaluation.evaluate import EvaluateConfig, evaluate
 from refuel.storage import read_rows
-from refuel.train import run
+from refuel.training.iterations import run
 
 HOLDOUT = 8
 PAIRS = 4

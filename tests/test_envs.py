@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import pytest
+from doubles import RecordingBackend
 from gymnasium.utils.env_checker import check_env
 from transformers import PreTrainedTokenizerBase
 
@@ -31,35 +30,12 @@ from dialogsim.simulator import DialogueSimulator, EpisodeConfig
 from dialogsim.user import ScriptError, UserSimulator, render_user_prompt
 from envs import ENV_ID, DialogueEnv, VectorDialogueEnv
 from envs.spaces import UnicodeText
-from refuel.rollout import PolicyRun, run_policies, run_policy
+from refuel.collection.rollout import PolicyRun, run_policies, run_policy
 
 # Temperature 1.0 (not the paper's 0.01) so that the user model's raw reply depends on the sampling
 # seed: restoring a snapshot must then restore the RNG for the replies to match.
 USER_SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=4)
 REPLY_A = "First, 48 / 2 = 24 clips in May."
-
-
-@dataclass
-class ChatCall:
-    """One recorded user-model call."""
-
-    conversations: list[list[Message]]
-    sampling: SamplingParams
-    completions: list[Completion]
-
-
-class RecordingBackend:
-    """Delegates to the real tiny-model backend and records every ``chat`` call."""
-
-    def __init__(self, inner: TransformersBackend) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.calls: list[ChatCall] = []
-
-    def chat(self, conversations: list[list[Message]], sampling: SamplingParams) -> list[Completion]:
-        completions = self.inner.chat(conversations, sampling)
-        self.calls.append(ChatCall(copy.deepcopy(conversations), sampling, completions))
-        return completions
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

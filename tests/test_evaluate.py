@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from doubles import LengthReward
 
 from dialogsim.backends.base import Completion
 from dialogsim.judges import LLMJudge, RewardModelJudge
@@ -18,11 +19,18 @@ from dialogsim.messages import Message
 from dialogsim.prompts import PromptRow
 from dialogsim.sampling import SamplingParams
 from refuel.config import RefuelConfig
-from refuel.diagnostics import DIAGNOSTIC_COLUMNS
-from refuel.evaluate import EvaluateConfig, dialogue_cache, evaluate, evaluation_prompts, judge_dialogues, main
-from refuel.report import write_html_report
+from refuel.evaluation.diagnostics import DIAGNOSTIC_COLUMNS
+from refuel.evaluation.evaluate import (
+    EvaluateConfig,
+    dialogue_cache,
+    evaluate,
+    evaluation_prompts,
+    judge_dialogues,
+    main,
+)
+from refuel.evaluation.report import write_html_report
+from refuel.evaluation.winrate import count_table, judge_statistics, paper_table, per_turn_win_rates
 from refuel.storage import write_json
-from refuel.winrate import count_table, judge_statistics, paper_table, per_turn_win_rates
 
 HOLDOUT = 8
 MAX_PROMPT_TOKENS = 100  # short GSM8K prompts keep the tiny-model dialogues fast
@@ -45,15 +53,6 @@ DIALOGUES = {
     "long": {"a": messages("ccc", "c"), "b": messages("ccc")},  # b ended after turn 1
     "short": {"a": messages("c", "ccccc"), "b": messages("c", "c")},
 }
-
-
-class LengthReward:
-    """Stub reward: length of the last assistant message."""
-
-    failures: dict[str, int] = {}  # noqa: RUF012 (read-only stub)
-
-    def score(self, dialogues: list[list[Message]], rows: list[PromptRow]) -> list[float]:
-        return [float(len(dialogue[-1]["content"])) for dialogue in dialogues]
 
 
 class PreferLonger:
@@ -305,6 +304,6 @@ def test_greedy_evaluation_is_valid_but_greedy_training_is_not() -> None:
 
 @pytest.mark.parametrize(("field", "value"), [("horizon", 9), ("temperature", float("inf")), ("n_prompts", 0)])
 def test_evaluate_settings_are_checked_like_the_training_ones(field: str, value: float) -> None:
-    """The shared field check (refuel.validation) runs for refuel-evaluate too, with the valid range."""
+    """The shared field check (refuel.settings_check) runs for refuel-evaluate too, with the valid range."""
     with pytest.raises(ValueError, match=f"{field}="):
         EvaluateConfig(**{field: value})

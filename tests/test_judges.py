@@ -6,6 +6,7 @@ import math
 
 import pandas as pd
 import pytest
+from doubles import AnsweringBackend, LengthReward
 
 from dialogsim.backends.base import ChatBackend, Completion
 from dialogsim.backends.transformers_backend import TransformersBackend
@@ -16,7 +17,7 @@ from dialogsim.judges.reward_judge import pairwise_outcome
 from dialogsim.messages import Message
 from dialogsim.prompts import PromptRow
 from dialogsim.sampling import SamplingParams
-from refuel.winrate import judge_statistics, per_turn_win_rates
+from refuel.evaluation.winrate import judge_statistics, per_turn_win_rates
 
 ROW = PromptRow(id="p", task="Math_CoT", dataset="gsm8k", instruction="What is 6 times 3?", reference="18")
 
@@ -28,18 +29,6 @@ def dialogue(*replies: str, question: str = ROW.instruction) -> list[Message]:
         messages.append({"role": "user", "content": question if index == 0 else f"follow-up {index}?"})
         messages.append({"role": "assistant", "content": reply})
     return messages
-
-
-class ScriptedBackend:
-    """A ChatBackend stub that answers every prompt with ``answer(prompt_text)`` and records the prompts."""
-
-    def __init__(self, answer: object) -> None:
-        self.answer = answer
-        self.prompts: list[str] = []
-
-    def chat(self, conversations: list[list[Message]], sampling: SamplingParams) -> list[Completion]:
-        self.prompts += [conversation[-1]["content"] for conversation in conversations]
-        return [Completion(self.answer(c[-1]["content"]), (), (), "stop") for c in conversations]
 
 
 # --- parsing ------------------------------------------------------------------------------------
@@ -112,7 +101,7 @@ def test_judge_pair_checks_turn_and_shared_first_user_turn() -> None:
 
 def test_always_a_judge_gives_fifty_percent_and_full_position_bias() -> None:
     """A judge that always answers "A" is pure position bias: swap averaging turns every pair into a tie."""
-    backend = ScriptedBackend(lambda prompt: "Comparison: the first one.\nBetter: A")
+    backend = AnsweringBackend(lambda prompt: "Comparison: the first one.\nBetter: A")
     judge = LLMJudge(backend, name="always-a")
     assert isinstance(backend, ChatBackend) and isinstance(judge, PairwiseJudge)
     pairs = [
@@ -141,7 +130,7 @@ def test_consistent_judge_orders_and_swaps_the_dialogues() -> None:
         a_part = prompt.split("### Conversation A", 1)[1].split("### Conversation B", 1)[0]
         return "Comparison: one says 18.\nBetter: " + ("A" if "18" in a_part else "B")
 
-    backend = ScriptedBackend(prefer_18)
+    backend = AnsweringBackend(prefer_18)
     pairs = [
         JudgePair(dialogue("It is 18."), dialogue("It is 19."), 1, ROW),
         JudgePair(dialogue("It is 19."), dialogue("It is 18."), 1, ROW),
@@ -160,7 +149,7 @@ def test_consistent_judge_orders_and_swaps_the_dialogues() -> None:
 
 
 def test_unparsable_and_ended_dialogues_are_nan_with_reasons() -> None:
-    backend = ScriptedBackend(lambda prompt: "I cannot decide.")
+    backend = AnsweringBackend(lambda prompt: "I cannot decide.")
     pairs = [JudgePair(dialogue("x"), dialogue("y"), 1, ROW), JudgePair(dialogue("x"), dialogue("y"), 2, ROW)]
     unparsable, ended = LLMJudge(backend).judge(pairs)
     assert math.isnan(unparsable.probability) and unparsable.reason == "unparsable_verdict"
@@ -182,7 +171,7 @@ def test_reply_cut_by_the_token_cap_has_no_verdict() -> None:
 
 
 def test_letter_template_asks_for_the_letter_only() -> None:
-    backend = ScriptedBackend(lambda prompt: "B")
+    backend = AnsweringBackend(lambda prompt: "B")
     (judgement,) = LLMJudge(backend, template="letter").judge([JudgePair(dialogue("x"), dialogue("y"), 1, ROW)])
     assert judgement.probability == 0.5 and judgement.details["verdict_ab"] == "B"
     assert backend.prompts[0].endswith("Reply with one letter only, the better conversation: A or B.")
@@ -200,18 +189,6 @@ def test_judge_prompt_holds_both_transcripts_and_the_format() -> None:
 
 
 # --- the reward-model judge -----------------------------------------------------------------------
-
-
-class LengthReward:
-    """Stub reward: length of the last assistant message; NaN when it is 'nan'; records its calls."""
-
-    def __init__(self) -> None:
-        self.failures: dict[str, int] = {}
-        self.calls: list[list[list[Message]]] = []
-
-    def score(self, dialogues: list[list[Message]], rows: list[PromptRow]) -> list[float]:
-        self.calls.append(dialogues)
-        return [math.nan if d[-1]["content"] == "nan" else float(len(d[-1]["content"])) for d in dialogues]
 
 
 def test_reward_judge_scores_each_truncation_once_and_compares() -> None:

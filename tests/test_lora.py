@@ -8,14 +8,14 @@ from typing import Any
 
 import pytest
 import torch
-from test_trainer import make_pairs
+from doubles import make_pairs
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-import refuel.train
+import refuel.training.iterations
 from dialogsim.backends.transformers_backend import load_tokenizer
 from refuel.config import RefuelConfig
 from refuel.storage import write_json, write_rows
-from refuel.trainer import RefuelTrainer
+from refuel.training.trainer import RefuelTrainer
 
 pytest.importorskip("peft", reason="LoRA needs peft: pip install 'dialogsim[lora]'")
 
@@ -107,7 +107,7 @@ def test_save_merges_the_adapters_into_a_plain_policy(
 def test_iteration_1_starts_from_the_merged_iteration_0_policy(
     tiny_model_path: str, tokenizer: PreTrainedTokenizerBase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """refuel.train.run with LoRA: iteration 1 collects with and trains from iteration_0/policy, never π_0.
+    """refuel.training.iterations.run, LoRA: iteration 1 collects with and trains from iteration_0/policy, never π_0.
 
     Collection is replaced by hand-made pairs (the seams: build_training_simulator, prepare_pairs); the
     trainer is wrapped to record the logits of the model each iteration starts from.
@@ -128,11 +128,11 @@ def test_iteration_1_starts_from_the_merged_iteration_0_policy(
             starts.append(_probe_logits(model, probe))
             super().__init__(config, model, *args, **kwargs)
 
-    monkeypatch.setattr(refuel.train, "build_training_simulator", lambda config, engine: None)
-    monkeypatch.setattr(refuel.train, "prepare_pairs", fake_prepare_pairs)
-    monkeypatch.setattr(refuel.train, "RefuelTrainer", RecordingTrainer)
+    monkeypatch.setattr(refuel.training.iterations, "build_training_simulator", lambda config, engine: None)
+    monkeypatch.setattr(refuel.training.iterations, "prepare_pairs", fake_prepare_pairs)
+    monkeypatch.setattr(refuel.training.iterations, "RefuelTrainer", RecordingTrainer)
     config = _config(tmp_path / "run", policy_model=tiny_model_path, iterations=2, epochs=3, validation_fraction=0.25)
-    final = refuel.train.run(config)
+    final = refuel.training.iterations.run(config)
 
     first, second = tmp_path / "run" / "iteration_0" / "policy", tmp_path / "run" / "iteration_1" / "policy"
     assert final == str(second)

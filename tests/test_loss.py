@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from refuel.logprobs import masked_sequence_logprobs
-from refuel.loss import dpo_loss, refuel_loss, sign_agreement
+from refuel.training.logprobs import masked_sequence_logprobs
+from refuel.training.loss import dpo_loss, refuel_loss, sign_agreement
 
 # --- refuel_loss --------------------------------------------------------------------------------
 

@@ -12,12 +12,12 @@ from accelerate.state import AcceleratorState
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from dialogsim.backends.transformers_backend import chat_prompt_ids, load_tokenizer
-from refuel.batching import StepGroupSampler, pair_length, plan_micro_batches
 from refuel.config import RefuelConfig
-from refuel.logprobs import masked_sequence_logprobs
-from refuel.packing import pack_pairs, packed_pair_logprobs, split_pair
 from refuel.pairs import pad_pairs
-from refuel.trainer import RefuelTrainer
+from refuel.training.batching import StepGroupSampler, pair_length, plan_micro_batches
+from refuel.training.logprobs import masked_sequence_logprobs
+from refuel.training.packing import pack_pairs, packed_pair_logprobs, split_pair
+from refuel.training.trainer import RefuelTrainer
 
 TEMPERATURE = 0.8
 

@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from dialogsim.backends.transformers_backend import chat_prompt_ids, load_tokenizer
 from dialogsim.messages import Message
 from refuel.config import RefuelConfig
-from refuel.logprobs import masked_sequence_logprobs
 from refuel.pairs import (
     SCORED_PAIR_FEATURES,
     TOKENIZED_PAIR_FEATURES,
@@ -25,7 +24,8 @@ from refuel.pairs import (
     tokenize_pair,
 )
 from refuel.storage import read_rows, write_rows
-from refuel.trainer import RefuelTrainer
+from refuel.training.logprobs import masked_sequence_logprobs
+from refuel.training.trainer import RefuelTrainer
 
 REPLY = "Yes: 12 + 30 = 42, so the answer is 42."
 REPLY_PRIME = "No, I made a mistake. It is 43."
@@ -61,7 +61,7 @@ def _reply_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 
 
 def _record(tokenizer: PreTrainedTokenizerBase, reply: str = REPLY, reply_prime: str = REPLY_PRIME) -> Pair:
-    """A pair as ``refuel.collect.pair_record`` makes it, with reset turn h = 2."""
+    """A pair as ``refuel.collection.collect.pair_record`` makes it, with reset turn h = 2."""
     dialogue, dialogue_prime = _dialogue(reply), _dialogue(reply_prime)
     return Pair(
         prompt_id="hand-1",

@@ -55,7 +55,7 @@ def test_gpu_recipe_dry_run_command_exits_0() -> None:
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     out = result.stdout
     for expected in (
-        "accelerate launch --config_file configs/accelerate/fsdp.yaml -m refuel.train --config "
+        "accelerate launch --config_file configs/accelerate/fsdp.yaml -m refuel.training.iterations --config "
         "configs/gpu_setting_one.yaml",
         "8 (FSDP2, accelerate mixed precision bf16)",
         "meta-llama/Meta-Llama-3-8B-Instruct [hub id, not in the local cache]",  # HF_HUB_OFFLINE=1: a warning

@@ -28,7 +28,7 @@ from dialogsim.plugins import REWARD_GROUP, find_plugin
 from dialogsim.prompts import PromptRow
 from dialogsim.rewards.factory import build_reward_model, check_reward_scores
 from dialogsim.rewards.function import FunctionReward
-from refuel.train import main as train_main
+from refuel.training.iterations import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE = Path(__file__).stem  # this test module, importable by name (pytest puts tests/ on sys.path)

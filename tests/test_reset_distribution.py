@@ -10,9 +10,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from doubles import RecordingBackend, first_rows
 from scipy import stats
-from test_collect import CountingBackend, gsm8k_rows
-from test_envs import RecordingBackend
 
 from dialogsim.backends.transformers_backend import TransformersBackend, load_tokenizer
 from dialogsim.messages import Message
@@ -21,10 +20,10 @@ from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator, EpisodeConfig
 from dialogsim.user import UserSimulator, render_user_prompt
 from envs.tabular import PROMPT_ID, TabularDialogueMDP, TabularPolicy, build_tabular_simulator, reference_logits
-from refuel.collect import collect_pairs, iter_pair_batches, sample_offline_dialogues
+from refuel.collection.collect import collect_pairs, iter_pair_batches, sample_offline_dialogues
+from refuel.collection.resets import RESET_SOURCES, ResetDistribution, plan_reset_points
 from refuel.pairs import tokenize_pair
-from refuel.resets import RESET_SOURCES, ResetDistribution, plan_reset_points
-from refuel.tabular import TABLE_SAMPLING
+from refuel.tabular.mirror_descent import TABLE_SAMPLING
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -97,10 +96,10 @@ def test_collection_checks_the_reset_against_its_backends(
 
 def _reference_run(
     mdp: TabularDialogueMDP, simulator: DialogueSimulator, beta: float, n_pairs: int = 48
-) -> tuple[list[dict[str, Any]], CountingBackend, CountingBackend, Counter[str]]:
+) -> tuple[list[dict[str, Any]], RecordingBackend, RecordingBackend, Counter[str]]:
     """Collect with π_ref = the base table (β given) and count both backends' calls."""
-    learner = CountingBackend(TabularPolicy(mdp, reference_logits(mdp, (0.3, 0.3, 0.4))))
-    reference = CountingBackend(TabularPolicy(mdp, name="reference"))
+    learner = RecordingBackend(TabularPolicy(mdp, reference_logits(mdp, (0.3, 0.3, 0.4))))
+    reference = RecordingBackend(TabularPolicy(mdp, name="reference"))
     reset = ResetDistribution("initial", beta=beta)
     result = collect_pairs(
         simulator, learner, n_pairs, TABLE_SAMPLING, seed=2, batch_size=16, reset=reset, initial_policy=reference
@@ -121,9 +120,9 @@ def test_beta_zero_gives_only_initial_rollins(mdp: TabularDialogueMDP, table_sim
     pairs, learner, reference, sources = _reference_run(mdp, table_simulator, beta=0.0)
     assert sources == Counter({"initial": 48}) and {pair["reset_source"] for pair in pairs} == {"initial"}
     rolled_in = sum(pair["turn"] - 1 for pair in pairs)
-    assert rolled_in > 0 and sum(len(call) for call in reference.calls) >= rolled_in
-    learner_turns = Counter(turn for call in learner.calls for turn in call)
-    reference_turns = Counter(turn for call in reference.calls for turn in call)
+    assert rolled_in > 0 and sum(len(call) for call in reference.turns()) >= rolled_in
+    learner_turns = Counter(turn for call in learner.turns() for turn in call)
+    reference_turns = Counter(turn for call in reference.turns() for turn in call)
     assert max(reference_turns) < table_simulator.config.max_horizon and 1 in learner_turns
 
 
@@ -228,7 +227,7 @@ def _offline(row: PromptRow) -> OfflineDialogue:
 def test_dataset_reset_restores_the_prefix_and_the_user_continues(tiny_model_path: str, shared_prompts: Path) -> None:
     """w = 1 on the tiny LLM: s_h is the offline prefix s_k exactly (h = k), π_t answers it, and every later
     user message comes from the simulated user (a call on the rendered dialogue), never from the offline data."""
-    rows = gsm8k_rows(shared_prompts, 6)
+    rows = first_rows(shared_prompts, 6, dataset="gsm8k")
     user_backend = RecordingBackend(TransformersBackend(tiny_model_path))
     user = UserSimulator(
         user_backend, "student", SamplingParams(temperature=0.01, max_new_tokens=8, repetition_penalty=1.2)

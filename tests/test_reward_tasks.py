@@ -14,9 +14,9 @@ from dialogsim.models import ModelNotCachedError
 from dialogsim.rewards.factory import check_reward_scores
 from envs.build import build_simulator
 from refuel.config import RefuelConfig
-from refuel.evaluate import EvaluateConfig, evaluate
+from refuel.evaluation.evaluate import EvaluateConfig, evaluate
 from refuel.plan import make_plan
-from refuel.train import run
+from refuel.training.iterations import run
 
 CHAT_ROWS = [
     {"id": f"chat-{i}", "task": "Chat", "dataset": "chat", "split": "train", "instruction": text}

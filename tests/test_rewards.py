@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_llama_config
+from doubles import tiny_llama_config
 
 from dialogsim.messages import Message
 from dialogsim.prompts import PromptRow

@@ -18,8 +18,8 @@ import pytest
 from huggingface_hub import constants
 
 from dialogsim.models import check_model_name
-from refuel.stages import RUN_MARKER
-from refuel.train import main
+from refuel.run_folder import RUN_MARKER
+from refuel.training.iterations import main
 
 
 def _flags(output_dir: Path, tiny_model_path: str, shared_prompts: Path) -> list[str]:
@@ -42,7 +42,7 @@ def _flags(output_dir: Path, tiny_model_path: str, shared_prompts: Path) -> list
 
 def _train(flags: list[str]) -> subprocess.CompletedProcess:
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    command = [sys.executable, "-m", "refuel.train", *flags]
+    command = [sys.executable, "-m", "refuel.training.iterations", *flags]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama_config
+from doubles import tiny_llama_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from dialogsim.backends.serving import EngineRole, ServingEngine, architecture, resolve_user_backend, user_engine
 from dialogsim.backends.transformers_backend import TransformersBackend
 from dialogsim.sampling import SamplingParams
 from refuel.config import RefuelConfig
-from refuel.evaluate import EvaluateConfig
+from refuel.evaluation.evaluate import EvaluateConfig
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8)
 CHATS = [[{"role": "user", "content": "What is 7 times 8?"}], [{"role": "user", "content": "Name a prime."}]]

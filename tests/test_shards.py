@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from refuel.collect import CollectionResult
+from refuel.collection.collect import CollectionResult
+from refuel.collection.shards import MANIFEST, PairShards, ShardMismatchError
 from refuel.pairs import Pair
-from refuel.shards import MANIFEST, PairShards, ShardMismatchError
 from refuel.storage import read_rows
 
 
@@ -81,7 +81,7 @@ def test_a_shard_edited_by_hand_is_detected(tmp_path: Path) -> None:
 
 def _train_command(output_dir: Path, tiny_model_path: str, shared_prompts: Path) -> list[str]:
     return [
-        sys.executable, "-m", "refuel.train",
+        sys.executable, "-m", "refuel.training.iterations",
         "--output_dir", str(output_dir),
         "--policy_model", tiny_model_path,
         "--user_model", tiny_model_path,

@@ -1,6 +1,6 @@
 """The tabular dialogue MDP: exact dynamic programming, REFUEL = mirror descent, learning, covariate shift.
 
-Everything runs through the real simulator, environment and ``refuel.collect.collect_pairs``; only the
+Everything runs through the real simulator, environment and ``refuel.collection.collect.collect_pairs``; only the
 policy (a softmax table), the user (a transition table) and the reward (a table) differ from the LLM
 setting. Sampled runs use ``ETA``, ``N_PAIRS`` reset points per iteration, ``ITERATIONS`` iterations
 and the seeds ``SEEDS``; π_0 = π_ref is the uniform table. Measured with these settings over seeds
@@ -32,8 +32,10 @@ from envs.tabular import (
     build_tabular_simulator,
     reference_logits,
 )
-from refuel.collect import collect_pairs
-from refuel.dynamic_programming import (
+from refuel.collection.collect import collect_pairs
+from refuel.collection.resets import ResetDistribution
+from refuel.pairs import tokenize_pair
+from refuel.tabular.dynamic_programming import (
     greedy_policy,
     horizon_probs,
     kl_regularized_optimum,
@@ -47,9 +49,7 @@ from refuel.dynamic_programming import (
     turn_values,
     turn_win_rates,
 )
-from refuel.pairs import tokenize_pair
-from refuel.resets import ResetDistribution
-from refuel.tabular import (
+from refuel.tabular.mirror_descent import (
     TABLE_SAMPLING,
     TableTraining,
     compare_resets,
@@ -158,7 +158,7 @@ def test_clarify_first_rewards_planning_and_punishes_myopia(mdp: TabularDialogue
 
 
 def test_refuel_horizon_weighting_is_p_over_h() -> None:
-    """With h ~ U{1..H} the regression target weighs horizon H by P(H)/H (module docstring of refuel.tabular)."""
+    """With h ~ U{1..H} the regression target weighs horizon H by P(H)/H (refuel.tabular.mirror_descent's docstring)."""
     horizons = torch.full((3,), 1 / 3, dtype=torch.float64)
     expected = torch.tensor([6.0, 3.0, 2.0], dtype=torch.float64) / 11
     survival = expected.flip(0).cumsum(0).flip(0)

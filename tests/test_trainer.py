@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 import torch
+from doubles import make_pairs
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from dialogsim.backends.transformers_backend import chat_prompt_ids, load_tokenizer
+from dialogsim.backends.transformers_backend import load_tokenizer
 from refuel.config import RefuelConfig
-from refuel.pairs import TokenizedPair
-from refuel.trainer import NonFiniteTrainingError, RefuelTrainer, ValidationMetrics, save_pretrained_atomic
+from refuel.training.trainer import NonFiniteTrainingError, RefuelTrainer, ValidationMetrics, save_pretrained_atomic
 
 ETA = 1.0
 TEMPERATURE = 0.8
@@ -31,40 +31,6 @@ def tokenizer(tiny_model_path: str) -> PreTrainedTokenizerBase:
 def load_model(tiny_model_path: str) -> Callable[[], PreTrainedModel]:
     """A fresh fp32 copy of the tiny model (π_0) on every call; trainers train their model in place."""
     return lambda: AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
-
-
-def make_pairs(tokenizer: PreTrainedTokenizerBase, count: int) -> list[TokenizedPair]:
-    """``count`` tokenised pairs: s_1 + reply ids + eos, masks on the replies, r − r' alternating 1 and −1.5."""
-    rows = []
-    for index in range(count):
-        # a one-word system prompt replaces the template's long default one: short sequences train fast
-        state = [{"role": "system", "content": "Math."}, {"role": "user", "content": f"{index} + 7?"}]
-        prompt = chat_prompt_ids(tokenizer, state)
-        replies = [f"{index + 7}", f"Maybe {index + 8}."]
-        ids = [[*tokenizer(reply, add_special_tokens=False).input_ids, tokenizer.eos_token_id] for reply in replies]
-        rewards = (1.0, 0.0) if index % 2 == 0 else (0.0, 1.5)
-        rows.append(
-            TokenizedPair(
-                prompt_id=f"hand-{index}",
-                turn=1,
-                horizon=1,
-                reset_source="current",
-                offline_id="",
-                snapshot_json="{}",
-                dialogue=[*state, {"role": "assistant", "content": replies[0]}],
-                dialogue_prime=[*state, {"role": "assistant", "content": replies[1]}],
-                reward=rewards[0],
-                reward_prime=rewards[1],
-                prompt_token_ids=prompt,
-                token_ids=ids[0],
-                token_ids_prime=ids[1],
-                input_ids=prompt + ids[0],
-                loss_mask=[0] * len(prompt) + [1] * len(ids[0]),
-                input_ids_prime=prompt + ids[1],
-                loss_mask_prime=[0] * len(prompt) + [1] * len(ids[1]),
-            )
-        )
-    return rows
 
 
 def _config(tmp_path: Path, **overrides: Any) -> RefuelConfig:

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from doubles import FixedRepliesBackend
 
 from dialogsim.backends.base import Completion
 from dialogsim.backends.transformers_backend import TransformersBackend
@@ -36,23 +37,6 @@ DIALOGUE: list[Message] = [
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-class ScriptedBackend:
-    """A backend that returns fixed replies and records the prompts it was given."""
-
-    name = "scripted"
-
-    def __init__(self, replies: list[str]) -> None:
-        self.replies = replies
-        self.calls: list[tuple[list[list[Message]], SamplingParams]] = []
-
-    def chat(self, conversations: list[list[Message]], sampling: SamplingParams) -> list[Completion]:
-        self.calls.append((conversations, sampling))
-        return [
-            Completion(text=reply, token_ids=(1,), prompt_token_ids=(1,), finish_reason="stop")
-            for reply in self.replies
-        ]
 
 
 @pytest.mark.parametrize(
@@ -150,12 +134,12 @@ def test_render_paper_prompt() -> None:
 def test_unknown_template_is_rejected() -> None:
     """An unknown template name raises ValueError listing the available ones."""
     with pytest.raises(ValueError, match=r"unknown user template 'teacher'.*paper.*student"):
-        UserSimulator(ScriptedBackend([]), "teacher")
+        UserSimulator(FixedRepliesBackend([]), "teacher")
 
 
 def test_user_simulator_counts_parsed_and_fallback_turns() -> None:
     """Parsed replies become the question, unusable ones the fallback; stats and parse_rate count both."""
-    backend = ScriptedBackend(["Student: Why 18?", "I have nothing to ask.", "Is 6 + 6 + 6 really 18?"])
+    backend = FixedRepliesBackend(["Student: Why 18?", "I have nothing to ask.", "Is 6 + 6 + 6 really 18?"])
     user = UserSimulator(backend, "student")
     assert math.isnan(user.parse_rate)
     assert user.next_questions([], seed=0) == [] and backend.calls == []
@@ -174,7 +158,7 @@ def test_user_simulator_counts_parsed_and_fallback_turns() -> None:
 
 def test_user_simulator_passes_one_seed_per_dialogue() -> None:
     """seeds reach the backend as SamplingParams.seeds, one per dialogue; seed and seeds, or a wrong count, fail."""
-    backend = ScriptedBackend(["Why 18?", "Why 6?"])
+    backend = FixedRepliesBackend(["Why 18?", "Why 6?"])
     user = UserSimulator(backend, "student")
     user.next_questions([DIALOGUE[1:3], DIALOGUE[1:]], seeds=[7, 7])
     ((_, sampling),) = backend.calls

@@ -136,7 +136,7 @@ def test_evaluate_runs_every_policy_and_the_user_on_one_vllm_engine(
     user (same model); the candidate's weights are swapped in for its turns."""
     import dialogsim.backends.serving as serving
     import envs.build
-    from refuel.evaluate import EvaluateConfig, evaluate
+    from refuel.evaluation.evaluate import EvaluateConfig, evaluate
 
     started: list[VLLMBackend] = []
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from refuel.winrate import (
+from refuel.evaluation.winrate import (
     RATE_COLUMNS,
     count_table,
     judge_statistics,

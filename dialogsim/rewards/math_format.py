@@ -55,7 +55,7 @@ class MathFormatReward:
 
     Scale: unitless, in ``[-copy_weight, correctness_weight + format_weight + working_weight]``; with
     the defaults ``[-0.5, 2.0]``. Measured on 64 held-out GSM8K prompts, turn-1 replies
-    (``python bench/reward_headroom.py``; SmolLM2-135M-Instruct, temperature 0.8, 128 new tokens,
+    (``python -m bench.reward_headroom``; SmolLM2-135M-Instruct, temperature 0.8, 128 new tokens,
     2 samples per prompt), mean per category (``math`` = :class:`MathAnswerReward`):
 
     ====================================  ===  ===============  ======================

@@ -6,8 +6,8 @@
   :func:`build_tabular_simulator`, an ordinary :class:`~dialogsim.simulator.DialogueSimulator` on them.
 - :mod:`envs.tabular.env`: the Gymnasium environments (``dialogsim/TabularDialogue-v0``).
 
-Its exact dynamic programming is :mod:`refuel.dynamic_programming`; the algorithm side (the
-mirror-descent update, the REFUEL regression on a table, the training loop) is :mod:`refuel.tabular`.
+Its exact dynamic programming is :mod:`refuel.tabular.dynamic_programming`; the algorithm side (the
+mirror-descent update, the REFUEL regression on a table, the training loop) is :mod:`refuel.tabular.mirror_descent`.
 """
 
 from envs.tabular.env import ReplyChoice, TabularDialogueEnv, TabularVectorDialogueEnv

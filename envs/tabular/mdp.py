@@ -8,7 +8,7 @@ exact for the default :meth:`TabularDialogueMDP.clarify_first`, whose user and r
 The table-backed policy, user, reward model and tokenizer that run it behind a
 :class:`~dialogsim.simulator.DialogueSimulator` are in :mod:`envs.tabular.simulator`, its Gymnasium
 environments in :mod:`envs.tabular.env`, and its exact dynamic programming in
-:mod:`refuel.dynamic_programming`.
+:mod:`refuel.tabular.dynamic_programming`.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Only the policy and the user differ from the LLM setting: replies and user messa
 message from a transition table (:class:`TabularUser`), the reward model looks the score of the
 complete dialogue up in a table (:class:`TabularReward`) and :class:`TabularTokenizer` gives each role
 and text one token. :func:`build_tabular_simulator` puts them into an ordinary
-:class:`~dialogsim.simulator.DialogueSimulator`, so ``refuel.collect.collect_pairs`` and the Gymnasium
+:class:`~dialogsim.simulator.DialogueSimulator`, so ``refuel.collection.collect.collect_pairs`` and the Gymnasium
 environments (:mod:`envs.tabular.env`) run on it unchanged.
 """
 

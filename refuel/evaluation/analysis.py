@@ -32,15 +32,15 @@ import pandas as pd
 
 from dialogsim.console import UsageError, console_command
 from refuel.cli import parse_config
+from refuel.evaluation.winrate import AVG_TURN, paper_table
 from refuel.storage import atomic_path, read_rows, write_json
-from refuel.winrate import AVG_TURN, paper_table
 
 Z_95 = 1.959964  # two-sided 95 % normal quantile
 
 
 @dataclass
 class AnalysisConfig:
-    """Where an experiment's files are; the ``python -m refuel.analysis`` flags are generated from it."""
+    """Where an experiment's files are; the ``python -m refuel.evaluation.analysis`` flags are generated from it."""
 
     run_dir: str = field(default="runs/experiment", metadata={"help": "folder holding <method>/iteration_<t>/"})
     eval_dir: str = field(
@@ -94,7 +94,7 @@ class PairStatistics:
 
 
 def pair_statistics(rows: Sequence[Mapping[str, Any]]) -> PairStatistics:
-    """:class:`PairStatistics` of pair rows (``refuel.collect.pair_record``: ``reward``, ``reward_prime``,
+    """:class:`PairStatistics` of pair rows (``refuel.collection.collect.pair_record``: ``reward``, ``reward_prime``,
     ``turn`` = h, ``horizon`` = H); rows with a missing (``None``, as JSON writes NaN) or non-finite reward are
     left out.
 
@@ -378,7 +378,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
         parts += [
             "\n## Validation per iteration (held-out pairs; sign agreement of the log-ratio with r − r')",
             markdown_table(frame[["method", "iteration", "pairs", "validation_pairs", *validation]]),
-            "\n## r − r' over each iteration's collected pairs (reply_share: see refuel/analysis.py PairStatistics)",
+            "\n## r − r' over each iteration's collected pairs"
+            " (reply_share: see refuel/evaluation/analysis.py PairStatistics)",
             markdown_table(frame[["method", "iteration", *differences]].rename(columns=_without_prefix)),
         ]
     projection = summary["projection"]
@@ -404,7 +405,7 @@ def _without_prefix(column: str) -> str:
 
 @console_command
 def main(argv: list[str]) -> None:
-    """Entry point of ``python -m refuel.analysis``: write ``summary.json`` and ``summary.md``, print the markdown."""
+    """Entry point of ``python -m refuel.evaluation.analysis``: write ``summary.json``, ``summary.md``; print it."""
     config = parse_config(AnalysisConfig, argv, description=__doc__)
     summary = summarize(config)
     run_dir = Path(config.run_dir)

@@ -126,8 +126,8 @@ def write_html_report(
             judge detail columns (``score_first``, ``verdict_ab``, ``comparison_ab``, ...; first = candidate).
         dialogues: method name → prompt id → messages, for the baseline and every method in ``judgements``.
         plot: PNG to embed (e.g. ``win_rates.png``), or ``None``.
-        diagnostics: :func:`refuel.diagnostics.diagnostics_frame` (one row per method and turn), shown after the
-            judge's tables; ``None`` leaves the section out.
+        diagnostics: :func:`refuel.evaluation.diagnostics.diagnostics_frame` (one row per method and turn), shown
+            after the judge's tables; ``None`` leaves the section out.
         diagnostics_plot: PNG of the diagnostics (``diagnostics.png``) to embed below them, or ``None``.
 
     Raises:

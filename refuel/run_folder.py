@@ -15,7 +15,8 @@ differ from a recorded stage's is refused (:meth:`RunFolder.check`) before anyth
 naming the settings and the fix: a new ``--output_dir``, or ``--restart_stage`` to start the first
 differing stage over. Settings in neither (the run folder, iterations, checkpoint frequency, engine
 memory: :class:`~refuel.config.RunConfig`, :class:`~refuel.config.VLLMConfig`) may change between reruns.
-The shard manifest's fingerprint (:class:`refuel.shards.PairShards`) is derived from the same :func:`stage_settings`.
+The shard manifest's fingerprint (:class:`refuel.collection.shards.PairShards`) is derived from the same
+:func:`stage_settings`.
 """
 
 from __future__ import annotations

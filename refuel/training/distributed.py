@@ -7,7 +7,7 @@ the hardware. Where the two disagree ``accelerate`` falls back without a word: o
 (``ACCELERATE_USE_CPU=true``) the FSDP and DeepSpeed sections are ignored and the model is wrapped in
 DDP; without a GPU and without ``ACCELERATE_USE_CPU`` every process trains alone on all pairs.
 :func:`build_accelerator` refuses every such mismatch with :class:`LaunchMismatchError`, before any
-collection (``refuel.train.run`` builds it first).
+collection (``refuel.training.iterations.run`` builds it first).
 
 One mismatch is honoured instead of refused: FSDP2 asked for on CPU processes. ``accelerate`` can
 shard only on GPUs, so :func:`fully_shard_on_cpu` shards the policy itself with PyTorch's

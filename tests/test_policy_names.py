@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from refuel.config import RefuelConfig
-from refuel.labels import policy_labels, policy_origin
+from refuel.evaluation.policy_names import policy_labels, policy_origin
 from refuel.storage import write_json
 
 PI_0 = "smollm2-135m-instruct"
@@ -63,7 +63,7 @@ def test_policies_without_run_metadata_keep_their_folder_names(
     bare.mkdir(parents=True)
     broken = Path(trained_policy(tmp_path / "broken", 0))
     (broken.parent / "metrics.json").write_text("{not json")
-    with caplog.at_level(logging.WARNING, logger="refuel.labels"):
+    with caplog.at_level(logging.WARNING, logger="refuel.evaluation.policy_names"):
         labels = policy_labels(["HuggingFaceTB/SmolLM2-360M-Instruct", str(bare), str(broken)])
     assert labels == {
         "HuggingFaceTB/SmolLM2-360M-Instruct": "HuggingFaceTB/SmolLM2-360M-Instruct",  # path parts until distinct

@@ -10,10 +10,10 @@ its snapshot and from then on carry y and y'. Every round makes one policy call 
 conversations (two when the roll-in policy differs from π_t), one user call and one reward call, so
 roll-ins, both branches and all roll-outs of a batch share calls, and a batch needs max(H) rounds.
 
-Where pairs start is decided by one :class:`~refuel.resets.ResetDistribution` (:mod:`refuel.resets`): roll in
-with the current policy π_t (REFUEL); with the initial policy π_ref, mixed with prompt starts (the PPO++ idea);
-or reset to prefixes of offline dialogues (the DR-PO idea); at h ~ U{1..H}, or at h = H for the last-turn
-baselines. Every pair row records its ``reset_source``.
+Where pairs start is decided by one :class:`~refuel.collection.resets.ResetDistribution`
+(:mod:`refuel.collection.resets`): roll in with the current policy π_t (REFUEL); with the initial policy π_ref,
+mixed with prompt starts (the PPO++ idea); or reset to prefixes of offline dialogues (the DR-PO idea); at
+h ~ U{1..H}, or at h = H for the last-turn baselines. Every pair row records its ``reset_source``.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from dialogsim.prompts import OfflineDialogue
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
 from envs.vector_env import VectorDialogueEnv
+from refuel.collection.resets import REFUEL_RESET, ResetDistribution, ResetPoint, plan_reset_points
+from refuel.collection.rollout import draw_seed, run_policy
 from refuel.pairs import Pair
-from refuel.resets import REFUEL_RESET, ResetDistribution, ResetPoint, plan_reset_points
-from refuel.rollout import draw_seed, run_policy
 
 DROP_REASONS = ("identical_replies", "truncated", "invalid_reward")
 
@@ -84,10 +84,10 @@ def collect_pairs(
         sampling: π_t's sampling settings (temperature is also used for the log-probabilities).
         seed: seeds prompt order, H, h, the reset mixture and every backend call.
         batch_size: pairs advanced together (2 × batch_size conversations in the vector env).
-        reset: where pairs start and the reset turn rule (:class:`~refuel.resets.ResetDistribution`); the
+        reset: where pairs start and the reset turn rule (:class:`~refuel.collection.resets.ResetDistribution`); the
             default is REFUEL's (roll in with π_t, h ~ U{1..H}).
         initial_policy: backend of π_ref, the initial policy, that generates turns 1..h−1 when
-            ``reset.rollin == "initial"`` (e.g. :meth:`~refuel.resets.ResetDistribution.last_turn`, the
+            ``reset.rollin == "initial"`` (e.g. :meth:`~refuel.collection.resets.ResetDistribution.last_turn`, the
             last-turn baselines); ``None`` otherwise.
 
     Returns:
@@ -95,7 +95,7 @@ def collect_pairs(
         source, merged over the batches of :func:`iter_pair_batches`.
 
     Raises:
-        ValueError: see :meth:`~refuel.resets.ResetDistribution.check`.
+        ValueError: see :meth:`~refuel.collection.resets.ResetDistribution.check`.
     """
     result = CollectionResult()
     batches = iter_pair_batches(simulator, policy, n_pairs, sampling, seed, batch_size, reset, initial_policy)
@@ -125,7 +125,7 @@ def iter_pair_batches(
     the others come out exactly as in an uninterrupted run.
 
     Raises:
-        ValueError: see :meth:`~refuel.resets.ResetDistribution.check` (raised before any batch).
+        ValueError: see :meth:`~refuel.collection.resets.ResetDistribution.check` (raised before any batch).
     """
     reset.check(simulator, policy, initial_policy)
     points = plan_reset_points(simulator, n_pairs, np.random.default_rng(seed), reset)

@@ -3,7 +3,7 @@
 Prompts: the first ``--n_prompts`` of the ``--holdout`` rows that ``refuel-train`` never trained on, or with
 ``--prompts <file> --all_rows`` every row of a test file that passes the filters (``--tasks all`` keeps every
 task); the rows dropped are printed by reason. Policies are labelled from their run's metadata
-(:mod:`refuel.labels`: ``π_0``, ``REFUEL π_1``, ``REBEL-LT π_1`` ...), not by folder name.
+(:mod:`refuel.evaluation.policy_names`: ``π_0``, ``REFUEL π_1``, ``REBEL-LT π_1`` ...), not by folder name.
 
 Three separate steps:
 
@@ -16,8 +16,8 @@ Three separate steps:
    llm``: a chat model on any backend compares them in both orders) gives P(candidate is better).
 
 3. **Diagnose** every policy's own cached dialogues (baseline included) at every turn h, independently of the
-   judge (:mod:`refuel.diagnostics`): mean ``--reward`` score, final-answer accuracy, test pass rate, requested
-   format followed, reply length in tokens, prompt copying and the simulated user's fallback rate.
+   judge (:mod:`refuel.evaluation.diagnostics`): mean ``--reward`` score, final-answer accuracy, test pass rate,
+   requested format followed, reply length in tokens, prompt copying and the simulated user's fallback rate.
 
 ``<output_dir>/provenance.json`` records the package versions, the models' weight hashes, the prompt file's hash and
 the engine precision (``--engine_dtype``: the dtype every engine ran in, and why).
@@ -58,14 +58,14 @@ from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
 from envs.build import build_simulator, load_prompt_rows
 from refuel.cli import parse_config
+from refuel.collection.rollout import PolicyRun, run_policies
 from refuel.config import GENERATION_FIELDS, EvaluateConfig
-from refuel.diagnostics import diagnostics_frame, policy_diagnostics, save_diagnostics
-from refuel.labels import method_name, policy_labels
+from refuel.evaluation.diagnostics import diagnostics_frame, policy_diagnostics, save_diagnostics
+from refuel.evaluation.policy_names import method_name, policy_labels
+from refuel.evaluation.report import write_html_report
+from refuel.evaluation.winrate import count_table, judge_statistics, paper_table, per_turn_win_rates, save_report
 from refuel.provenance import run_provenance
-from refuel.report import write_html_report
-from refuel.rollout import PolicyRun, run_policies
 from refuel.storage import read_rows, write_json, write_rows
-from refuel.winrate import count_table, judge_statistics, paper_table, per_turn_win_rates, save_report
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +82,10 @@ def policy_identity(policy: str) -> dict[str, Any]:
 def dialogue_cache(config: EvaluateConfig, policy: str) -> Path:
     """``<output_dir>/dialogues/<name>-<key>.jsonl``; the key covers the policy's weights and generation settings.
 
-    ``name`` is only for reading: the policy's own folder name (:func:`~refuel.labels.method_name`), which does
-    not depend on the policies evaluated beside it, so the same policy finds its cache in any candidate set;
-    the key tells policies of the same name apart. The key holds the user's engine kind
-    (``user_backend="auto"`` resolved), not whether it shares the policy's.
+    ``name`` is only for reading: the policy's own folder name
+    (:func:`~refuel.evaluation.policy_names.method_name`), which does not depend on the policies evaluated beside
+    it, so the same policy finds its cache in any candidate set; the key tells policies of the same name apart. The
+    key holds the user's engine kind (``user_backend="auto"`` resolved), not whether it shares the policy's.
     """
     name = method_name(policy)
     user_backend = resolve_user_backend(config.user_backend, config.backend)
@@ -101,7 +101,7 @@ def generate_dialogues(
 
     Every policy starts from identical states (same prompt, horizon and user RNG per prompt) and the
     same policy-sampling seed sequence, so the only difference between methods is the policy. The
-    policies whose cache misses are generated together (:func:`~refuel.rollout.run_policies`): per
+    policies whose cache misses are generated together (:func:`~refuel.collection.rollout.run_policies`): per
     turn one call per policy on ``engine`` (its weights swapped in), then one simulated-user call for
     every policy's dialogues. The engine is started or given a policy's weights only when its cache misses.
 
@@ -307,7 +307,7 @@ def diagnose_policies(
     dialogues: Mapping[str, Mapping[str, list[Message]]],
     prompts: Mapping[str, PromptRow],
 ) -> pd.DataFrame:
-    """The :mod:`refuel.diagnostics` of every policy's cached dialogues at every turn h = 1..H.
+    """The :mod:`refuel.evaluation.diagnostics` of every policy's cached dialogues at every turn h = 1..H.
 
     A reward judge's reward model scores the diagnostics too (loaded once); with an LLM judge the ``--reward``
     model is built for them. Each policy's reply lengths are counted with its own tokenizer.
@@ -320,7 +320,7 @@ def diagnose_policies(
         prompts: prompt id → prompt row.
 
     Returns:
-        :func:`refuel.diagnostics.diagnostics_frame`, one row per (method, turn), methods in ``names`` order.
+        :func:`refuel.evaluation.diagnostics.diagnostics_frame`, one row per (method, turn), methods in ``names`` order.
     """
     reward = (
         judge.reward
@@ -356,7 +356,7 @@ def write_reports(
     ``<output_dir>/<judge_name>``.
 
     Args:
-        diagnostics: :func:`refuel.diagnostics.diagnostics_frame` of every policy, baseline included.
+        diagnostics: :func:`refuel.evaluation.diagnostics.diagnostics_frame` of every policy, baseline included.
         prompts: which prompts were evaluated and what was dropped (:func:`evaluation_prompts`).
     """
     out = Path(config.output_dir) / judge_name
@@ -422,7 +422,7 @@ def evaluation_state(output_dir: Path) -> str:
 
 @console_command
 def main(argv: list[str]) -> None:
-    """Entry point of ``refuel-evaluate`` / ``python -m refuel.evaluate`` (exit codes: :mod:`dialogsim.console`)."""
+    """Entry point of ``refuel-evaluate`` / ``python -m refuel.evaluation.evaluate`` (exit codes: dialogsim.console)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = parse_config(EvaluateConfig, argv, description=__doc__)
     with failure_state(lambda: evaluation_state(Path(config.output_dir))):

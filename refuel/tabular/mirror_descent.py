@@ -11,12 +11,12 @@ replies y, y' at the same s_h cancels Z(s_h), and REFUEL regresses
     (ln π(y|s_h)/π_t(y|s_h) − ln π(y'|s_h)/π_t(y'|s_h))  onto  η (r(τ) − r(τ'))
 
 on pairs collected at s_h ~ d^{π_t}_h with y, y' ~ π_t(·|s_h) and roll-outs with π_t to the horizon
-(:func:`refuel.loss.refuel_loss`; the paper writes 1/η on the log-ratios). The relative future reward
+(:func:`refuel.training.loss.refuel_loss`; the paper writes 1/η on the log-ratios). The relative future reward
 r(τ) − r(τ') is an unbiased sample of Q^{π_t}(s_h, y) − Q^{π_t}(s_h, y').
 
 Which Q: the Q in that update is the expected reward of the *complete* dialogue given s_h and the
 turn-h reply, π_t afterwards, with the horizon H distributed as in the collected pairs given the reset
-turn h. ``refuel.collect`` draws H from the episode config and h ~ U{1..H}, so given h the horizon has
+turn h. ``refuel.collection.collect`` draws H from the episode config and h ~ U{1..H}, so given h the horizon has
 P(H | h) ∝ P(H)/H on H ≥ h: this is the conditional of q(H) ∝ P(H)/H, i.e. REFUEL's regression targets
 Q under the horizon distribution q, not P (for the default H ~ U{1, 2, 3}, q = (6, 3, 2)/11 weights
 short dialogues more). :func:`refuel_stop_probs` gives q's per-turn stop probabilities, and
@@ -26,11 +26,11 @@ short dialogues more). :func:`refuel_stop_probs` gives q's per-turn stop probabi
 Fixed point: iterating the update from a full-support policy converges to an optimal policy of the
 q-weighted objective (π_{t+1} = π_t only where Q^{π_t}(s, ·) is constant on π_t's support); because the
 KL anchor moves with t, this is the unregularised optimum, not the optimum of a KL penalty to a fixed
-π_ref (that one is :func:`refuel.dynamic_programming.kl_regularized_optimum`). The roll-in distribution only weighs
-the states in the regression: with exact expectations on a table every state with positive weight gets
+π_ref (that one is :func:`refuel.tabular.dynamic_programming.kl_regularized_optimum`). The roll-in distribution only
+weighs the states in the regression: with exact expectations on a table every state with positive weight gets
 the same update, so where to reset (current policy, π_ref, a dataset) matters only through sampling:
 a state the roll-in rarely reaches gets few pairs. :func:`compare_resets` measures this with the
-collector's reset distributions (``refuel.resets.ResetDistribution``), e.g. dataset resets to an
+collector's reset distributions (``refuel.collection.resets.ResetDistribution``), e.g. dataset resets to an
 optimal demonstrator's prefixes (:func:`demonstrations`).
 
 On a softmax table the regression is exactly solvable: ln π(y|s) − ln π(y'|s) is the logit
@@ -52,8 +52,9 @@ from dialogsim.prompts import OfflineDialogue
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
 from envs.tabular import DTYPE, TabularDialogueMDP, TabularPolicy
-from refuel.collect import collect_pairs, sample_offline_dialogues
-from refuel.dynamic_programming import (
+from refuel.collection.collect import collect_pairs, sample_offline_dialogues
+from refuel.collection.resets import TURN_RULES, ResetDistribution
+from refuel.tabular.dynamic_programming import (
     greedy_policy,
     horizon_probs,
     optimal_q_values,
@@ -62,8 +63,7 @@ from refuel.dynamic_programming import (
     state_distribution,
     stop_probs,
 )
-from refuel.loss import refuel_loss
-from refuel.resets import TURN_RULES, ResetDistribution
+from refuel.training.loss import refuel_loss
 
 TABLE_SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=1)
 
@@ -72,7 +72,8 @@ def refuel_stop_probs(horizon_distribution: torch.Tensor, turn_rule: str = "unif
     """Per-turn stop probabilities of the horizon distribution REFUEL's pairs regress on, ``[H_max]``.
 
     Args:
-        horizon_distribution: P(H) of the episodes, ``[H_max]`` (``refuel.dynamic_programming.horizon_probs(config)``).
+        horizon_distribution: P(H) of the episodes, ``[H_max]``
+            (``refuel.tabular.dynamic_programming.horizon_probs(config)``).
         turn_rule: ``"uniform"`` (h ~ U{1..H}: q(H) ∝ P(H)/H, see the module docstring) or ``"last"``
             (h = H: the dialogue ends at the reset turn, stop probability 1 at every turn).
 
@@ -137,7 +138,7 @@ class PairTensors:
 
 
 def pairs_to_tensors(pairs: Sequence[dict[str, Any]], mdp: TabularDialogueMDP) -> PairTensors:
-    """Table indices of pairs collected by :func:`refuel.collect.collect_pairs` (see its pair record).
+    """Table indices of pairs collected by :func:`refuel.collection.collect.collect_pairs` (see its pair record).
 
     Raises:
         TabularDialogueError: a pair's dialogue is not one of the MDP's.
@@ -185,7 +186,7 @@ def enumerate_pairs(
 ) -> PairTensors:
     """Every pair ``collect_pairs`` can produce, with its probability (exact expectations).
 
-    A pair is drawn as in :mod:`refuel.collect`: H ~ P(H); h ~ U{1..H} (``"uniform"``) or h = H
+    A pair is drawn as in :mod:`refuel.collection.collect`: H ~ P(H); h ~ U{1..H} (``"uniform"``) or h = H
     (``"last"``); s_h ~ d_h of the roll-in policy; y, y' ~ π(·|s_h) independently; both dialogues
     continued by the user and π to turn H and scored there. Pairs with y = y' are dropped (as
     ``collect_pairs`` does), so the weights sum to P(y ≠ y') < 1. This enumerates the complete dialogues
@@ -239,7 +240,7 @@ def enumerate_pairs(
 def fit_refuel_table(logits: torch.Tensor, pairs: PairTensors, eta: float, max_steps: int = 3) -> torch.Tensor:
     """Solve one REFUEL regression on a softmax table to convergence.
 
-    Minimises :func:`refuel.loss.refuel_loss` over the table θ, with π_t = softmax(``logits``) giving the
+    Minimises :func:`refuel.training.loss.refuel_loss` over the table θ, with π_t = softmax(``logits``) giving the
     log-probs ``logp_t`` (temperature 1). The loss is quadratic in θ, because
     ln π(y|s) − ln π(y'|s) = θ[s, y] − θ[s, y'], and its Hessian is block-diagonal with one
     ``[n_replies, n_replies]`` block per state (pairs only couple replies at the same state). So each
@@ -342,8 +343,9 @@ def train_refuel_table(
     """REFUEL on the table: per iteration, collect pairs with the real collector, then fit the table.
 
     Each iteration calls ``collect(simulator, policy, n_pairs, TABLE_SAMPLING, seed=..., batch_size=...,
-    **collect_kwargs)`` (default :func:`refuel.collect.collect_pairs`; e.g. ``reset=ResetDistribution.last_turn()``
-    and ``initial_policy=`` for the last-turn baselines) and :func:`fit_refuel_table` on the kept pairs;
+    **collect_kwargs)`` (default :func:`refuel.collection.collect.collect_pairs`; e.g.
+    ``reset=ResetDistribution.last_turn()`` and ``initial_policy=`` for the last-turn baselines) and
+    :func:`fit_refuel_table` on the kept pairs;
     ``policy.logits`` is replaced in place. Sampling is :data:`TABLE_SAMPLING` (temperature 1, the
     temperature of the fit's log-probabilities). An iteration whose pairs were all dropped (the policy
     has become deterministic) leaves the table unchanged.
@@ -387,7 +389,7 @@ def train_refuel_table(
 def first_iteration_reaching(fractions: Sequence[float], threshold: float = 0.95) -> int | None:
     """The first iteration t whose π_t reached ``threshold`` of the optimum, or None.
 
-    ``fractions`` are :func:`~refuel.dynamic_programming.optimum_fraction` values of π_0 .. π_T.
+    ``fractions`` are :func:`~refuel.tabular.dynamic_programming.optimum_fraction` values of π_0 .. π_T.
     """
     return next((t for t, fraction in enumerate(fractions) if fraction >= threshold), None)
 
@@ -422,7 +424,7 @@ def compare_resets(
     in where pairs start.
 
     Returns:
-        For each name in ``resets``, per seed, :func:`~refuel.dynamic_programming.optimum_fraction` of
+        For each name in ``resets``, per seed, :func:`~refuel.tabular.dynamic_programming.optimum_fraction` of
         π_0 .. π_T over π_0.
     """
     mdp: TabularDialogueMDP = simulator.user.mdp  # type: ignore[attr-defined]

@@ -10,7 +10,7 @@ Layout of one iteration's collection folder::
 A batch counts as done only once the manifest lists it; the manifest is rewritten atomically after
 the shard is in place. A process killed at any point (SIGKILL included) therefore leaves either a
 listed, complete shard or an unlisted batch, which a restart runs again; because batch b is
-seeded from ``(seed, b)`` alone (:func:`refuel.collect.iter_pair_batches`), the re-run gives the same
+seeded from ``(seed, b)`` alone (:func:`refuel.collection.collect.iter_pair_batches`), the re-run gives the same
 pairs, so nothing is lost or duplicated.
 """
 
@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, cast
 
-from refuel.collect import CollectionResult
+from refuel.collection.collect import CollectionResult
 from refuel.pairs import PAIR_FEATURES, Pair
 from refuel.storage import read_rows, write_json, write_rows
 

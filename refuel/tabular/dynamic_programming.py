@@ -12,7 +12,7 @@ All tensors are float64, rewards in reward-model units, policies probabilities `
   and the exact per-turn win rate against a baseline policy.
 - :func:`optimum_fraction`: the share of the possible improvement over a base policy that a policy reached.
 
-These are the exact quantities :mod:`refuel.tabular` checks REFUEL against (mirror descent, the
+These are the exact quantities :mod:`refuel.tabular.mirror_descent` checks REFUEL against (mirror descent, the
 regression on a table, sampled training).
 """
 

@@ -34,7 +34,7 @@ turn h = 1..H, over the dialogues that have an assistant reply at turn h:
 
 Counts beside the rates give each denominator: ``dialogues`` (replies at turn h), ``reward_nan``,
 ``math_dialogues``, ``coding_dialogues`` (judged programs; sandbox failures excluded), ``format_dialogues`` and
-``user_turns``. Rates are percentages (0-100), as in :mod:`refuel.winrate`.
+``user_turns``. Rates are percentages (0-100), as in :mod:`refuel.evaluation.winrate`.
 """
 
 from __future__ import annotations

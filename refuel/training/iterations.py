@@ -1,9 +1,9 @@
 """``refuel-train``: N REFUEL iterations, each collect → π_t log-probs → regression → π_{t+1}.
 
 Run directory layout (every file written atomically; a re-run resumes after the last finished stage,
-and is refused if its settings differ from those a started stage recorded: :mod:`refuel.stages`)::
+and is refused if its settings differ from those a started stage recorded: :mod:`refuel.run_folder`)::
 
-    <output_dir>/run.json                       marks the folder as a run; each stage's settings (refuel.stages)
+    <output_dir>/run.json                       marks the folder as a run; each stage's settings (refuel.run_folder)
     <output_dir>/config.json                    the settings of the latest (accepted) invocation
     <output_dir>/provenance.json                package versions, model weight and data file SHA-256
     <output_dir>/iteration_<t>/shards/          collection in progress: one shard per batch + manifest.json
@@ -40,11 +40,11 @@ from dialogsim.precision import Hardware, engine_device, engine_dtype, training_
 from dialogsim.rewards.factory import check_reward_scores
 from dialogsim.simulator import DialogueSimulator
 from envs.build import build_simulator
-from refuel.batching import validation_count
 from refuel.cli import parse_config
-from refuel.collect import iter_pair_batches
+from refuel.collection.collect import iter_pair_batches
+from refuel.collection.resets import ResetDistribution
+from refuel.collection.shards import PairShards
 from refuel.config import RefuelConfig
-from refuel.distributed import build_accelerator
 from refuel.pairs import (
     SCORED_PAIR_FEATURES,
     TOKENIZED_PAIR_FEATURES,
@@ -54,11 +54,11 @@ from refuel.pairs import (
     tokenize_pairs,
 )
 from refuel.provenance import run_provenance
-from refuel.resets import ResetDistribution
-from refuel.shards import PairShards
-from refuel.stages import RunFolder, describe_run, stage_settings
+from refuel.run_folder import RunFolder, describe_run, stage_settings
 from refuel.storage import write_json, write_rows
-from refuel.trainer import RefuelTrainer
+from refuel.training.batching import validation_count
+from refuel.training.distributed import build_accelerator
+from refuel.training.trainer import RefuelTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def prepare_pairs(
     """Collect and tokenise pairs with π_t (the weights in ``policy_path``) into ``pairs.jsonl`` and their
     statistics into ``collection.json``, unless a previous run did.
 
-    Collection streams batch by batch into crash-safe shards (:class:`~refuel.shards.PairShards`):
+    Collection streams batch by batch into crash-safe shards (:class:`~refuel.collection.shards.PairShards`):
     a restarted run collects only the batches that are not on disk yet.
     """
     path = Path(config.output_dir) / f"iteration_{iteration}" / "pairs.jsonl"
@@ -215,7 +215,7 @@ def run(config: RefuelConfig) -> str:
     """Run all iterations; returns the folder of the last policy π_T.
 
     Before anything is written or loaded, the reward is checked against the selected tasks and the run folder
-    is checked (:class:`~refuel.stages.RunFolder`): a folder of another program, or stages recorded with
+    is checked (:class:`~refuel.run_folder.RunFolder`): a folder of another program, or stages recorded with
     settings that differ from ``config``'s, are refused. Under ``accelerate launch`` the main process alone
     collects and writes the run files; the other processes wait for ``pairs.jsonl`` and join the training
     (each takes its share of every batch).
@@ -224,9 +224,9 @@ def run(config: RefuelConfig) -> str:
         UsageError: ``config.reward`` cannot be found or cannot score the selected tasks, or is ``"none"``
             (:func:`~dialogsim.rewards.factory.check_reward_scores`); a model name is neither a known name,
             a folder nor a hub id (offline: nor in the local cache; :func:`~dialogsim.models.check_model_name`).
-        RunFolderError: ``output_dir`` is not this run's folder (see :meth:`~refuel.stages.RunFolder.check`).
+        RunFolderError: ``output_dir`` is not this run's folder (see :meth:`~refuel.run_folder.RunFolder.check`).
         LaunchMismatchError: before any collection, when ``accelerate`` runs another engine or process
-            count than the launch asked for (:func:`refuel.distributed.build_accelerator`).
+            count than the launch asked for (:func:`refuel.training.distributed.build_accelerator`).
     """
     check_reward_scores(config.reward, config.tasks)  # before anything is written or generated
     check_prompt_source(config.prompts)
@@ -297,7 +297,7 @@ def _report(iteration_dir: Path, metrics: dict[str, Any]) -> None:
 
 @console_command
 def main(argv: list[str]) -> None:
-    """Entry point of ``refuel-train`` / ``python -m refuel.train`` (exit codes: :mod:`dialogsim.console`)."""
+    """Entry point of ``refuel-train`` / ``python -m refuel.training.iterations`` (exit codes: dialogsim.console)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = parse_config(RefuelConfig, argv, description=__doc__)
     with failure_state(lambda: describe_run(Path(config.output_dir))):

@@ -157,7 +157,7 @@ def packed_pair_logprobs(model: PreTrainedModel, packed: PackedPairs, temperatur
     """ln π(y|s_h) of the B replies y, then of the B replies y', from one forward pass over the packed pairs.
 
     The logits are divided by the sampling ``temperature`` before the log-softmax (as in
-    :func:`refuel.logprobs.masked_sequence_logprobs`) and only the positions from the last s_h token on get
+    :func:`refuel.training.logprobs.masked_sequence_logprobs`) and only the positions from the last s_h token on get
     logits (``T − P + 1`` of them).
 
     Args:

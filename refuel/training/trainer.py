@@ -4,7 +4,7 @@ The same code runs in one process or under ``accelerate launch`` (DDP, DeepSpeed
 configs are in ``configs/accelerate/``). What makes P processes × b pairs equal 1 process × P·b pairs:
 
 - **Data**: the pairs are cut once into step groups of P·b·accumulation pairs and those into micro-batches
-  of b (:mod:`refuel.batching`); every process draws the same seeded order of groups each epoch, and
+  of b (:mod:`refuel.training.batching`); every process draws the same seeded order of groups each epoch, and
   ``accelerate`` gives process p the micro-batches p, p + P, p + 2P, … of that order, so one optimizer
   step sees the same pairs as a single process with P times the batch (``even_batches``: a short last
   round is filled with micro-batches from the start of the epoch).
@@ -15,15 +15,15 @@ configs are in ``configs/accelerate/``). What makes P processes × b pairs equal
 - **Schedule**: warm-up and cosine are counted in optimizer steps. ``accelerate`` steps a prepared
   scheduler P times per optimizer step, so it is built with P × the step counts.
 - **π_t log-probs**: computed once, before any gradient step, in :class:`RefuelTrainer`'s constructor,
-  on the same fixed micro-batches that training uses (:mod:`refuel.batching`), so the computation is
+  on the same fixed micro-batches that training uses (:mod:`refuel.training.batching`), so the computation is
   identical and the relative log-ratio at π = π_t is exactly 0; each process computes an equal share of
   the micro-batches (sharded engines run their forward passes in lock-step) and the shares are
   all-gathered, so no reference model stays resident.
 - **Pair layout**: ``shared_prefix`` (default) computes s_h once per pair and logits at the reply
-  positions only (:mod:`refuel.packing`); ``separate`` runs two padded sequences per pair.
+  positions only (:mod:`refuel.training.packing`); ``separate`` runs two padded sequences per pair.
 - **Saving**: only the main process writes; DeepSpeed ZeRO-3 and FSDP first gather the full weights.
 - **Launch**: the ``Accelerator`` must run the engine and process count the launch asked for; FSDP2 on
-  CPU processes is sharded by refuel itself (:mod:`refuel.distributed`).
+  CPU processes is sharded by refuel itself (:mod:`refuel.training.distributed`).
 """
 
 from __future__ import annotations
@@ -44,14 +44,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
-from refuel.batching import StepGroupSampler, plan_micro_batches, step_schedule
-from refuel.checkpoints import latest_training_state, save_training_state
 from refuel.config import RefuelConfig
-from refuel.distributed import build_accelerator, full_state_dict, fully_shard_on_cpu
-from refuel.logprobs import masked_sequence_logprobs
-from refuel.loss import dpo_loss, refuel_loss, relative_log_ratio, sign_agreement
-from refuel.packing import PackedPairs, pack_pairs, packed_pair_logprobs
 from refuel.pairs import ScoredPair, TokenizedPair, pad_pairs, pair_logp_t, pair_rewards
+from refuel.training.batching import StepGroupSampler, plan_micro_batches, step_schedule
+from refuel.training.checkpoints import latest_training_state, save_training_state
+from refuel.training.distributed import build_accelerator, full_state_dict, fully_shard_on_cpu
+from refuel.training.logprobs import masked_sequence_logprobs
+from refuel.training.loss import dpo_loss, refuel_loss, relative_log_ratio, sign_agreement
+from refuel.training.packing import PackedPairs, pack_pairs, packed_pair_logprobs
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -131,7 +131,7 @@ class RefuelTrainer:
             or effective batch than the config; LoRA with a sharded engine (DeepSpeed, FSDP).
         ImportError: LoRA without ``peft``.
         LaunchMismatchError: the ``Accelerator`` runs another engine or process count than the launch
-            asked for (see :mod:`refuel.distributed`).
+            asked for (see :mod:`refuel.training.distributed`).
         RuntimeError: ``accelerate`` sharded the pairs otherwise than the step count assumes.
     """
 
@@ -277,7 +277,8 @@ class RefuelTrainer:
     def _loss_inputs(self, batch: PackedPairs | dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """ln π(y|s_h), ln π(y'|s_h), ln π_t(y|s_h), ln π_t(y'|s_h), r, r' of a batch of B scored pairs, ``[B]`` each.
 
-        These are the arguments of :func:`refuel.loss.refuel_loss` (and :func:`~refuel.loss.dpo_loss`), in order.
+        These are the arguments of :func:`refuel.training.loss.refuel_loss` (and
+        :func:`~refuel.training.loss.dpo_loss`), in order.
         """
         logp = self._logprobs(batch)  # [2B]
         logp_t, reward = (
@@ -341,7 +342,7 @@ class RefuelTrainer:
         return self._metrics(y, y_prime, y, y_prime, *torch.tensor_split(pair_rewards(pairs), 2))
 
     def _metrics(self, *inputs: torch.Tensor) -> ValidationMetrics:
-        """REFUEL loss and sign agreement of :func:`~refuel.loss.refuel_loss`'s arguments ``inputs``, ``[N]`` each."""
+        """REFUEL loss and sign agreement of ``inputs``, the arguments of :func:`~refuel.training.loss.refuel_loss`."""
         logp, logp_prime, logp_t, logp_t_prime, reward, reward_prime = inputs
         loss = refuel_loss(*inputs, self.config.eta).item()
         ratio = relative_log_ratio(logp, logp_prime, logp_t, logp_t_prime)  # [N]
@@ -397,7 +398,7 @@ class RefuelTrainer:
         (the learning rate of the next step).
 
         Args:
-            checkpoints: folder of resumable training state (see :mod:`refuel.checkpoints`). If it holds
+            checkpoints: folder of resumable training state (see :mod:`refuel.training.checkpoints`). If it holds
                 a checkpoint, training resumes from it: weights, optimizer, scheduler and RNG states are
                 restored and the micro-batches already trained on are skipped (the seeded data order is
                 replayed, so the rest comes in the same order as in an uninterrupted run).

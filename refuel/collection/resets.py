@@ -3,7 +3,7 @@
 One value, :class:`ResetDistribution`, decides it for every method: which policy rolls in (π_t, π_ref or an
 offline dialogue), with what mixture, and the reset turn rule (h ~ U{1..H} for REFUEL, h = H for the paper's
 last-turn baselines, :meth:`ResetDistribution.last_turn`). :func:`plan_reset_points` turns it into one
-:class:`ResetPoint` (prompt, H, h, source) per pair; :mod:`refuel.collect` plays them.
+:class:`ResetPoint` (prompt, H, h, source) per pair; :mod:`refuel.collection.collect` plays them.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class ResetDistribution:
     - ``rollin="current"`` (REFUEL, the default): roll in with π_t to h.
     - ``rollin="initial"``: with probability ``beta`` the pair starts at the prompt (h = 1, no
       roll-in; ``reset_source`` ``"prompt"``), otherwise it rolls in with π_ref, the initial policy (the
-      ``initial_policy`` backend of :func:`refuel.collect.collect_pairs`), to h. The idea of PPO++ (Chang
+      ``initial_policy`` backend of :func:`refuel.collection.collect.collect_pairs`), to h. The idea of PPO++ (Chang
       et al., 2023, arXiv 2306.11816): start states from β·D + (1−β)·d^{π_ref}, D the prompt distribution.
     - ``rollin="dataset"``: with probability ``dataset_weight`` the pair resets to the prefix s_k of
       an offline dialogue (its messages up to and including its k-th user message), h = k, and π_t

@@ -1,0 +1,1 @@
+"""REFUEL on the tabular dialogue MDP (:mod:`envs.tabular`): exact dynamic programming and mirror descent."""
