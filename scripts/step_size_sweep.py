@@ -7,7 +7,7 @@ Per config and policy (π_0, then π_1, π_2, π_3 after 128, 256, 384 pairs col
 - win rate vs π_0 with its 95 % interval (``win_rates.csv``), reply tokens (``diagnostics.csv``);
 - of the iteration that trained it: validation sign agreement after training, training-pair sign agreement, the
   standard deviation of r − r' and the share of pairs with one right and one wrong reply
-  (:func:`refuel.analysis.iteration_summary` over ``metrics.json`` and ``pairs.jsonl``).
+  (:func:`refuel.evaluation.analysis.iteration_summary` over ``metrics.json`` and ``pairs.jsonl``).
 
     python scripts/step_size_sweep.py --sweep_dir runs/sweep --configs ft_lr1e-5_eta10 ...
 """
@@ -21,10 +21,10 @@ import numpy as np
 import pandas as pd
 
 from dialogsim.rewards.turn_answer import turn_answer_correct
-from refuel.analysis import iteration_summary, markdown_table
 from refuel.cli import parse_config
 from refuel.config import EvaluateConfig
-from refuel.evaluate import dialogue_cache
+from refuel.evaluation.analysis import iteration_summary, markdown_table
+from refuel.evaluation.evaluate import dialogue_cache
 from refuel.storage import read_rows
 
 ITERATIONS = 3
