@@ -107,21 +107,8 @@ if [[ ${EXPERIMENT_FOREGROUND:-0} != 1 ]]; then
   exit 0
 fi
 
-exec 9>"$out/.running"
-if ! flock -n 9; then
-  echo "another experiment is running in $out (lock $out/.running); wait for it or kill it first" >&2
-  exit 1
-fi
-
-# stage NAME COMMAND...: run COMMAND and append its wall time (seconds) to <out>/timings.tsv
-stage() {
-  local name=$1 started
-  shift
-  started=$(date +%s)
-  echo "=== $(date -Is) $name: $*"
-  "$@"
-  printf '%s\t%s\t%s\n' "$name" "$(($(date +%s) - started))" "$(date -Is)" >>"$out/timings.tsv"
-}
+source scripts/stages.sh
+take_lock "$out" experiment
 
 echo "=== $(date -Is) $task experiment in $out: policy engine $backend, user engine $user_backend, $iterations iteration(s) of $pairs pairs, $prompts prompts"
 last=$((iterations - 1))

@@ -46,21 +46,8 @@ if [[ ${SWEEP_FOREGROUND:-0} != 1 ]]; then
   exit 0
 fi
 
-exec 9>"$out/.running"
-if ! flock -n 9; then
-  echo "another sweep is running in $out (lock $out/.running); wait for it or kill it first" >&2
-  exit 1
-fi
-
-# stage NAME COMMAND...: run COMMAND and append its wall time (seconds) to <out>/timings.tsv
-stage() {
-  local name=$1 started
-  shift
-  started=$(date +%s)
-  echo "=== $(date -Is) $name: $*"
-  "$@"
-  printf '%s\t%s\t%s\n' "$name" "$(($(date +%s) - started))" "$(date -Is)" >>"$out/timings.tsv"
-}
+source scripts/stages.sh
+take_lock "$out" sweep
 
 if [[ ! -f $prompts ]]; then
   stage generate-prompts python -m dialogsim.arithmetic --output "$prompts"
