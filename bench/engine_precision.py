@@ -29,7 +29,7 @@ import pandas as pd
 from bench.runs import machine_header, run_worker
 from dialogsim.console import EPILOG, console_command
 from dialogsim.models import DEFAULT_MODEL, check_model_name
-from dialogsim.precision import Hardware, engine_device, engine_dtype
+from dialogsim.precision import backend_precision
 
 ENGINES = ("vllm", "transformers")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -137,7 +137,7 @@ def main(argv: list[str]) -> None:
         rates = table.loc[engine]["tokens_per_second"].dropna()
         if rates.empty:
             continue
-        auto = engine_dtype("auto", Hardware.detect(engine_device(engine))).dtype
+        auto = backend_precision("auto", engine).dtype
         share = rates.get(auto, float("nan")) / rates.max()
         best = f"{rates.idxmax()}, {rates.max():.0f} tok/s"
         print(f"{engine}: auto picks {auto} here: {share:.0%} of the best dtype ({best})")

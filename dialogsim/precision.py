@@ -17,6 +17,7 @@ Every place that loads a model asks this module; nothing else names a dtype.
 
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 import warnings
@@ -99,8 +100,19 @@ def engine_device(backend: str) -> str:
     return "cuda" if backend == "vllm" and torch.cuda.is_available() else "cpu"
 
 
+def backend_precision(requested: str, backend: str) -> PrecisionDecision:
+    """:func:`engine_dtype` of a generation engine of kind ``backend``, for the hardware it runs on
+    (:func:`engine_device`): what a command logs at start and records in its provenance.
+
+    Raises:
+        ValueError: ``requested`` is not one of :data:`ENGINE_DTYPES`.
+    """
+    return engine_dtype(requested, Hardware.detect(engine_device(backend)))
+
+
+@functools.cache
 def cpu_info(path: Path = Path("/proc/cpuinfo")) -> tuple[str, frozenset[str]]:
-    """The CPU model name and feature flags of the first processor in ``/proc/cpuinfo``.
+    """The CPU model name and feature flags of the first processor in ``/proc/cpuinfo`` (read once per path).
 
     Returns:
         ``(name, flags)``; ``(platform.processor() or "unknown CPU", frozenset())`` where the file is absent.

@@ -88,7 +88,7 @@ def build_simulator(
         TypeError: a name in ``settings`` that is not a :class:`~envs.config.SimulatorConfig` field.
     """
     config = SimulatorConfig(**(config or SimulatorConfig()).simulator_settings() | settings)
-    precision.engine_dtype(engine_dtype)  # logs the decision; a bad value is refused before anything loads
+    precision.backend_precision(engine_dtype, user_backend)  # logged; a bad value is refused before any load
     check_model_name("policy_model", policy_model)  # names first, before anything loads
     if user_engine is None and user_backend != "openai" and config.user_template != REPLAY:
         check_model_name("user_model", config.user_model)

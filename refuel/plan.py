@@ -161,7 +161,7 @@ def make_plan(
         A :class:`Plan`; ``plan.ok`` is False when a check failed.
     """
     from dialogsim.models import ModelNotCachedError
-    from dialogsim.precision import Hardware, engine_device, engine_dtype
+    from dialogsim.precision import backend_precision
     from dialogsim.rewards.factory import BUILTIN_SPECS, check_reward_scores
     from dialogsim.user import REPLAY
 
@@ -326,7 +326,7 @@ def make_plan(
     }.get(getattr(config, "method", "refuel"), str(getattr(config, "method", "refuel")))
     tasks = "all" if config.tasks is None else ", ".join(config.tasks)
     datasets = "all" if config.datasets is None else ", ".join(config.datasets)
-    precision = engine_dtype(config.engine_dtype, Hardware.detect(engine_device(config.backend)))
+    precision = backend_precision(config.engine_dtype, config.backend)
     plan.lines += [
         f"launch         {command}",
         f"processes      {processes} ({launch.engine}, accelerate mixed precision {launch.mixed_precision or 'unset'})",

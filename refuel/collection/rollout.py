@@ -39,24 +39,22 @@ class PolicyRun:
     rng: np.random.Generator
     until_turn: list[int] | None = None
 
-    def _targets(self) -> list[int]:
-        return self.until_turn if self.until_turn is not None else [state.horizon + 1 for state in self.states]
-
-    def active(self) -> list[DialogueState]:
-        """The states that still take a turn."""
+    def _pending(self) -> list[tuple[DialogueState, int]]:
+        """The states that still take a turn, each with the turn it stops before."""
+        targets = self.until_turn if self.until_turn is not None else [state.horizon + 1 for state in self.states]
         return [
-            state
-            for state, target in zip(self.states, self._targets(), strict=True)
+            (state, target)
+            for state, target in zip(self.states, targets, strict=True)
             if not state.done and state.turn < target
         ]
 
+    def active(self) -> list[DialogueState]:
+        """The states that still take a turn."""
+        return [state for state, _ in self._pending()]
+
     def remaining_turns(self) -> int:
         """The policy replies its states still take if none ends early (the unit of the progress bar)."""
-        return sum(
-            target - state.turn
-            for state, target in zip(self.states, self._targets(), strict=True)
-            if not state.done and state.turn < target
-        )
+        return sum(target - state.turn for state, target in self._pending())
 
 
 def run_policies(simulator: DialogueSimulator, runs: list[PolicyRun], sampling: SamplingParams) -> None:

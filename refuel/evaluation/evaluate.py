@@ -50,7 +50,7 @@ from dialogsim.judges.factory import JUDGES, build_judge, find_judge_plugin
 from dialogsim.judges.reward_judge import RewardModelJudge
 from dialogsim.messages import Message
 from dialogsim.models import check_model_name, resolve_model
-from dialogsim.precision import Hardware, engine_device, engine_dtype
+from dialogsim.precision import backend_precision
 from dialogsim.prompts import PromptRow
 from dialogsim.rewards.code_verifier import CodeTestReward
 from dialogsim.rewards.factory import NO_REWARD_SPEC, build_reward_model, check_reward_scores
@@ -223,7 +223,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Path]:
     """
     check_prompt_source(config.prompts)
     check_policies(config)
-    precision = engine_dtype(config.engine_dtype, Hardware.detect(engine_device(config.backend)))  # logged once
+    precision = backend_precision(config.engine_dtype, config.backend)  # logged once
     policies = [config.baseline, *config.candidates]
     names = policy_labels(policies)
     rows, description = evaluation_prompts(config)

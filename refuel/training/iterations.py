@@ -36,7 +36,7 @@ from dialogsim.console import console_command, failure_state
 from dialogsim.data import check_prompt_source
 from dialogsim.dialogue import fingerprint
 from dialogsim.models import check_model_name, resolve_model
-from dialogsim.precision import Hardware, engine_device, engine_dtype, training_dtype
+from dialogsim.precision import backend_precision, training_dtype
 from dialogsim.rewards.factory import check_reward_scores
 from dialogsim.simulator import DialogueSimulator
 from envs.build import build_simulator
@@ -236,7 +236,7 @@ def run(config: RefuelConfig) -> str:
     check_model_name("policy_model", config.policy_model)
     if config.user_backend != "openai":
         check_model_name("user_model", config.user_model)
-    precision = engine_dtype(config.engine_dtype, Hardware.detect(engine_device(config.backend)))  # logged once
+    precision = backend_precision(config.engine_dtype, config.backend)  # logged once
     set_seed(config.seed)
     state = build_accelerator(config)  # before any collection: refuses a launch that fell back
     if state.is_main_process:
