@@ -37,7 +37,7 @@ import pandas as pd
 from bench.runs import machine_header
 from dialogsim.backends.transformers_backend import TransformersBackend, load_tokenizer
 from dialogsim.console import EPILOG, console_command
-from dialogsim.data import default_prompt_file, load_prompts
+from dialogsim.data import PromptConfig, load_prompt_rows
 from dialogsim.messages import Message
 from dialogsim.models import DEFAULT_MODEL, check_model_name
 from dialogsim.precision import ENGINE_DTYPES
@@ -47,7 +47,6 @@ from dialogsim.rewards.factory import build_reward_model
 from dialogsim.rewards.math_format import MathFormatReward
 from dialogsim.rewards.math_reward import reference_solution
 from dialogsim.sampling import SamplingParams
-from envs.build import select_partition
 
 REWARD_SPECS = ("math", "math_format")
 NUMBER_LIST = " ".join(str(number) for number in range(1, 41))
@@ -55,15 +54,8 @@ NUMBER_LIST = " ".join(str(number) for number in range(1, 41))
 
 def held_out_rows(holdout: int, max_prompt_tokens: int) -> list[PromptRow]:
     """The held-out GSM8K Math_CoT rows of the shared prompt file (the project's evaluation prompts)."""
-    rows, _ = load_prompts(
-        default_prompt_file(),
-        tasks=["Math_CoT"],
-        datasets=["gsm8k"],
-        splits=["train"],
-        tokenizer=load_tokenizer(DEFAULT_MODEL),
-        max_prompt_tokens=max_prompt_tokens,
-    )
-    return select_partition(rows, holdout, "heldout")
+    config = PromptConfig(holdout=holdout, max_prompt_tokens=max_prompt_tokens)  # Math_CoT / gsm8k / train
+    return load_prompt_rows(config, load_tokenizer(DEFAULT_MODEL), "heldout")[0]
 
 
 def policy_replies(rows: list[PromptRow], args: argparse.Namespace) -> dict[str, list[str]]:
@@ -144,8 +136,8 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0], epilog=EPILOG)
     parser.add_argument("--replies", default="/tmp/smollm_replies.jsonl", help="cache of the policy's replies")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="policy model (name, folder or hub id)")
-    parser.add_argument("--holdout", type=int, default=64, help="held-out prompts (the configs' holdout)")
-    parser.add_argument("--max_prompt_tokens", type=int, default=384, help="prompt budget (refuel-train's)")
+    parser.add_argument("--holdout", type=int, default=PromptConfig.holdout, help="held-out prompts (as configured)")
+    parser.add_argument("--max_prompt_tokens", type=int, default=PromptConfig.max_prompt_tokens, help="prompt budget")
     parser.add_argument("--samples", type=int, default=2, help="replies per prompt")
     parser.add_argument("--temperature", type=float, default=0.8, help="policy sampling temperature")
     parser.add_argument("--max_new_tokens", type=int, default=128, help="reply cap (tokens)")

@@ -22,10 +22,13 @@ same machinery from any source with a list of chat messages per row: a ``message
 of ``{"from", "value"}`` turns. Each is mapped to a prompt row the simulator knows (see there).
 
 The default prompt set (:func:`default_prompt_source`) is the shared file, else, online, the hub dataset
-``openbmb/UltraInteract_sft`` read with the same filters. The cards of every prompt set are in ``data/README.md``.
+``openbmb/UltraInteract_sft`` read with the same filters. Which rows a simulator, a command or an adapter runs on
+is one :class:`PromptConfig` and :func:`load_prompt_rows` (its held-out partition by id hash). The cards of every
+prompt set are in ``data/README.md``.
 
 >>> rows, report = load_prompts(default_prompt_source(), tasks=["Math_CoT"], datasets=["gsm8k"])
 >>> train, evaluation = split_train_eval(rows, eval_fraction=0.1, seed=0)
+>>> heldout, report = load_prompt_rows(PromptConfig(holdout=64), tokenizer, "heldout")  # doctest: +SKIP
 >>> dialogues, report = load_offline_dialogues("openbmb/UltraInteract_pair", rows)  # doctest: +SKIP
 """
 
@@ -41,7 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from datasets import config as datasets_config
 from datasets import load_dataset
@@ -50,6 +53,7 @@ from dialogsim.console import UsageError
 from dialogsim.messages import ROLES, Message, MessageFormatError, count_turns, validate_messages
 from dialogsim.prompts import FOLLOW_UPS, TURN_REFERENCES, OfflineDialogue, PromptRow, instruction_key, question_key
 from dialogsim.rewards.math_verifier import last_boxed
+from dialogsim.settings import AT_LEAST_ONE, NON_NEGATIVE, Rule, check_settings, setting
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -380,6 +384,90 @@ def split_train_eval(
     ranked = sorted(ids, key=lambda row_id: hashlib.sha256(f"{seed}:{row_id}".encode()).digest())
     eval_ids = set(ranked[:count])
     return [row for row in rows if row.id not in eval_ids], [row for row in rows if row.id in eval_ids]
+
+
+@dataclass
+class PromptConfig:
+    """Which prompt rows a simulator runs on: source, filters, token budget and the held-out partition
+    (:func:`load_prompt_rows`). Shared by ``gym.make``, the commands and the adapters."""
+
+    prompts: str | None = setting(
+        None, help="prompt file (JSON Lines / Parquet) or hub id; default: the shared file", shapes="dialogues"
+    )
+    tasks: list[str] | None = setting(
+        default_factory=lambda: ["Math_CoT"], help="UltraInteract tasks to keep ('all': every one)", shapes="dialogues"
+    )
+    datasets: list[str] | None = setting(
+        default_factory=lambda: ["gsm8k"], help="source datasets to keep ('all': every one)", shapes="dialogues"
+    )
+    splits: list[str] | None = setting(
+        default_factory=lambda: ["train"], help="source splits to keep ('all': every one)", shapes="dialogues"
+    )
+    holdout: int = setting(
+        64,
+        help="prompts reserved for evaluation, never trained on (the same value in refuel-train and refuel-evaluate)",
+        shapes="dialogues",
+        valid=NON_NEGATIVE,
+    )
+    max_prompt_tokens: int = setting(
+        384, help="drop prompts longer than this (tokens)", shapes="dialogues", valid=AT_LEAST_ONE
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = ()
+    """The combinations of fields a class's values must hold (a subclass with more fields has more rules)."""
+
+    def __post_init__(self) -> None:
+        """Check every field (type, declared range) and the class's :attr:`rules`; a ``prompts`` path given from
+        Python (``gym.make(prompts=Path(...))``) becomes its string.
+
+        Raises:
+            UsageError: (a ``ValueError``) naming each bad field and what is valid
+                (:func:`~dialogsim.settings.check_settings`).
+        """
+        if isinstance(self.prompts, os.PathLike):
+            self.prompts = os.fspath(self.prompts)
+        check_settings(self, self.rules)
+
+
+PARTITIONS = ("all", "train", "heldout")
+
+
+def load_prompt_rows(
+    config: PromptConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    partition: str = "all",
+    limit: int | None = None,
+) -> tuple[list[PromptRow], LoadReport]:
+    """The prompt rows ``config`` selects, and the load report of the rows dropped by each filter.
+
+    :func:`load_prompts` (filters, dedupe, the ``max_prompt_tokens`` budget counted with ``tokenizer``, the
+    policy's), then :func:`select_partition` (``partition`` of :data:`PARTITIONS`), then the first ``limit`` rows.
+    ``config.prompts=None`` is :func:`default_prompt_source`. Raises what those raise.
+    """
+    loaded, report = load_prompts(
+        config.prompts if config.prompts is not None else default_prompt_source(),
+        tasks=config.tasks,
+        datasets=config.datasets,
+        splits=config.splits,
+        tokenizer=tokenizer,
+        max_prompt_tokens=config.max_prompt_tokens,
+    )
+    return select_partition(loaded, config.holdout, partition)[:limit], report
+
+
+def select_partition(rows: list[PromptRow], holdout: int, partition: str) -> list[PromptRow]:
+    """The training rows, the ``holdout`` evaluation rows (:func:`split_train_eval` by id hash, seed 0, so training
+    and evaluation agree on them without sharing state), or all rows.
+
+    Raises:
+        ValueError: ``partition`` not one of :data:`PARTITIONS`, or ``holdout`` missing for a split partition.
+    """
+    if partition == "all":
+        return rows
+    if partition not in PARTITIONS or holdout < 1:
+        raise ValueError(f"partition must be 'all', 'train' or 'heldout' (with holdout >= 1); got {partition!r}")
+    train, heldout = split_train_eval(rows, eval_count=holdout, seed=0)
+    return train if partition == "train" else heldout
 
 
 def _eval_size(total: int, eval_fraction: float | None, eval_count: int | None) -> int:

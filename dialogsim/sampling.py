@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+
+from dialogsim.settings import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Range, check_settings, setting
 
 SEED_LIMIT = 2**31
 """Seeds of single conversations lie in ``[0, SEED_LIMIT)``: every engine and OpenAI-compatible server takes them."""
@@ -27,8 +29,8 @@ class SamplingParams:
     Attributes:
         temperature: softmax temperature; 0 means greedy decoding.
         top_p: nucleus-sampling mass in (0, 1].
-        max_new_tokens: cap on generated tokens per reply (tokens).
-        repetition_penalty: CTRL-style penalty (1.0 = off), as in ``transformers`` generation.
+        max_new_tokens: cap on generated tokens per reply (tokens); the default is the commands' policy cap.
+        repetition_penalty: CTRL-style penalty (1.0 = off, > 0), as in ``transformers`` generation.
         stop: strings that end the reply early; the text is cut right after the first one, which is
             kept (vLLM's ``include_stop_str_in_output=True``).
         seed: one seed for the whole call: conversation i is sampled with :func:`request_seed`
@@ -40,26 +42,32 @@ class SamplingParams:
             batch's floating-point numerics, see each backend). Common random numbers: two copies of
             a dialogue with the same seed draw the same sample. Exclusive with ``seed``.
 
+    The defaults of ``temperature``, ``top_p`` and ``max_new_tokens`` are the commands' policy sampling
+    (``refuel.config.SamplingConfig`` takes these fields over with :func:`~dialogsim.settings.same_as`).
+
     Raises:
-        ValueError: a setting out of range, both ``seed`` and ``seeds``, or a seed of ``seeds``
+        ValueError: a setting of the wrong type or out of range (:func:`~dialogsim.settings.check_settings`, a
+            ``UsageError``), both ``seed`` and ``seeds``, or a seed of ``seeds``
             outside ``[0, SEED_LIMIT)``.
     """
 
-    temperature: float = 0.8
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    repetition_penalty: float = 1.0
-    stop: tuple[str, ...] = field(default_factory=tuple)
-    seed: int | None = None
-    seeds: tuple[int, ...] | None = None
+    temperature: float = setting(
+        0.8,
+        help="sampling temperature; 0 is greedy (paper: 0.8 for the policy)",
+        shapes="dialogues",
+        valid=NON_NEGATIVE,
+    )
+    top_p: float = setting(1.0, help="nucleus sampling mass", shapes="dialogues", valid=Range(0, 1, low_open=True))
+    max_new_tokens: int = setting(160, help="cap on reply tokens (paper: 1024)", shapes="dialogues", valid=AT_LEAST_ONE)
+    repetition_penalty: float = setting(
+        1.0, help="CTRL-style repetition penalty (1 = off)", shapes="dialogues", valid=POSITIVE
+    )
+    stop: tuple[str, ...] = setting(default_factory=tuple, help="strings that end a reply (kept)", shapes="dialogues")
+    seed: int | None = setting(None, help="one seed for the call", shapes="dialogues", valid=NON_NEGATIVE)
+    seeds: tuple[int, ...] | None = setting(None, help="one seed per conversation", shapes="dialogues")
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        check_settings(self)
         if self.seed is not None and self.seeds is not None:
             raise ValueError(
                 "SamplingParams takes seed (one for the call) or seeds (one per conversation), not both; "

@@ -20,14 +20,21 @@ from dialogsim.messages import Message, count_turns, validate_messages
 from dialogsim.prompts import PromptRow, instruction_key
 from dialogsim.rewards.base import RewardModel
 from dialogsim.sampling import SEED_LIMIT
+from dialogsim.settings import AT_LEAST_ONE, HORIZON, Rule, check_settings, setting
 from dialogsim.user import SimulatedUser
 
-MAX_HORIZON = 5
+EPISODE_RULES = (
+    Rule(
+        ("horizon", "max_horizon"),
+        lambda c: c.horizon is None or c.horizon <= c.max_horizon,
+        "at most max_horizon, or None to draw H from 1..max_horizon",
+    ),
+)
 
 
 @dataclass(frozen=True)
 class EpisodeConfig:
-    """Episode rules.
+    """Episode rules (fields declared with :func:`~dialogsim.settings.setting`: default, range, help).
 
     Attributes:
         max_horizon: largest horizon H (≤ 5 as in the paper).
@@ -36,18 +43,30 @@ class EpisodeConfig:
         max_dialogue_tokens: budget for the whole chat-templated dialogue (policy tokenizer, tokens);
             past it the episode is truncated.
         reward_per_turn: score the dialogue after every assistant reply, not only at the horizon.
+
+    Raises:
+        UsageError: (a ``ValueError``) a field of the wrong type or out of range, e.g. ``max_horizon=7 (valid: an
+            integer ≥ 1 and ≤ 5)``, or ``horizon`` above ``max_horizon``.
     """
 
-    max_horizon: int = 3
-    horizon: int | None = None
-    max_dialogue_tokens: int = 2048
-    reward_per_turn: bool = False
+    max_horizon: int = setting(
+        3, help="H is drawn uniformly from 1..max_horizon (paper: 5)", shapes="dialogues", valid=HORIZON
+    )
+    horizon: int | None = setting(
+        None, help="fixed H, or unset to draw it from 1..max_horizon per episode", shapes="dialogues", valid=HORIZON
+    )
+    max_dialogue_tokens: int = setting(
+        2048,
+        help="token budget per dialogue (tokens); a dialogue past it is truncated",
+        shapes="dialogues",
+        valid=AT_LEAST_ONE,
+    )
+    reward_per_turn: bool = setting(
+        False, help="score the dialogue after every assistant reply, not only at the horizon", shapes="pairs"
+    )
 
     def __post_init__(self) -> None:
-        if not 1 <= self.max_horizon <= MAX_HORIZON:
-            raise ValueError(f"max_horizon must be in 1..{MAX_HORIZON}, got {self.max_horizon}")
-        if self.horizon is not None and not 1 <= self.horizon <= self.max_horizon:
-            raise ValueError(f"horizon must be in 1..max_horizon={self.max_horizon}, got {self.horizon}")
+        check_settings(self, EPISODE_RULES)
 
 
 @dataclass

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import dataclasses
 import json
+import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,9 +22,21 @@ import yaml
 from transformers import HfArgumentParser
 
 from dialogsim.console import EPILOG, UsageError
-from refuel.settings_check import union_members
+from dialogsim.settings import union_members
 
 ConfigT = TypeVar("ConfigT")
+
+
+class SettingsParser(HfArgumentParser):
+    """``HfArgumentParser`` for fields declared with :func:`dialogsim.settings.setting`: a flag's help is the field's
+    ``help`` (``%`` escaped, as argparse %-formats it); the field's other metadata (``valid``, ``shapes``) is not
+    passed on to ``add_argument`` (``HfArgumentParser`` passes every metadata key)."""
+
+    @staticmethod
+    def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field[Any]) -> None:
+        flag = copy.copy(field)  # HfArgumentParser rewrites the type of an Optional field in place
+        flag.metadata = types.MappingProxyType({"help": field.metadata["help"].replace("%", "%%")})
+        HfArgumentParser._parse_dataclass_field(parser, flag)
 
 
 def parse_config(config_class: type[ConfigT], argv: Sequence[str] | None, description: str) -> ConfigT:
@@ -30,12 +45,12 @@ def parse_config(config_class: type[ConfigT], argv: Sequence[str] | None, descri
     Raises:
         SystemExit: bad flags (argparse's message names them; exit 2).
         UsageError: the config file is missing, not YAML / JSON (file:line:column), not a mapping, or has unknown
-            keys; a value is invalid (:func:`refuel.settings_check.check_config`, from the config's ``__post_init__``).
+            keys; a value is invalid (:func:`dialogsim.settings.check_settings`, from the config's ``__post_init__``).
     """
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=Path)
     known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(config_class, description=description, epilog=EPILOG)
+    parser = SettingsParser(config_class, description=description, epilog=EPILOG)
     for action in parser._actions:  # Literal choices are checked with the config (ValueError naming the field)
         action.choices = None
     parser.add_argument("--config", type=Path, help="YAML or JSON file of defaults; flags override it")
@@ -53,7 +68,7 @@ def _read_config_file(path: Path, known: set[str], config_class: type) -> dict[s
 
     A bare string for a list field is a one-item list (``tasks: Math_CoT`` is ``[Math_CoT]``, not its
     letters) and a number for a float field is a float, also where YAML 1.1 reads a string (``1e-6``).
-    Other types are checked when the config is built (:func:`refuel.settings_check.check_config`).
+    Other types are checked when the config is built (:func:`dialogsim.settings.check_settings`).
 
     Args:
         known: the parser's destinations (``--help``'s flags without dashes).

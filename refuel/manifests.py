@@ -1,7 +1,7 @@
 """Manifests of a job's prompts: which rows it trained and evaluated on, by id and SHA-256, without the text.
 
 ``python -m refuel.manifests`` (defaults: the main job's ``configs/cpu_main.yaml`` and ``configs/cpu_eval.yaml``)
-selects the prompts exactly as ``refuel-train`` and ``refuel-evaluate`` do (:func:`envs.build.load_prompt_rows`
+selects the prompts exactly as ``refuel-train`` and ``refuel-evaluate`` do (:func:`dialogsim.data.load_prompt_rows`
 with the run's filters, token budget and hold-out, :func:`refuel.evaluation.evaluate.evaluation_prompts`) and writes to
 ``data/manifests/``:
 
@@ -29,9 +29,9 @@ from typing import Any
 
 from dialogsim.backends.transformers_backend import load_tokenizer
 from dialogsim.console import EPILOG, UsageError, console_command
-from dialogsim.data import default_prompt_source
+from dialogsim.data import PromptConfig, default_prompt_source, load_prompt_rows, select_partition
 from dialogsim.prompts import PromptRow
-from envs.build import load_prompt_rows, select_partition
+from dialogsim.settings import field_names
 from refuel.cli import parse_config
 from refuel.config import RefuelConfig
 from refuel.evaluation.evaluate import EvaluateConfig, evaluation_prompts
@@ -74,16 +74,14 @@ def build_manifests(train_file: Path, eval_file: Path, name: str) -> dict[str, s
     """
     train_config = parse_config(RefuelConfig, ["--config", str(train_file)], description="")
     eval_config = parse_config(EvaluateConfig, ["--config", str(eval_file)], description="")
-    selection = ("prompts", "tasks", "datasets", "splits", "holdout", "max_prompt_tokens")
+    selection = field_names(PromptConfig)
     differ = [f for f in selection if getattr(train_config, f) != getattr(eval_config, f)]
     if differ or train_config.policy_model != eval_config.baseline:
         raise UsageError(
             f"the training and evaluation configs select prompts differently ({differ or ['policy_model/baseline']}); "
             "give them the same prompts, filters, holdout, max_prompt_tokens and π_0"
         )
-    tokenizer = load_tokenizer(train_config.policy_model)
-    settings = [getattr(train_config, f) for f in ("prompts", "tasks", "datasets", "splits", "max_prompt_tokens")]
-    rows, report = load_prompt_rows(settings[0], tokenizer, *settings[1:])
+    rows, report = load_prompt_rows(train_config, load_tokenizer(train_config.policy_model))
     train, heldout = (select_partition(rows, train_config.holdout, part) for part in ("train", "heldout"))
     evaluated = {row.id for row in evaluation_prompts(eval_config)[0]}
     source = train_config.prompts if train_config.prompts is not None else default_prompt_source()

@@ -8,11 +8,12 @@ Every ``refuel-train`` flag is accepted (flags override the ``--config`` file), 
   count, engine (DDP, DeepSpeed, FSDP) and mixed precision are checked against the run config.
 - ``--num_processes N``: overrides the file's process count, as ``accelerate launch`` does.
 
-What is checked: every field's type and range (:mod:`refuel.settings_check`, the check ``refuel-train`` runs),
+What is checked: every field's type and range and the combinations of :data:`refuel.config.RULES` (the check
+``refuel-train`` runs when it parses its config; each is declared once, on the field or in that table),
 ``--output_dir`` (a new folder, or a run whose recorded stage settings agree: :mod:`refuel.run_folder`), the
-fields' combinations (LoRA only where adapters can be merged, precision
-and clipping agreeing with the engine, vLLM tensor parallelism within the GPUs, the user server's
-URL), per-device batch × accumulation × processes = ``effective_batch_size``, and that every model name
+combinations that depend on the launch (LoRA only where adapters can be merged, precision
+and clipping agreeing with the engine, vLLM tensor parallelism within the GPUs),
+per-device batch × accumulation × processes = ``effective_batch_size``, and that every model name
 is an embedded model, an existing folder or a well-formed hub id, and that a reward of the user's code
 (``--reward package.module:name``) loads and scores the tasks. Hub ids are checked for form only (with
 ``HF_HUB_OFFLINE=1``, one absent from the local cache is a warning): nothing is downloaded, no model is loaded and
@@ -30,7 +31,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from dialogsim.console import UsageError, console_command
 from refuel.cli import parse_config
@@ -175,11 +175,6 @@ def make_plan(
         user_kind = "not loaded: each row's scripted follow-ups are replayed (meta.follow_ups)"
     elif config.user_backend == "openai":
         user_kind = f"served by the OpenAI-compatible server at {config.user_base_url}"
-        url = urlparse(config.user_base_url or "")
-        if url.scheme not in ("http", "https") or not url.netloc:
-            plan.errors.append(
-                f"user_base_url={config.user_base_url!r} is not an http(s) URL, e.g. http://host:8000/v1"
-            )
     else:
         user_kind = describe_model("user_model", config.user_model, plan)
     if config.reward.strip().lower() in BUILTIN_SPECS:
@@ -255,12 +250,6 @@ def make_plan(
                 f"vllm_tensor_parallel_size={config.vllm_tensor_parallel_size} for the {kind} engine exceeds the "
                 f"{processes} GPUs of the launch"
             )
-    if config.vllm_tensor_parallel_size < 1:
-        plan.errors.append(f"vllm_tensor_parallel_size must be >= 1, got {config.vllm_tensor_parallel_size}")
-    if config.max_new_tokens >= config.max_dialogue_tokens:
-        plan.errors.append(
-            f"max_new_tokens={config.max_new_tokens} must be below max_dialogue_tokens={config.max_dialogue_tokens}"
-        )
 
     # batch and steps
     effective = config.per_device_batch_size * config.gradient_accumulation_steps * processes

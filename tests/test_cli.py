@@ -227,8 +227,7 @@ def test_literal_choices_match_the_registries_they_name() -> None:
     from dialogsim.backends.factory import BACKENDS
     from dialogsim.backends.serving import ServingEngine
     from dialogsim.user import REPLAY, TEMPLATES
-    from envs.config import UserConfig
-    from refuel.config import PolicyBackend, UserBackend
+    from envs.config import PolicyBackend, UserBackend, UserConfig
 
     hints = get_type_hints(UserConfig)
     assert set(get_args(hints["user_template"])) == {*TEMPLATES, REPLAY}

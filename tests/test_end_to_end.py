@@ -14,8 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from dialogsim.backends.transformers_backend import load_tokenizer
-from dialogsim.data import load_prompts
-from envs.build import select_partition
+from dialogsim.data import load_prompts, select_partition
 from refuel.config import RefuelConfig
 from refuel.evaluation.evaluate import EvaluateConfig, evaluate
 from refuel.storage import read_rows

@@ -304,6 +304,6 @@ def test_greedy_evaluation_is_valid_but_greedy_training_is_not() -> None:
 
 @pytest.mark.parametrize(("field", "value"), [("horizon", 9), ("temperature", float("inf")), ("n_prompts", 0)])
 def test_evaluate_settings_are_checked_like_the_training_ones(field: str, value: float) -> None:
-    """The shared field check (refuel.settings_check) runs for refuel-evaluate too, with the valid range."""
+    """The shared field check (dialogsim.settings: ranges on the fields) runs for refuel-evaluate too."""
     with pytest.raises(ValueError, match=f"{field}="):
         EvaluateConfig(**{field: value})

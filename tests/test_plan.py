@@ -104,8 +104,6 @@ def test_lora_is_valid_on_ddp_only(offline: None) -> None:
         (("--policy_model", "meta llama/Llama-3-8B"), None, "fsdp.yaml", "policy_model='meta llama/Llama-3-8B'"),
         (("--reward", "./no/such/rm"), None, "fsdp.yaml", "reward='./no/such/rm': no such folder"),
         (("--max_grad_norm", "0.5"), None, "deepspeed_zero3.yaml", "gradient_clipping=1.0 differs from max_grad_norm"),
-        (("--user_base_url", "localhost:8000"), None, "fsdp.yaml", "user_base_url='localhost:8000' is not an http"),
-        (("--max_new_tokens", "9000"), None, "fsdp.yaml", "max_new_tokens=9000 must be below"),
     ],
 )
 def test_bad_combinations_fail_with_the_field_and_the_fix(
@@ -155,12 +153,19 @@ def test_cpu_main_config_plans_a_single_process(
         (("--learning_rate", "-1"), None, "learning_rate=-1.0 (valid: a finite number > 0)"),
         (("--eta", "inf"), None, "eta=inf (valid: a finite number > 0)"),
         ((), "pairs_per_iteration: 4.5", "pairs_per_iteration=4.5 (valid: an integer ≥ 2)"),
+        (
+            ("--user_backend", "openai", "--user_base_url", "localhost:8000"),
+            None,
+            "user_base_url='localhost:8000' (valid: the server's http(s) URL",
+        ),
+        (("--max_new_tokens", "9000"), None, "max_new_tokens=9000 (valid: below max_dialogue_tokens"),
     ],
 )
 def test_plan_refuses_what_train_refuses(
     flags: tuple[str, ...], yaml_line: str | None, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """refuel-plan runs the same field check as refuel-train, before anything else: exit 2 with the valid range."""
+    """refuel-plan runs the same field and combination check as refuel-train (declared once, on the fields and in
+    refuel.config.RULES), before anything else: exit 2 with what is valid."""
     config = tmp_path / "run.yaml"
     config.write_text((REPO / "configs" / "cpu_main.yaml").read_text() + (yaml_line or "") + "\n")
     with pytest.raises(SystemExit) as exit_info:

@@ -51,11 +51,14 @@ from openenv.core.env_server.types import Action, Observation, State
 from pydantic import Field
 
 from dialogsim.console import EPILOG, console_command
+from dialogsim.data import PromptConfig
 from dialogsim.dialogue import DialogueState
 from dialogsim.messages import Message
 from dialogsim.precision import ENGINE_DTYPES
-from dialogsim.simulator import DialogueSimulator, StepOutcome
+from dialogsim.settings import declared, default_of
+from dialogsim.simulator import DialogueSimulator, EpisodeConfig, StepOutcome
 from envs.build import build_simulator
+from envs.config import EngineConfig, RewardConfig, UserConfig
 from envs.dialogue_env import DialogueEnv
 
 ENV_NAME = "dialogsim"
@@ -293,6 +296,17 @@ class RemoteSimulator:
         self._pool.shutdown()
 
 
+SERVED_SETTINGS: tuple[tuple[type, str, dict[str, Any]], ...] = (
+    (PromptConfig, "prompts", {}),
+    (PromptConfig, "datasets", {"nargs": "+"}),
+    (UserConfig, "user_model", {}),
+    (UserConfig, "user_template", {}),
+    (RewardConfig, "reward", {}),
+    (EpisodeConfig, "max_horizon", {"type": int}),
+    (EngineConfig, "engine_dtype", {"choices": ENGINE_DTYPES}),
+)  # the simulator settings the server takes as flags (an unset flag keeps the field's declared default)
+
+
 @console_command
 def main(argv: list[str]) -> None:
     """Serve a dialogsim worker: ``python -m envs.adapters.openenv_server --port 8000 [--prompts FILE ...]``."""
@@ -302,28 +316,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max_concurrent_envs", type=int, default=64)
-    parser.add_argument("--prompts", default=None, help="prompt file or hub id (default: the shared prompts)")
-    parser.add_argument("--user_model", default=None, help="simulated user's model (default: SmolLM2-135M)")
-    parser.add_argument("--user_template", default=None, help="student | paper | replay (default: student)")
-    parser.add_argument("--datasets", nargs="+", default=None, help="source datasets to keep (default: gsm8k)")
-    parser.add_argument("--reward", default="math", help="a dialogsim.rewards.factory spec")
-    parser.add_argument("--max_horizon", type=int, default=3)
-    parser.add_argument(
-        "--engine_dtype",
-        default="auto",
-        choices=ENGINE_DTYPES,
-        help="user engine and reward precision: auto (bf16 only where the hardware has it), float32, bfloat16, float16",
-    )
+    for config, name, kind in SERVED_SETTINGS:
+        spec = declared(config, name)
+        shown = f"{spec.metadata['help']} (default: {default_of(spec)})"
+        parser.add_argument(f"--{name}", default=None, help=shown, **kind)
     args = parser.parse_args(argv)
-    settings = {
-        "prompts": args.prompts,
-        "reward": args.reward,
-        "max_horizon": args.max_horizon,
-        "engine_dtype": args.engine_dtype,
-    }
-    for name in ("user_model", "user_template", "datasets"):
-        if getattr(args, name) is not None:
-            settings[name] = getattr(args, name)
+    settings = {name: getattr(args, name) for _, name, _ in SERVED_SETTINGS if getattr(args, name) is not None}
     app = create_dialogue_app(build_simulator(**settings), args.max_concurrent_envs)
     uvicorn.run(app, host=args.host, port=args.port)
 

@@ -7,7 +7,8 @@ policy's ``interaction`` (each ``interaction.turn(message)`` sends one user mess
 policy's reply), and rewards are recorded on the policy's trace. The mapping:
 
 - tasks: :class:`DialogsimTaskset` yields one :class:`DialogueTask` per prompt row from dialogsim's
-  loader (:func:`dialogsim.data.load_prompts`, same filters and hold-out partition as ``build_simulator``);
+  prompt selection (:func:`dialogsim.data.load_prompt_rows`, the filters, defaults and hold-out partition of
+  ``build_simulator`` and the commands: every setting's default and help come from its declaration);
   the task's prompt is the row's instruction, the first user message;
 - the environment's response (``MultiTurnEnv.env_response``): the simulated user of a
   :class:`~envs.DialogueEnv` asks the next question after each reply (:func:`converse`);
@@ -33,36 +34,69 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import MISSING, asdict, dataclass
+from typing import Any
 
 import verifiers.v1 as vf
 from pydantic import Field
 
 from dialogsim.backends.transformers_backend import load_tokenizer
-from dialogsim.data import default_prompt_file, load_prompts
+from dialogsim.data import PromptConfig, load_prompt_rows
 from dialogsim.messages import Message
 from dialogsim.models import DEFAULT_MODEL
 from dialogsim.precision import EngineDtype
-from envs.build import build_simulator, select_partition
+from dialogsim.settings import declared, field_names
+from dialogsim.simulator import EpisodeConfig
+from envs.build import build_simulator
+from envs.config import EngineConfig, RewardConfig, SimulatorConfig, UserConfig, UserEngineConfig
 from envs.dialogue_env import DialogueEnv
 
 TASKSET_ID = "dialogsim_verifiers"
 REWARD_NAME = "dialogsim_reward"
+SIMULATOR_SETTINGS = (
+    "user_model",
+    "user_template",
+    "backend",
+    "user_backend",
+    "user_base_url",
+    "engine_dtype",
+    "reward",
+    "max_dialogue_tokens",
+)  # the DialogsimEnvConfig fields that are SimulatorConfig fields
+
+
+def declared_field(config: type, name: str) -> Any:
+    """A pydantic field with the default and help line of the settings dataclass ``config``'s field ``name``
+    (:func:`dialogsim.settings.setting`): the value is declared once, there, for ``gym.make``, the commands and
+    this adapter alike."""
+    spec = declared(config, name)
+    if spec.default_factory is not MISSING:
+        return Field(default_factory=spec.default_factory, description=spec.metadata["help"])
+    return Field(spec.default, description=spec.metadata["help"])
 
 
 class DialogsimTasksetConfig(vf.TasksetConfig):
-    """Which prompts the tasks come from: the arguments of :func:`envs.build.build_simulator` that pick rows."""
+    """Which prompts the tasks come from: the :class:`~dialogsim.data.PromptConfig` fields, a partition and a
+    limit (as :func:`envs.build.build_simulator` takes them)."""
 
     id: str = TASKSET_ID
-    prompts: str | None = Field(None, description="prompt file or hub id; default: the shared UltraInteract file")
-    tasks: list[str] | None = Field(["Math_CoT"], description="UltraInteract tasks to keep")
-    datasets: list[str] | None = Field(None, description="source datasets to keep, e.g. gsm8k")
-    splits: list[str] | None = Field(None, description="source splits to keep")
-    holdout: int = Field(0, description="prompts reserved for evaluation (by id hash, seed 0)")
+    prompts: str | None = declared_field(PromptConfig, "prompts")
+    tasks: list[str] | None = declared_field(PromptConfig, "tasks")
+    datasets: list[str] | None = declared_field(PromptConfig, "datasets")
+    splits: list[str] | None = declared_field(PromptConfig, "splits")
+    holdout: int = declared_field(PromptConfig, "holdout")
+    max_prompt_tokens: int = declared_field(PromptConfig, "max_prompt_tokens")
     partition: str = Field("all", description="'train', 'heldout' or 'all'")
     limit: int | None = Field(None, description="keep at most this many prompts of the partition")
     policy_model: str = Field(DEFAULT_MODEL, description="model whose tokenizer counts prompt tokens")
-    max_prompt_tokens: int = Field(512, description="drop prompts longer than this (tokens)")
+
+    def prompt_config(self) -> PromptConfig:
+        """These prompt settings as the simulator's :class:`~dialogsim.data.PromptConfig` (checked there).
+
+        Raises:
+            UsageError: a value of the wrong type or out of range.
+        """
+        return PromptConfig(**{name: getattr(self, name) for name in field_names(PromptConfig)})
 
 
 class DialogueTaskData(vf.TaskData):
@@ -82,21 +116,15 @@ class DialogsimTaskset(vf.Taskset[DialogueTask, DialogsimTasksetConfig]):
     """The prompt rows of :class:`DialogsimTasksetConfig`, as tasks (loaded through dialogsim's loader)."""
 
     def load(self) -> Iterator[DialogueTask]:
-        """One task per prompt row, in the loader's order.
+        """One task per prompt row, in the loader's order (:func:`dialogsim.data.load_prompt_rows`).
 
         Raises:
-            ValueError: the prompt source or filters (see :func:`dialogsim.data.load_prompts`).
+            ValueError: the prompt source, filters or partition (see :func:`dialogsim.data.load_prompt_rows`).
         """
         config = self.config
-        rows, _ = load_prompts(
-            config.prompts if config.prompts is not None else default_prompt_file(),
-            tasks=config.tasks,
-            datasets=config.datasets,
-            splits=config.splits,
-            tokenizer=load_tokenizer(config.policy_model),
-            max_prompt_tokens=config.max_prompt_tokens,
-        )
-        for row in select_partition(rows, config.holdout, config.partition)[: config.limit]:
+        tokenizer = load_tokenizer(config.policy_model)
+        rows, _ = load_prompt_rows(config.prompt_config(), tokenizer, config.partition, config.limit)
+        for row in rows:
             data = DialogueTaskData(id=row.id, name=f"{row.dataset}/{row.id}", prompt=row.instruction)
             yield DialogueTask(data, config.task)
 
@@ -106,19 +134,16 @@ class DialogsimEnvConfig(vf.EnvConfig):
 
     assistant: vf.AgentConfig = vf.AgentConfig(harness={"id": "null"})
     taskset: DialogsimTasksetConfig = DialogsimTasksetConfig()
-    user_model: str = Field(DEFAULT_MODEL, description="model of the simulated user")
-    user_template: str = Field(
-        "student", description="'student' (small models), 'paper', or 'replay' (each row's scripted follow-ups)"
-    )
-    user_backend: str = Field("transformers", description="engine of the user model: transformers, vllm, openai")
-    user_base_url: str | None = Field(None, description="server of the user model when user_backend='openai'")
-    engine_dtype: EngineDtype = Field(
-        "auto", description="user engine and reward precision: auto (bf16 where native), float32, bfloat16, float16"
-    )
-    reward: str = Field("math", description="a dialogsim.rewards.factory spec or a reward model id/path")
-    max_horizon: int = Field(3, description="largest horizon H (assistant turns)")
-    horizon: int | None = Field(None, description="fixed H, or None to draw it from 1..max_horizon per task")
-    max_dialogue_tokens: int = Field(2048, description="token budget of the whole dialogue (policy tokenizer)")
+    user_model: str = declared_field(UserConfig, "user_model")
+    user_template: str = declared_field(UserConfig, "user_template")
+    backend: str = declared_field(EngineConfig, "backend")
+    user_backend: str = declared_field(UserEngineConfig, "user_backend")
+    user_base_url: str | None = declared_field(UserEngineConfig, "user_base_url")
+    engine_dtype: EngineDtype = declared_field(EngineConfig, "engine_dtype")
+    reward: str = declared_field(RewardConfig, "reward")
+    max_horizon: int = declared_field(EpisodeConfig, "max_horizon")
+    horizon: int | None = declared_field(EpisodeConfig, "horizon")
+    max_dialogue_tokens: int = declared_field(EpisodeConfig, "max_dialogue_tokens")
     seed: int = Field(0, description="seed of the per-task horizon and user draws (with the task index)")
 
 
@@ -172,25 +197,16 @@ class DialogsimEnv(vf.Env[DialogsimEnvConfig]):
     async def start(self) -> None:
         """Load the simulated user, the reward model and the prompts once per env (in a worker thread)."""
         config, taskset = self.config, self.config.taskset
+        simulator_config = SimulatorConfig(
+            **asdict(taskset.prompt_config()), **{name: getattr(config, name) for name in SIMULATOR_SETTINGS}
+        )
         self.simulator = await asyncio.to_thread(
             build_simulator,
-            prompts=taskset.prompts,
-            tasks=taskset.tasks,
-            datasets=taskset.datasets,
-            splits=taskset.splits,
-            holdout=taskset.holdout,
+            simulator_config,
             partition=taskset.partition,
             policy_model=taskset.policy_model,
-            max_prompt_tokens=taskset.max_prompt_tokens,
-            user_model=config.user_model,
-            user_template=config.user_template,
-            user_backend=config.user_backend,
-            user_base_url=config.user_base_url,
-            engine_dtype=config.engine_dtype,
-            reward=config.reward,
             max_horizon=config.max_horizon,
             horizon=config.horizon,
-            max_dialogue_tokens=config.max_dialogue_tokens,
         )
         self.lock = asyncio.Lock()
 

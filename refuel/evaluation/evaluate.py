@@ -43,7 +43,7 @@ import pandas as pd
 from dialogsim.backends.serving import ServingEngine, resolve_user_backend, user_engine
 from dialogsim.backends.transformers_backend import load_tokenizer
 from dialogsim.console import UsageError, console_command, failure_state
-from dialogsim.data import check_prompt_source
+from dialogsim.data import check_prompt_source, load_prompt_rows
 from dialogsim.dialogue import fingerprint
 from dialogsim.judges.base import JudgePair, PairwiseJudge
 from dialogsim.judges.factory import JUDGES, build_judge, find_judge_plugin
@@ -56,7 +56,7 @@ from dialogsim.rewards.code_verifier import CodeTestReward
 from dialogsim.rewards.factory import NO_REWARD_SPEC, build_reward_model, check_reward_scores
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
-from envs.build import build_simulator, load_prompt_rows
+from envs.build import build_simulator
 from refuel.cli import parse_config
 from refuel.collection.rollout import PolicyRun, run_policies
 from refuel.config import GENERATION_FIELDS, EvaluateConfig
@@ -233,7 +233,12 @@ def evaluate(config: EvaluateConfig) -> dict[str, Path]:
         f"candidate {index}": candidate for index, candidate in enumerate(config.candidates)
     }
     write_json(run_provenance(models, [config.prompts], precision), Path(config.output_dir) / "provenance.json")
-    engine = ServingEngine(config.backend, dtype=config.engine_dtype, kv_cache_gib=config.vllm_kv_cache_gib)
+    engine = ServingEngine(
+        config.backend,
+        dtype=config.engine_dtype,
+        kv_cache_gib=config.vllm_kv_cache_gib,
+        tensor_parallel_size=config.vllm_tensor_parallel_size,
+    )
     simulator = build_simulator(
         config,
         reward=NO_REWARD_SPEC,  # generation needs no reward; the judge brings its own
@@ -241,11 +246,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Path]:
         policy_model=config.baseline,
         max_horizon=config.horizon,
         horizon=config.horizon,
-        user_backend=resolve_user_backend(config.user_backend, config.backend),
         user_engine=user_engine(config.user_backend, engine, list(names), config.user_model),
-        user_base_url=config.user_base_url,
-        engine_dtype=config.engine_dtype,
-        vllm_kv_cache_gib=config.vllm_kv_cache_gib,
     )
     generated = generate_dialogues(config, simulator, engine, {p: dialogue_cache(config, p) for p in policies})
     dialogues = {names[p]: {row["prompt_id"]: row["messages"] for row in generated[p]} for p in policies}
@@ -274,7 +275,7 @@ def evaluation_prompts(config: EvaluateConfig) -> tuple[list[PromptRow], str]:
 
     Raises:
         UsageError: ``--all_rows`` without ``--prompts`` (the default set holds the training prompts).
-        ValueError: no row left; what :func:`envs.build.load_prompt_rows` raises.
+        ValueError: no row left; what :func:`dialogsim.data.load_prompt_rows` raises.
     """
     if config.all_rows and config.prompts is None:
         raise UsageError(
@@ -282,13 +283,8 @@ def evaluation_prompts(config: EvaluateConfig) -> tuple[list[PromptRow], str]:
             "the training prompts; pass --prompts <your test file>, or drop --all_rows to use the held-out rows"
         )
     rows, report = load_prompt_rows(
-        config.prompts,
+        config,
         load_tokenizer(config.baseline),
-        config.tasks,
-        config.datasets,
-        config.splits,
-        config.max_prompt_tokens,
-        config.holdout,
         "all" if config.all_rows else "heldout",
         None if config.all_rows else config.n_prompts,
     )
