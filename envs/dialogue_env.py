@@ -57,9 +57,12 @@ class DialogueEnv(gym.Env):
 
     ## Arguments
     ``simulator`` (a ready :class:`~dialogsim.simulator.DialogueSimulator`), or the keyword arguments
-    of :func:`envs.build.build_simulator`: ``prompts``, ``tasks``, ``datasets``, ``splits``,
-    ``limit``, ``policy_model``, ``user_model``, ``user_template``, ``reward``, ``max_horizon``,
-    ``horizon``, ``max_dialogue_tokens``, ``max_prompt_tokens``, ``reward_per_turn``. Also
+    of :func:`envs.build.build_simulator`: the fields of :class:`~envs.config.SimulatorConfig` (``prompts``,
+    ``tasks``, ``datasets``, ``splits``, ``holdout``, ``max_prompt_tokens``, ``user_model``, ``user_template``,
+    ``max_dialogue_tokens``, ``reward``, the engines' ``user_backend``, ``engine_dtype``, …) and of
+    :class:`~dialogsim.simulator.EpisodeConfig` (``max_horizon``, ``horizon``, ``reward_per_turn``), and
+    ``partition``, ``limit``, ``policy_model``. Each value is checked against the type and range declared on its
+    field before anything loads (``max_horizon=7`` raises ``UsageError``, a ``ValueError``). Also
     ``max_reply_chars`` (action length cap, characters) and ``max_message_chars`` (observation cap).
 
     ``info`` holds ``turn`` (h of the observation), ``horizon``, ``prompt_id``; after a step also

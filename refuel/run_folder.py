@@ -5,16 +5,17 @@ settings the stage was started with::
 
     {"format": "refuel-train run", "stages": {"iteration_0": {"collection": {...}, "training": {...}}}}
 
-- **collection** (``shards/``, ``pairs.jsonl``, ``collection.json``) depends on the fields of
-  :data:`refuel.config.COLLECTION_GROUPS` (and on π_t, i.e. on the earlier iterations' training);
-- **training** (``checkpoints/``, ``policy/``, ``metrics.json``) depends on those and the training fields
-  (:data:`refuel.config.TRAINING_GROUPS`).
+- **collection** (``shards/``, ``pairs.jsonl``, ``collection.json``) depends on the fields that shape dialogues or
+  pairs (:data:`refuel.config.COLLECTION_FIELDS`, each field's ``shapes``, declared on it) and on π_t, i.e. on the
+  earlier iterations' training;
+- **training** (``checkpoints/``, ``policy/``, ``metrics.json``) depends on those and the fields that shape
+  training (:data:`refuel.config.TRAINING_FIELDS`).
 
 A stage is recorded before it writes anything, so partial stages are covered too. A rerun whose settings
 differ from a recorded stage's is refused (:meth:`RunFolder.check`) before anything is written or loaded,
 naming the settings and the fix: a new ``--output_dir``, or ``--restart_stage`` to start the first
-differing stage over. Settings in neither (the run folder, iterations, checkpoint frequency, engine
-memory: :class:`~refuel.config.RunConfig`, :class:`~refuel.config.VLLMConfig`) may change between reruns.
+differing stage over. Settings that shape nothing (``shapes=None``: the run folder, iterations, checkpoint
+frequency, gradient checkpointing, engine resources, the user server's URL) may change between reruns.
 The shard manifest's fingerprint (:class:`refuel.collection.shards.PairShards`) is derived from the same
 :func:`stage_settings`.
 """

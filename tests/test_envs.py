@@ -106,6 +106,39 @@ def test_gym_make_and_make_vec(sim: DialogueSimulator) -> None:
     assert venv.action_space.contains(("a", "b", "c"))
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"max_horizon": 7}, "max_horizon=7 (valid: an integer ≥ 1 and ≤ 5)"),
+        ({"max_horizon": 2, "horizon": 3}, "horizon=3 (valid: at most max_horizon"),
+        ({"holdout": -1}, "holdout=-1 (valid: an integer ≥ 0)"),
+        ({"max_dialogue_tokens": 0}, "max_dialogue_tokens=0 (valid: an integer ≥ 1)"),
+        ({"tasks": "Math_CoT"}, "tasks='Math_CoT' (valid: a list of strings)"),
+        ({"user_backend": "openai"}, "user_base_url=None (valid: the server's http(s) URL"),
+    ],
+)
+def test_gym_make_refuses_an_out_of_range_setting_before_any_model_loads(
+    settings: dict[str, Any], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gym.make's keyword arguments are checked as the commands' flags are (the ranges declared on the fields),
+    before a name is looked up or a tokenizer, user or reward model loads."""
+    import envs.build
+
+    def no_loading(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a model or a name was looked up before the settings were checked")
+
+    for name in ("check_model_name", "load_tokenizer", "build_backend", "build_reward_model", "load_prompt_rows"):
+        monkeypatch.setattr(envs.build, name, no_loading)
+    with pytest.raises(ValueError) as error:
+        gym.make(ENV_ID, **settings)
+    assert message in str(error.value)
+
+
+def test_gym_make_refuses_an_unknown_setting() -> None:
+    with pytest.raises(TypeError, match=r"unknown settings \['max_horizons'\]; valid: .*max_horizon"):
+        gym.make(ENV_ID, max_horizons=2)
+
+
 def test_snapshot_round_trip(sim: DialogueSimulator, user_backend: RecordingBackend) -> None:
     """A JSON round-tripped snapshot restores s_h exactly: same observation, same user RNG, same next question."""
     env = DialogueEnv(simulator=sim)

@@ -16,6 +16,7 @@ import numpy as np
 from dialogsim.backends.base import ChatBackend
 from dialogsim.data import LoadReport, load_offline_dialogues
 from dialogsim.prompts import OfflineDialogue
+from dialogsim.settings import SHARE
 from dialogsim.simulator import DialogueSimulator
 from refuel.config import Rollin
 
@@ -86,7 +87,7 @@ class ResetDistribution:
             ("beta", self.beta, "initial"),
             ("dataset_weight", self.dataset_weight, "dataset"),
         ):
-            if not 0.0 <= value <= 1.0:
+            if value not in SHARE:  # the range of --rollin_beta and --dataset_weight (refuel.config)
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
             if value and self.rollin != owner:
                 raise ValueError(f"{name}={value} applies to rollin={owner!r} only; this is rollin={self.rollin!r}")
