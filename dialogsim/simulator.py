@@ -56,10 +56,7 @@ class EpisodeConfig:
         None, help="fixed H, or unset to draw it from 1..max_horizon per episode", shapes="dialogues", valid=HORIZON
     )
     max_dialogue_tokens: int = setting(
-        2048,
-        help="token budget per dialogue (tokens); a dialogue past it is truncated",
-        shapes="dialogues",
-        valid=AT_LEAST_ONE,
+        2048, help="dialogue token budget; past it the episode is truncated", shapes="dialogues", valid=AT_LEAST_ONE
     )
     reward_per_turn: bool = setting(
         False, help="score the dialogue after every assistant reply, not only at the horizon", shapes="pairs"
