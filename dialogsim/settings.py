@@ -144,14 +144,6 @@ def union_members(annotation: Any) -> tuple[Any, ...]:
     return typing.get_args(annotation) if union else (annotation,)
 
 
-def literal_choices(annotation: Any) -> tuple[Any, ...] | None:
-    """The values of a ``Literal[...]`` annotation (or of ``Literal[...] | None``), else ``None``."""
-    for option in union_members(annotation):
-        if typing.get_origin(option) is typing.Literal:
-            return typing.get_args(option)
-    return None
-
-
 def _expected(annotation: Any) -> tuple[tuple[Any, ...] | None, str]:
     """The Python types that fit ``annotation`` (int, float, bool, str, list[str], or one of them | None)
     and how to say so; ``bool`` is kept apart from ``int``, NumPy integers are integers. For a ``Literal``, the
@@ -188,7 +180,7 @@ def _type_hints(config_type: type) -> dict[str, Any]:
     return typing.get_type_hints(config_type)
 
 
-def setting_problems(config: Any) -> list[str]:
+def _field_problems(config: Any) -> list[str]:
     """Each field of the dataclass ``config`` whose value does not fit its annotation (an integer field refuses
     4.5, a list field a bare string, a ``Literal`` field a value outside its choices) or its ``valid`` range, as
     ``name=value (valid: what is)``, e.g. ``eta=inf (valid: a finite number > 0)``."""
@@ -222,10 +214,10 @@ def check_settings(config: Any, rules: Sequence[Rule] = ()) -> None:
 
     Raises:
         UsageError: (a ``ValueError``) ``invalid <class> values: ...`` naming each bad field, its value and what
-            is valid (:func:`setting_problems`; for a rule, its first field and ``valid``), e.g.
+            is valid (:func:`_field_problems`; for a rule, its first field and ``valid``), e.g.
             ``eta=inf (valid: a finite number > 0)``, ``pairs_per_iteration=4.5 (valid: an integer ≥ 2)``.
     """
-    problems = setting_problems(config)
+    problems = _field_problems(config)
     if not problems:
         names = {spec.name for spec in fields(config)}
         for rule in rules:
