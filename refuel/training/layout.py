@@ -36,17 +36,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, cast, get_args, get_type_hints
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from refuel.config import TrainingConfig
 from refuel.pairs import ScoredPair, TokenizedPair
 
 # Attention implementations that take an arbitrary 4-D mask (bool for SDPA, additive float for eager).
 MASKED_ATTENTION = ("sdpa", "eager")
-PAIR_LAYOUTS = ("shared_prefix", "separate")
+PAIR_LAYOUTS: tuple[str, ...] = get_args(get_type_hints(TrainingConfig)["pair_layout"])  # the setting's choices
+
+SplitPair = tuple[list[int], list[int], list[int]]  # s_h, y, y' token ids (split_pair)
 
 
 def pair_length(row: dict[str, Any]) -> int:
@@ -104,8 +107,9 @@ class PairBatch:
             position j; ``separate``: ``[2B, T]``, 1 on real tokens.
         position_ids: ``[B, T]`` positions (s_h from 0; y and y' each from ``len(s_h)``; 0 on padding) in the
             ``shared_prefix`` layout; ``None`` in the ``separate`` one (the model counts 0 … T − 1).
-        logits_to_keep: K, the last positions of T whose logits predict reply tokens (tokens): from the last
-            token of the shortest s_h on.
+        logits_to_keep: K, how many of the last positions have their logits read: from the last token of s_h
+            on (of the longest s_h in the ``shared_prefix`` layout, whose s_h are left-padded; of the shortest in
+            the ``separate`` one).
         targets: ``[2B, R]`` the reply token ids (the B replies y, then the B replies y'; R the longest reply),
             padded with 0.
         target_mask: ``[2B, R]`` 1.0 on real reply tokens.
@@ -136,7 +140,7 @@ class PairBatch:
         return replace(self, **moved)
 
 
-def split_pair(pair: TokenizedPair) -> tuple[list[int], list[int], list[int]]:
+def split_pair(pair: TokenizedPair) -> SplitPair:
     """s_h and the two reply id lists of a tokenised pair (see :func:`refuel.pairs.tokenize_pair`).
 
     Raises:
@@ -223,7 +227,7 @@ def collate(pairs: Sequence[TokenizedPair | ScoredPair], layout: str, pad_token_
     )
 
 
-def _shared_prefix_inputs(split: list[tuple[list[int], list[int], list[int]]], pad_token_id: int) -> _ModelInputs:
+def _shared_prefix_inputs(split: list[SplitPair], pad_token_id: int) -> _ModelInputs:
     """One ``[s_h | y | y']`` row per pair under its block mask; logits from the last s_h position (P − 1) on."""
     prefix_length = max(len(prefix) for prefix, _, _ in split)
     replies_length = max(len(reply) + len(reply_prime) for _, reply, reply_prime in split)
@@ -263,9 +267,11 @@ def _shared_prefix_inputs(split: list[tuple[list[int], list[int], list[int]]], p
     )
 
 
-def _separate_inputs(split: list[tuple[list[int], list[int], list[int]]], pad_token_id: int) -> _ModelInputs:
+def _separate_inputs(split: list[SplitPair], pad_token_id: int) -> _ModelInputs:
     """The 2B right-padded sequences ``s_h + y``, then ``s_h + y'``; logits from the shortest s_h's last token on."""
-    sequences = [prefix + reply for prefix, reply, _ in split] + [prefix + reply for prefix, _, reply in split]
+    sequences = [prefix + reply for prefix, reply, _ in split] + [
+        prefix + reply_prime for prefix, _, reply_prime in split
+    ]
     prefixes = [len(prefix) for prefix, _, _ in split] * 2
     length = max(len(sequence) for sequence in sequences)
     first = min(prefixes) - 1  # the first position that predicts a reply token
