@@ -101,6 +101,19 @@ def synthetic_pairs(vocab_size: int, pairs: int, prompt_tokens: int, reply_token
     return rows
 
 
+def reply_labels(batch: Any) -> Any:
+    """``[2B, T]`` labels of a ``separate``-layout :class:`~refuel.training.layout.PairBatch` for transformers'
+    ``labels=`` loss: each reply token's id at its position, −100 elsewhere."""
+    import torch
+
+    labels = torch.full_like(batch.input_ids, -100)  # [2B, T]
+    first = batch.input_ids.shape[1] - batch.logits_to_keep  # the position of the first kept logits
+    real = batch.target_mask.bool()  # [2B, R]
+    rows = torch.arange(labels.shape[0])[:, None].expand_as(real)
+    labels[rows[real], (batch.predictor + first + 1)[real]] = batch.targets[real]  # a token sits after its predictor
+    return labels
+
+
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     """One configuration in this (fresh) process: build the trainer, warm up, measure ``args.steps`` steps."""
     import torch
@@ -110,39 +123,20 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from dialogsim.models import resolve_model
     from dialogsim.precision import training_dtype
     from refuel.config import RefuelConfig
-    from refuel.training.logprobs import masked_sequence_logprobs
+    from refuel.training.layout import PairBatch, sequence_logprobs
     from refuel.training.trainer import RefuelTrainer
-
-    class TimedRefuelTrainer(RefuelTrainer):
-        """RefuelTrainer that times its π_t log-prob pass (done once, in the constructor)."""
-
-        def _with_logp_t(self, split: str) -> list[Any]:
-            start = time.perf_counter()
-            pairs = super()._with_logp_t(split)
-            self.reference_pass_s = getattr(self, "reference_pass_s", 0.0) + time.perf_counter() - start
-            return pairs
 
     class SFTTrainer(RefuelTrainer):
         """RefuelTrainer with next-token cross-entropy on the reply tokens of all 2B sequences."""
 
-        def _with_logp_t(self, split: str) -> list[Any]:
-            """SFT needs no π_t log-probs: the pairs stay as they are."""
-            self.reference_pass_s = float("nan")
-            return list(self.pairs[split])
-
-        def _pair_terms(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            tokens = batch["loss_mask"][:, 1:].sum()  # reply tokens predicted in the batch
+        def _loss(self, batch: PairBatch) -> torch.Tensor:
+            tokens = batch.target_mask.sum()  # reply tokens predicted in the batch
             if args.objective == "sft_hf":
-                labels = batch["input_ids"].masked_fill(batch["loss_mask"] == 0, -100)  # [2B, T]
-                loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
-                loss = loss.loss
-            else:
-                logp = masked_sequence_logprobs(
-                    self.model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], 1.0
-                )  # [2B]
-                loss = -logp.sum() / tokens
-            empty = torch.zeros(0)
-            return loss, empty, empty
+                loss = self.model(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=reply_labels(batch)
+                )
+                return loss.loss
+            return -sequence_logprobs(self.model, batch, 1.0).sum() / tokens  # [2B] summed
 
     torch.set_num_threads(args.threads)
     path = resolve_model(args.model)
@@ -162,8 +156,12 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             lora_r=args.lora_r,
             pair_layout="separate",  # both objectives on the same [2B, T] batches (SFT reads that layout)
         )
-        trainer_class = TimedRefuelTrainer if args.objective == "refuel" else SFTTrainer
-        trainer = trainer_class(config, model, tokenizer, rows, [])
+        trainer = (RefuelTrainer if args.objective == "refuel" else SFTTrainer)(config, model, tokenizer, rows, [])
+        reference_pass_s = float("nan")  # SFT needs no π_t log-probs
+        if args.objective == "refuel":
+            start = time.perf_counter()
+            trainer.compute_logp_t()
+            reference_pass_s = time.perf_counter() - start
     _, batch = next(iter(trainer.train_loader))
     trainer.model.train()
     trainer.training_step(batch)  # warm-up: gradients and AdamW states now exist
@@ -185,7 +183,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "load_peak_gib": load_peak / GIB,
         "peak_reset": reset,
         "step_s": statistics.median(times),
-        "reference_pass_s": trainer.reference_pass_s,
+        "reference_pass_s": reference_pass_s,
         "trainable_parameters": trainable,
         "sequences": 2 * args.pairs,
         "tokens_per_sequence": args.prompt_tokens + args.reply_tokens,

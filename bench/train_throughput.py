@@ -121,11 +121,14 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         )
         started = time.perf_counter()
         trainer = RefuelTrainer(config, model, tokenizer, rows, [])
+        scored = trainer.compute_logp_t()
         reference_s = time.perf_counter() - started
         with torch.no_grad():  # relative log-ratios at π = π_t, [B] per micro-batch
-            ratios = trainer._per_micro_batch(trainer.eval_loaders["train"], lambda b: trainer._pair_terms(b)[1])
+            ratios = trainer._per_micro_batch(
+                trainer.eval_loaders["train"], lambda b: trainer._loss_inputs(b).relative_log_ratio()
+            )
         largest_ratio = max(ratio.abs().max().item() for ratio in ratios.values())
-        noise = batch_noise(trainer)
+        noise = batch_noise(trainer, scored.train)
         exact_t = exact_ratio_inputs(trainer)  # fp32 ln π_t of every reply, outside the timed training
         started = time.perf_counter()
         trainer.train()
@@ -151,12 +154,17 @@ def exact_ratio_inputs(trainer: Any) -> dict[int, Any]:
     ``[2B]`` per micro-batch index."""
     import torch
 
+    from refuel.training.layout import sequence_logprobs
+
     model = trainer.model
     wrapped = model.forward
     model.forward = getattr(model, "_original_forward", wrapped)  # accelerate keeps the forward it wrapped
     try:
         with torch.no_grad():
-            return trainer._per_micro_batch(trainer.eval_loaders["train"], lambda batch: trainer._logprobs(batch))
+            return trainer._per_micro_batch(
+                trainer.eval_loaders["train"],
+                lambda batch: sequence_logprobs(model, batch, trainer.config.temperature),
+            )
     finally:
         model.forward = wrapped
 
@@ -184,14 +192,19 @@ def ratio_error(trainer: Any, exact_t: dict[int, Any]) -> float:
     return largest
 
 
-def batch_noise(trainer: Any, sample: int = 4) -> float:
-    """Largest |ln π_t(y|s_h) in its micro-batch − the same alone| over ``sample`` training pairs' replies, nats."""
+def batch_noise(trainer: Any, scored: list[dict[str, Any]], sample: int = 4) -> float:
+    """Largest |ln π_t(y|s_h) in its micro-batch − the same alone| over the first ``sample`` of the ``scored``
+    training pairs' replies, nats."""
     import torch
 
+    from refuel.training.layout import collate, sequence_logprobs
+
     largest = 0.0
+    config = trainer.config
     with torch.no_grad():
-        for pair in trainer.pairs["train"][:sample]:
-            values = trainer._logprobs(trainer._collate([pair])).float().tolist()
+        for pair in scored[:sample]:
+            alone = collate([pair], config.pair_layout, trainer.pad_id)
+            values = sequence_logprobs(trainer.model, alone, config.temperature).float().tolist()
             largest = max(largest, abs(values[0] - pair["logp_t"]), abs(values[1] - pair["logp_t_prime"]))
     return largest
 

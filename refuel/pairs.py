@@ -4,12 +4,14 @@ A pair is one reset state s_h, two turn-h replies y and y' of π_t, and the hori
 of the two complete dialogues (REFUEL, Gao et al. 2025, Algorithm 1). Each stage returns a new,
 larger record and never adds keys to the one it was given::
 
-    refuel.collection.collect.pair_record    ─► Pair           shards/shard-<b>.jsonl        (PAIR_FEATURES)
-    refuel.pairs.tokenize_pair    ─► TokenizedPair  pairs.jsonl before training   (TOKENIZED_PAIR_FEATURES)
-    refuel.training.trainer.RefuelTrainer  ─► ScoredPair     pairs.jsonl after training    (SCORED_PAIR_FEATURES)
+    refuel.collection.collect.pair_record   ─► Pair           shards/shard-<b>.jsonl       (PAIR_FEATURES)
+    refuel.pairs.tokenize_pair              ─► TokenizedPair  pairs.jsonl before training  (TOKENIZED_PAIR_FEATURES)
+    RefuelTrainer.compute_logp_t            ─► ScoredPair     pairs.jsonl after training   (SCORED_PAIR_FEATURES)
 
-The trainer then collates micro-batches of scored pairs (:func:`refuel.training.packing.pack_pairs`, or
-:func:`pad_pairs` for the separate layout) and feeds them to :func:`refuel.training.loss.refuel_loss`.
+(:meth:`refuel.training.trainer.RefuelTrainer.compute_logp_t`: π_t's log-probs, the step of each iteration
+before the gradient steps.)
+The trainer collates micro-batches of them (:func:`refuel.training.layout.collate`) and feeds their
+log-probs to :func:`refuel.training.loss.refuel_loss`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypedDict, cast, get_type_hints
 
-import torch
 from datasets import Features, List, Value
 from transformers import PreTrainedTokenizerBase
 
@@ -185,38 +186,3 @@ def tokenize_pairs(
         tokenized.append(features)
         counts.update(pair_counts)
     return tokenized, counts
-
-
-def pair_rewards(pairs: Sequence[TokenizedPair]) -> torch.Tensor:
-    """``[2B]`` r of the B pairs, then r': the order of the replies in a batch."""
-    return torch.tensor([pair["reward"] for pair in pairs] + [pair["reward_prime"] for pair in pairs])
-
-
-def pair_logp_t(pairs: Sequence[TokenizedPair | ScoredPair]) -> torch.Tensor | None:
-    """``[2B]`` ln π_t(y|s_h) of the B pairs, then ln π_t(y'|s_h); ``None`` for pairs not scored yet."""
-    if "logp_t" not in pairs[0]:
-        return None
-    scored = cast(Sequence[ScoredPair], pairs)
-    return torch.tensor([pair["logp_t"] for pair in scored] + [pair["logp_t_prime"] for pair in scored])
-
-
-def pad_pairs(pairs: Sequence[TokenizedPair | ScoredPair], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Collate pairs into one right-padded batch (the separate layout): the B replies y, then the B replies y'.
-
-    Returns:
-        ``input_ids``, ``attention_mask``, ``loss_mask`` ``[2B, T]``; ``reward`` ``[2B]``; ``logp_t``
-        ``[2B]`` for :class:`ScoredPair` rows.
-    """
-    sequences = [pair["input_ids"] for pair in pairs] + [pair["input_ids_prime"] for pair in pairs]
-    masks = [pair["loss_mask"] for pair in pairs] + [pair["loss_mask_prime"] for pair in pairs]
-    length = max(len(sequence) for sequence in sequences)
-    batch = {
-        "input_ids": torch.tensor([s + [pad_token_id] * (length - len(s)) for s in sequences]),
-        "attention_mask": torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in sequences]),
-        "loss_mask": torch.tensor([m + [0] * (length - len(m)) for m in masks]),
-        "reward": pair_rewards(pairs),
-    }
-    scored = pair_logp_t(pairs)
-    if scored is not None:
-        batch["logp_t"] = scored
-    return batch

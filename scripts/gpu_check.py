@@ -98,6 +98,7 @@ def train_and_reload(model_path: str, out: Path, per_device: int) -> dict:
     initial = {name: tensor.detach().float().cpu().clone() for name, tensor in model.state_dict().items()}
     config = _config(out, per_device)
     trainer = RefuelTrainer(config, model, tokenizer, rows[:PAIRS], rows[PAIRS:])
+    trainer.compute_logp_t()
     before = trainer.validate()
     gaps = torch.tensor([row["reward"] - row["reward_prime"] for row in rows[PAIRS:]])
     expected = (config.eta**2 * gaps**2).mean().item()  # log-ratio 0 at π = π_t
@@ -121,15 +122,15 @@ def train_and_reload(model_path: str, out: Path, per_device: int) -> dict:
 
 def step_loss(_: Path, __: str) -> dict:
     """REFUEL and DPO losses in bf16 on CUDA against fp32."""
-    from refuel.training.loss import dpo_loss, refuel_loss
+    from refuel.training.loss import LossInputs, dpo_loss, refuel_loss
 
     generator = torch.Generator().manual_seed(0)
     values = [torch.randn(64, generator=generator) * scale for scale in (30, 30, 30, 30, 1, 1)]
     results = {}
     for name, loss in (("refuel", refuel_loss), ("dpo", dpo_loss)):
         extra = (0.1,) if name == "dpo" else (1.0,)
-        want = loss(*[v.double() for v in values], *extra).item()
-        got = loss(*[v.cuda().bfloat16() for v in values], *extra)
+        want = loss(LossInputs(*[v.double() for v in values]), *extra).item()
+        got = loss(LossInputs(*[v.cuda().bfloat16() for v in values]), *extra)
         assert got.device.type == "cuda", got.device
         torch.testing.assert_close(got.float().item(), want, rtol=2e-2, atol=1e-3)
         results[name] = {"bf16": got.float().item(), "fp64": want}

@@ -101,6 +101,7 @@ def _train(config: RefuelConfig, model_path: str, rows: list[dict[str, Any]], sa
     tokenizer = load_tokenizer(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     trainer = RefuelTrainer(config, model, tokenizer, rows[:PAIRS], rows[PAIRS:])
+    scored = trainer.compute_logp_t()
     inner = trainer.optimizer.optimizer  # the torch AdamW under accelerate's wrapper
     original_step = inner.step
     steps: list[dict[str, torch.Tensor]] = []
@@ -120,9 +121,7 @@ def _train(config: RefuelConfig, model_path: str, rows: list[dict[str, Any]], sa
         "processes": trainer.accelerator.num_processes,
         "distributed_type": str(trainer.accelerator.distributed_type),
         "sharded": any(isinstance(parameter, DTensor) for parameter in model.parameters()),
-        "logp_t": [
-            (pair["logp_t"], pair["logp_t_prime"]) for pair in trainer.pairs["train"] + trainer.pairs["validation"]
-        ],
+        "logp_t": [(pair["logp_t"], pair["logp_t_prime"]) for pair in scored.train + scored.validation],
         "validation": [before.loss, before.sign_agreement, after.loss, after.sign_agreement],
         "steps": steps,
         "log": log,

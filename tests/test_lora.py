@@ -65,14 +65,15 @@ def test_only_adapters_train_and_the_start_is_pi_t(
     plain = RefuelTrainer(
         _config(tmp_path, lora_r=0, pair_layout="separate"), _load(tiny_model_path), tokenizer, rows, []
     )
-    expected = [(pair["logp_t"], pair["logp_t_prime"]) for pair in plain.pairs["train"]]
+    expected = [(pair["logp_t"], pair["logp_t_prime"]) for pair in plain.compute_logp_t().train]
     trainer = RefuelTrainer(_config(tmp_path), _load(tiny_model_path), tokenizer, rows, rows)
+    scored = trainer.compute_logp_t()
     trainable = [name for name, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_A" in name or "lora_B" in name for name in trainable), trainable
     assert any("q_proj" in name for name in trainable) and any("down_proj" in name for name in trainable)
     total = sum(p.numel() for p in trainer.model.parameters())
     assert sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) < 0.1 * total
-    got = [(pair["logp_t"], pair["logp_t_prime"]) for pair in trainer.pairs["train"]]
+    got = [(pair["logp_t"], pair["logp_t_prime"]) for pair in scored.train]
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=0, atol=1e-5)
     before = trainer.validate()
     assert before.loss == pytest.approx((4 * 1.0 + 4 * 2.25) / 8, rel=1e-6)  # r − r' = 1 for 4 pairs, −1.5 for 4
@@ -85,6 +86,7 @@ def test_save_merges_the_adapters_into_a_plain_policy(
     """Training fits the pairs; the saved folder is a plain model with the adapted logits, unlike π_0."""
     rows = make_pairs(tokenizer, 8)
     trainer = RefuelTrainer(_config(tmp_path), _load(tiny_model_path), tokenizer, rows, rows)
+    trainer.compute_logp_t()
     before = trainer.validate()
     trainer.train()
     after = trainer.validate()

@@ -1,4 +1,4 @@
-"""Pair records: turn-h token ids and reply masks, the padded batch layout, π_t log-probs, pairs.jsonl."""
+"""Pair records: turn-h token ids and reply masks, the records with π_t log-probs, pairs.jsonl."""
 
 from __future__ import annotations
 
@@ -7,25 +7,20 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from dialogsim.backends.transformers_backend import chat_prompt_ids, load_tokenizer
 from dialogsim.messages import Message
-from refuel.config import RefuelConfig
 from refuel.pairs import (
     SCORED_PAIR_FEATURES,
     TOKENIZED_PAIR_FEATURES,
     Pair,
     PairTokenizationError,
     ScoredPair,
-    pad_pairs,
     read_tokenized_pairs,
     tokenize_pair,
 )
 from refuel.storage import read_rows, write_rows
-from refuel.training.logprobs import masked_sequence_logprobs
-from refuel.training.trainer import RefuelTrainer
 
 REPLY = "Yes: 12 + 30 = 42, so the answer is 42."
 REPLY_PRIME = "No, I made a mistake. It is 43."
@@ -35,12 +30,6 @@ REPLY_PRIME = "No, I made a mistake. It is 43."
 def tokenizer(tiny_model_path: str) -> PreTrainedTokenizerBase:
     """SmolLM2's tokenizer and chat template (from the tiny model's folder)."""
     return load_tokenizer(tiny_model_path)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tiny_model_path: str) -> PreTrainedModel:
-    """The tiny random Llama in fp32, eval mode."""
-    return AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
 
 
 def _dialogue(reply_at_turn_2: str) -> list[Message]:
@@ -137,66 +126,6 @@ def _rows(tokenizer: PreTrainedTokenizerBase) -> list[ScoredPair]:
         tokenized, _ = tokenize_pair(record, tokenizer)
         rows.append(ScoredPair(**tokenized, logp_t=-10.0 - index, logp_t_prime=-20.0 - index))
     return rows
-
-
-def test_pad_pairs_layout(tokenizer: PreTrainedTokenizerBase) -> None:
-    """pad_pairs gives [2B, T]: the B replies y, then the B replies y'; masks are 0 on the right padding."""
-    rows = _rows(tokenizer)
-    pad = tokenizer.pad_token_id
-    batch = pad_pairs(rows, pad)
-    sequences = [row["input_ids"] for row in rows] + [row["input_ids_prime"] for row in rows]
-    masks = [row["loss_mask"] for row in rows] + [row["loss_mask_prime"] for row in rows]
-    length = max(len(s) for s in sequences)
-    assert batch["input_ids"].shape == batch["attention_mask"].shape == batch["loss_mask"].shape == (6, length)
-    assert len({len(s) for s in sequences}) > 1  # the test really pads
-    for index, (sequence, mask) in enumerate(zip(sequences, masks, strict=True)):
-        n = len(sequence)
-        assert batch["input_ids"][index, :n].tolist() == sequence
-        assert batch["input_ids"][index, n:].eq(pad).all()
-        assert batch["attention_mask"][index].tolist() == [1] * n + [0] * (length - n)
-        assert batch["loss_mask"][index].tolist() == mask + [0] * (length - n)
-    assert (batch["loss_mask"] <= batch["attention_mask"]).all()
-    assert batch["reward"].tolist() == [0.0, 1.0, 2.0, -0.5, -1.5, -2.5]
-    assert batch["logp_t"].tolist() == [-10.0, -11.0, -12.0, -20.0, -21.0, -22.0]
-    # tokenised pairs without π_t log-probs (before the trainer scores them) collate without a logp_t entry
-    bare = [{k: v for k, v in row.items() if not k.startswith("logp_t")} for row in rows]
-    assert "logp_t" not in pad_pairs(bare, pad)
-
-
-def test_trainer_logp_t_equal_per_row_masked_logprobs(
-    tokenizer: PreTrainedTokenizerBase, tiny_model_path: str, tiny_model: PreTrainedModel, tmp_path: Path
-) -> None:
-    """The trainer's π_t log-probs (separate layout, micro-batches of 2) equal masked_sequence_logprobs of each
-    sequence alone, and come as new records in the given order."""
-    tokenized = [{k: v for k, v in row.items() if not k.startswith("logp_t")} for row in _rows(tokenizer)]
-    config = RefuelConfig(
-        output_dir=str(tmp_path),
-        temperature=0.8,
-        per_device_batch_size=2,
-        gradient_accumulation_steps=1,
-        pair_layout="separate",
-    )
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
-    rows = RefuelTrainer(config, model, tokenizer, tokenized, []).pairs["train"]
-    assert [{k: v for k, v in row.items() if not k.startswith("logp_t")} for row in rows] == tokenized
-    assert all("logp_t" not in row for row in tokenized)  # the given records are left as they were
-    values = [(row["logp_t"], row["logp_t_prime"]) for row in rows]
-    assert len(values) == len(rows)
-    for row, (logp_t, logp_t_prime) in zip(rows, values, strict=True):
-        for ids, mask, value in (
-            (row["input_ids"], row["loss_mask"], logp_t),
-            (row["input_ids_prime"], row["loss_mask_prime"], logp_t_prime),
-        ):
-            with torch.no_grad():
-                alone = masked_sequence_logprobs(
-                    tiny_model,
-                    torch.tensor([ids]),
-                    torch.ones(1, len(ids), dtype=torch.long),
-                    torch.tensor([mask]),
-                    0.8,
-                )
-            assert value == pytest.approx(alone.item(), abs=1e-5)
-    assert len({value for pair in values for value in pair}) == 2 * len(rows)  # y and y' are not mixed up
 
 
 def test_pairs_jsonl_is_written_with_its_schema_and_read_back_from_either_log_prob_name(

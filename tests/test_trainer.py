@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from dialogsim.backends.transformers_backend import load_tokenizer
 from refuel.config import RefuelConfig
+from refuel.training.layout import PairBatch
 from refuel.training.trainer import NonFiniteTrainingError, RefuelTrainer, ValidationMetrics, save_pretrained_atomic
 
 ETA = 1.0
@@ -79,6 +80,7 @@ def fitted(
     rows = make_pairs(tokenizer, 8)
     initial = _snapshot(model)
     trainer = RefuelTrainer(config, model, tokenizer, rows, rows)  # validate on the training pairs
+    trainer.compute_logp_t()
     before = trainer.validate()
     log = trainer.train()
     return Fitted(trainer, model, rows, initial, before, log, trainer.validate())
@@ -146,6 +148,7 @@ def _one_step(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[dict[str, float]]]:
     """Train one epoch; return the gradients and lr the optimizer stepped with, the weights after, and the log."""
     trainer = RefuelTrainer(config, model, tokenizer, rows, [])
+    trainer.compute_logp_t()
     stepped: list[dict[str, torch.Tensor]] = []
     inner = trainer.optimizer.optimizer  # the torch AdamW under accelerate's wrapper
     original_step = inner.step
@@ -196,12 +199,16 @@ def test_gradient_accumulation_matches_one_large_batch(
 def test_single_step_iteration_updates_the_policy(
     tokenizer: PreTrainedTokenizerBase, load_model: Callable[[], PreTrainedModel], tmp_path: Path
 ) -> None:
-    """An iteration of one optimizer step (4 pairs, batch 4, default warm-up 10 %) changes the weights."""
+    """An iteration of one optimizer step (4 pairs, batch 4, default warm-up 10 %) changes the weights; training
+    needs π_t's log-probs first."""
     model = load_model()
     rows = make_pairs(tokenizer, 4)
     initial = _snapshot(model)
     config = _config(tmp_path, epochs=1, learning_rate=1e-3, per_device_batch_size=4, warmup_ratio=0.1)
     trainer = RefuelTrainer(config, model, tokenizer, rows, [])
+    with pytest.raises(RuntimeError, match="compute_logp_t"):
+        trainer.train()
+    trainer.compute_logp_t()
     log = trainer.train()
     assert len(log) == 1
     assert any(not torch.equal(tensor, initial[name]) for name, tensor in model.state_dict().items())
@@ -254,6 +261,7 @@ def test_dpo_lt_trains_with_the_dpo_loss(
     rows = make_pairs(tokenizer, 8)
     config = _config(tmp_path, method="dpo_lt", dpo_beta=0.5, epochs=4, per_device_batch_size=8)
     trainer = RefuelTrainer(config, load_model(), tokenizer, rows, [])
+    trainer.compute_logp_t()
     log = trainer.train()
     assert log[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)
     assert log[-1]["loss"] < log[0]["loss"]
@@ -271,21 +279,25 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_weights(
     config = _config(tmp_path, epochs=2, per_device_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-3)
     rows = make_pairs(tokenizer, 10)  # 5 micro-batches per epoch: the odd one out syncs at the epoch's end
     uninterrupted = RefuelTrainer(config, load_model(), tokenizer, rows, [])
+    uninterrupted.compute_logp_t()
     expected_log = uninterrupted.train()
     assert len(expected_log) == 6
 
     class CrashingTrainer(RefuelTrainer):
-        def training_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        def training_step(self, batch: PairBatch) -> torch.Tensor:
             self.calls = getattr(self, "calls", 0) + 1
             if self.calls == 7:  # mid-way into the 4th optimizer step, after the 3rd step's checkpoint
                 raise Crash
             return super().training_step(batch)
 
     checkpoints = tmp_path / "checkpoints"
+    crashing = CrashingTrainer(config, load_model(), tokenizer, rows, [])
+    crashing.compute_logp_t()
     with pytest.raises(Crash):
-        CrashingTrainer(config, load_model(), tokenizer, rows, []).train(checkpoints, checkpoint_every=1)
+        crashing.train(checkpoints, checkpoint_every=1)
     assert [path.name for path in checkpoints.iterdir()] == ["checkpoint-3"]
     resumed = RefuelTrainer(config, load_model(), tokenizer, rows, [])
+    resumed.compute_logp_t()
     log = resumed.train(checkpoints, checkpoint_every=1)
     assert log == pytest.approx(expected_log, rel=1e-5)
     for (name, expected), actual in zip(
@@ -305,6 +317,7 @@ def test_a_non_finite_loss_stops_training_before_the_step_and_nothing_non_finite
     initial = _snapshot(model)
     config = _config(tmp_path, epochs=1, per_device_batch_size=2)
     trainer = RefuelTrainer(config, model, tokenizer, rows, [])
+    trainer.compute_logp_t()
     with pytest.raises(NonFiniteTrainingError, match=r"step 1 of 2: a micro-batch loss is not finite.*lower eta"):
         trainer.train(tmp_path / "checkpoints", checkpoint_every=1)
     for name, tensor in model.state_dict().items():
@@ -322,6 +335,7 @@ def test_checkpoints_are_also_written_by_elapsed_time(
     """checkpoint_every 0 with a time limit every step passes: a checkpoint after each step but the last."""
     config = _config(tmp_path, epochs=1, per_device_batch_size=2, learning_rate=1e-3)
     trainer = RefuelTrainer(config, load_model(), tokenizer, make_pairs(tokenizer, 8), [])
+    trainer.compute_logp_t()
     checkpoints = tmp_path / "checkpoints"
     log = trainer.train(checkpoints, checkpoint_every=0, checkpoint_minutes=1e-9)
     assert len(log) == 4 and [path.name for path in checkpoints.iterdir()] == ["checkpoint-3"]

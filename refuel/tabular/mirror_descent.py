@@ -63,7 +63,7 @@ from refuel.tabular.dynamic_programming import (
     state_distribution,
     stop_probs,
 )
-from refuel.training.loss import refuel_loss
+from refuel.training.loss import LossInputs, refuel_loss
 
 TABLE_SAMPLING = SamplingParams(temperature=1.0, max_new_tokens=1)
 
@@ -283,7 +283,8 @@ def fit_refuel_table(logits: torch.Tensor, pairs: PairTensors, eta: float, max_s
         log_policy = torch.log_softmax(theta, -1)  # [n_states, A]
         logp = scale * log_policy[pairs.states, pairs.replies]  # [B]
         logp_prime = scale * log_policy[pairs.states, pairs.replies_prime]  # [B]
-        return refuel_loss(logp, logp_prime, logp_t, logp_t_prime, reward, reward_prime, eta)
+        inputs = LossInputs(logp, logp_prime, logp_t, logp_t_prime, reward, reward_prime)
+        return refuel_loss(inputs, eta)
 
     theta = theta_t.clone()
     for _ in range(max_steps):

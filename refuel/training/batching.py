@@ -1,29 +1,18 @@
-"""Fixed micro-batches of pairs for one iteration, grouped by length, in a seeded per-epoch order of steps.
+"""An iteration's optimizer steps: held-out pairs, step and warm-up counts, and the per-epoch order of step groups.
 
-π_t's log-probs and the trained policy's log-probs must come from identical computations, or the
-relative log-ratio is not 0 before the first step: in bf16 a pair's log-prob changes by up to 0.3 nats
-with the padding and company of its micro-batch (README "Training path"). So the micro-batches are
-formed once per iteration and never re-formed: π_t's log-probs are computed on them, validation runs
-on them, and each epoch trains on them in a new order.
-
-- **Step groups.** The pairs, in a seeded random order (then stably sorted by length when
-  ``by_length``), are cut into groups of ``effective batch`` pairs (per device × accumulation ×
-  processes), one optimizer step each, and every group into micro-batches of ``per_device`` pairs. Sorting
-  puts pairs of similar length in one micro-batch, which cuts padding.
-- **Order.** Each epoch visits the step groups in a new seeded order, the micro-batches of a group
-  consecutively, so ``accelerate`` (which deals micro-batches p, p + P, … to process p) gives the P
-  processes the micro-batches of one group per step: P processes × b pairs step with the same pairs as
-  one process × P·b pairs.
+The micro-batches themselves are fixed once per iteration, in step groups of one optimizer step each
+(:func:`refuel.training.layout.plan_micro_batches`). Each epoch visits the step groups in a new seeded order,
+the micro-batches of a group consecutively, so ``accelerate`` (which deals micro-batches p, p + P, … to
+process p) gives the P processes the micro-batches of one group per step: P processes × b pairs step with
+the same pairs as one process × P·b pairs.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Sampler
 
@@ -58,42 +47,6 @@ def step_schedule(
     per_process = math.ceil(micro_batches / processes)
     steps = epochs * math.ceil(per_process / accumulation)
     return StepSchedule(per_process, steps, int(warmup_ratio * steps))
-
-
-def pair_length(row: dict[str, Any]) -> int:
-    """Tokens of s_h and both replies of a tokenised pair (its shared-prefix length; the sort key of grouping)."""
-    return len(row["input_ids"]) + sum(row["loss_mask_prime"])
-
-
-def plan_micro_batches(
-    rows: Sequence[dict[str, Any]], per_device: int, group_size: int, seed: int, by_length: bool
-) -> list[list[int]]:
-    """Row indices of each micro-batch, step group after step group.
-
-    Args:
-        rows: tokenised pairs.
-        per_device: pairs per micro-batch (the last micro-batch of the last group may be shorter).
-        group_size: pairs per optimizer step, a multiple of ``per_device``.
-        seed: seed of the random order that ties in length keep.
-        by_length: sort pairs by :func:`pair_length` (longest first) before cutting.
-
-    Returns:
-        Micro-batches (lists of row indices); group g is micro-batches ``[g·k, (g+1)·k)`` with
-        ``k = group_size / per_device`` (the last group may hold fewer).
-
-    Raises:
-        ValueError: ``per_device`` < 1 or ``group_size`` not a positive multiple of it.
-    """
-    if per_device < 1 or group_size < per_device or group_size % per_device:
-        raise ValueError(f"group_size {group_size} must be a positive multiple of per_device {per_device}")
-    order = np.random.default_rng(seed).permutation(len(rows)).tolist()
-    if by_length:
-        order.sort(key=lambda index: -pair_length(rows[index]))
-    micro_batches = []
-    for start in range(0, len(order), group_size):
-        group = order[start : start + group_size]
-        micro_batches += [group[i : i + per_device] for i in range(0, len(group), per_device)]
-    return micro_batches
 
 
 class StepGroupSampler(Sampler[int]):

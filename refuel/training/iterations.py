@@ -1,4 +1,4 @@
-"""``refuel-train``: N REFUEL iterations, each collect → π_t log-probs → regression → π_{t+1}.
+"""``refuel-train``: N REFUEL iterations, each collect → tokenise → π_t log-probs → regression → π_{t+1}.
 
 Run directory layout (every file written atomically; a re-run resumes after the last finished stage,
 and is refused if its settings differ from those a started stage recorded: :mod:`refuel.run_folder`)::
@@ -182,7 +182,7 @@ def train_iteration(
     tokenizer: PreTrainedTokenizerBase,
     checkpoints: Path | None = None,
 ) -> tuple[RefuelTrainer, dict[str, Any], list[ScoredPair]]:
-    """Gradient steps π_t → π_{t+1} with validation before and after.
+    """π_t's log-probs, then gradient steps π_t → π_{t+1}, with validation before and after.
 
     π_t is loaded in :func:`~dialogsim.precision.training_dtype` (float32 master weights; ``mixed_precision``
     sets the compute precision), also with LoRA: merged adapter updates would be rounded away in 16-bit weights.
@@ -193,6 +193,7 @@ def train_iteration(
     train_index, val_index = split_validation(len(pairs), config.validation_fraction, config.seed)
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=training_dtype())
     trainer = RefuelTrainer(config, model, tokenizer, [pairs[i] for i in train_index], [pairs[i] for i in val_index])
+    scored = trainer.compute_logp_t()  # once, on the training micro-batches, before any gradient step
     before = {split: asdict(trainer.metrics_at_pi_t(split)) for split in ("train", "validation")}  # no forward pass
     log = trainer.train(checkpoints, config.checkpoint_every, config.checkpoint_minutes)
     after = {split: asdict(trainer.validate(split)) for split in ("train", "validation")}
@@ -207,8 +208,8 @@ def train_iteration(
         "effective_batch_size": trainer.effective_batch_size,
         "steps": log,
     }
-    scored = dict(zip(train_index + val_index, trainer.pairs["train"] + trainer.pairs["validation"], strict=True))
-    return trainer, metrics, [scored[index] for index in range(len(pairs))]
+    by_index = dict(zip(train_index + val_index, scored.train + scored.validation, strict=True))
+    return trainer, metrics, [by_index[index] for index in range(len(pairs))]  # in collection order
 
 
 def run(config: RefuelConfig) -> str:

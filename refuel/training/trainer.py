@@ -4,23 +4,24 @@ The same code runs in one process or under ``accelerate launch`` (DDP, DeepSpeed
 configs are in ``configs/accelerate/``). What makes P processes × b pairs equal 1 process × P·b pairs:
 
 - **Data**: the pairs are cut once into step groups of P·b·accumulation pairs and those into micro-batches
-  of b (:mod:`refuel.training.batching`); every process draws the same seeded order of groups each epoch, and
-  ``accelerate`` gives process p the micro-batches p, p + P, p + 2P, … of that order, so one optimizer
-  step sees the same pairs as a single process with P times the batch (``even_batches``: a short last
-  round is filled with micro-batches from the start of the epoch).
+  of b (:func:`refuel.training.layout.plan_micro_batches`); every process draws the same seeded order of
+  groups each epoch (:mod:`refuel.training.batching`), and ``accelerate`` gives process p the micro-batches
+  p, p + P, p + 2P, … of that order, so one optimizer step sees the same pairs as a single process with P
+  times the batch (``even_batches``: a short last round is filled with micro-batches from the start of the
+  epoch).
 - **Loss normalisation**: the REFUEL loss is the mean over the local micro-batch; ``accelerate``
   divides it by the accumulation steps and DDP (or the sharded engine) averages gradients over the
   processes, so the gradient is that of the mean over the global batch. Equal local batch sizes are
   what makes the mean of means the global mean.
 - **Schedule**: warm-up and cosine are counted in optimizer steps. ``accelerate`` steps a prepared
   scheduler P times per optimizer step, so it is built with P × the step counts.
-- **π_t log-probs**: computed once, before any gradient step, in :class:`RefuelTrainer`'s constructor,
-  on the same fixed micro-batches that training uses (:mod:`refuel.training.batching`), so the computation is
-  identical and the relative log-ratio at π = π_t is exactly 0; each process computes an equal share of
-  the micro-batches (sharded engines run their forward passes in lock-step) and the shares are
-  all-gathered, so no reference model stays resident.
+- **π_t log-probs**: an explicit step, :meth:`RefuelTrainer.compute_logp_t`, once, before any gradient
+  step, on the same fixed micro-batches that training uses, so the computation is identical and the
+  relative log-ratio at π = π_t is exactly 0; each process computes an equal share of the micro-batches
+  (sharded engines run their forward passes in lock-step) and the shares are all-gathered, so no reference
+  model stays resident.
 - **Pair layout**: ``shared_prefix`` (default) computes s_h once per pair and logits at the reply
-  positions only (:mod:`refuel.training.packing`); ``separate`` runs two padded sequences per pair.
+  positions only; ``separate`` runs two padded sequences per pair (:mod:`refuel.training.layout`).
 - **Saving**: only the main process writes; DeepSpeed ZeRO-3 and FSDP first gather the full weights.
 - **Launch**: the ``Accelerator`` must run the engine and process count the launch asked for; FSDP2 on
   CPU processes is sharded by refuel itself (:mod:`refuel.training.distributed`).
@@ -45,13 +46,19 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from refuel.config import RefuelConfig
-from refuel.pairs import ScoredPair, TokenizedPair, pad_pairs, pair_logp_t, pair_rewards
-from refuel.training.batching import StepGroupSampler, plan_micro_batches, step_schedule
+from refuel.pairs import ScoredPair, TokenizedPair
+from refuel.training.batching import StepGroupSampler, step_schedule
 from refuel.training.checkpoints import latest_training_state, save_training_state
 from refuel.training.distributed import build_accelerator, full_state_dict, fully_shard_on_cpu
-from refuel.training.logprobs import masked_sequence_logprobs
-from refuel.training.loss import dpo_loss, refuel_loss, relative_log_ratio, sign_agreement
-from refuel.training.packing import PackedPairs, pack_pairs, packed_pair_logprobs
+from refuel.training.layout import (
+    PairBatch,
+    collate,
+    pair_logp_t,
+    pair_rewards,
+    plan_micro_batches,
+    sequence_logprobs,
+)
+from refuel.training.loss import LossInputs, dpo_loss, refuel_loss, sign_agreement
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -64,6 +71,14 @@ class ValidationMetrics:
 
     loss: float
     sign_agreement: float
+
+
+@dataclass(frozen=True)
+class ScoredSplits:
+    """An iteration's pairs with π_t's log-probs (:meth:`RefuelTrainer.compute_logp_t`), each split in given order."""
+
+    train: list[ScoredPair]
+    validation: list[ScoredPair]
 
 
 def apply_memory_options(model: PreTrainedModel, config: RefuelConfig) -> torch.nn.Module:
@@ -115,14 +130,11 @@ class RefuelTrainer:
             :meth:`save`.
         tokenizer: the policy's tokenizer (pad id).
         train_pairs / val_pairs: tokenised pairs (see :func:`refuel.pairs.tokenize_pair`), the same
-            lists in every process. Their π_t log-probs are computed here once, before any gradient step,
-            with the same precision (``accelerate`` autocast) as the training forward passes, so that the
-            REFUEL loss at π = π_t is exactly η²(r − r')².
+            lists in every process. Their π_t log-probs are the next step (:meth:`compute_logp_t`), before
+            :meth:`train`, :meth:`validate` or :meth:`metrics_at_pi_t`.
 
     Attributes:
-        pairs: ``"train"`` and ``"validation"``: the given pairs in their given order as new
-            :class:`~refuel.pairs.ScoredPair` records (with ``logp_t`` / ``logp_t_prime``); the loaders
-            collate their micro-batches from these.
+        plans: ``"train"`` and ``"validation"``: the pair indices of each fixed micro-batch.
         total_steps: optimizer steps of :meth:`train` (``epochs`` × steps per epoch).
         effective_batch_size: pairs per optimizer step, per device × accumulation × processes.
 
@@ -156,11 +168,12 @@ class RefuelTrainer:
         self._non_finite_loss = False  # a micro-batch loss of the step being accumulated was not finite
         model = fully_shard_on_cpu(apply_memory_options(model, config), self.accelerator)
         group = self.effective_batch_size  # pairs per optimizer step
-        # Until π_t's log-probs are attached (end of __init__), the loaders collate the tokenised pairs.
-        self.pairs: dict[str, Sequence[TokenizedPair]] = {"train": train_pairs, "validation": val_pairs}
+        # What the loaders collate: the tokenised pairs, then (compute_logp_t) the same pairs with π_t's log-probs.
+        self._pairs: dict[str, Sequence[TokenizedPair]] = {"train": train_pairs, "validation": val_pairs}
+        self._scored = False
         self.plans = {
             split: plan_micro_batches(pairs, config.per_device_batch_size, group, config.seed, config.length_buckets)
-            for split, pairs in self.pairs.items()
+            for split, pairs in self._pairs.items()
         }
         train_loader = DataLoader(
             range(len(self.plans["train"])),  # loader items are micro-batch indices, collated by _collate_micro_batch
@@ -200,9 +213,8 @@ class RefuelTrainer:
             )
             if pairs
             else None
-            for split, pairs in self.pairs.items()
+            for split, pairs in self._pairs.items()
         }
-        self.pairs = {split: self._with_logp_t(split) for split in self.pairs}
 
     def _check_launch(self) -> None:
         """The launch agrees with the config: accumulation and effective batch."""
@@ -224,24 +236,42 @@ class RefuelTrainer:
             )
 
     @torch.no_grad()
-    def _with_logp_t(self, split: str) -> list[ScoredPair]:
-        """The pairs of ``split`` with ln π_t(y|s_h), ln π_t(y'|s_h): new records, before any gradient step.
+    def compute_logp_t(self) -> ScoredSplits:
+        """ln π_t(y|s_h) and ln π_t(y'|s_h) of every pair: the step of an iteration before the gradient steps.
 
-        The log-probs are computed on the very micro-batches that training and validation use (same pairs,
-        same padding, same precision), so at π = π_t the relative log-ratio is exactly 0, in bf16 too.
+        The log-probs are computed once, on the very micro-batches that training and validation use (same
+        pairs, same padding, same precision: ``accelerate``'s autocast), so at π = π_t the relative log-ratio
+        is exactly 0, in bf16 too. Collective: every process computes its share of the micro-batches. From
+        here on the loaders collate the returned records.
+
+        Returns:
+            Both splits as new :class:`~refuel.pairs.ScoredPair` records, in the order they were given.
+
+        Raises:
+            RuntimeError: called a second time (π may have moved from π_t).
         """
+        if self._scored:
+            raise RuntimeError("π_t's log-probs are computed once per trainer, before any gradient step")
+        scored = ScoredSplits(train=self._with_logp_t("train"), validation=self._with_logp_t("validation"))
+        self._pairs = {"train": scored.train, "validation": scored.validation}
+        self._scored = True
+        return scored
+
+    def _with_logp_t(self, split: str) -> list[ScoredPair]:
+        """The pairs of ``split`` with ln π_t(y|s_h), ln π_t(y'|s_h), as new records in their given order."""
         loader = self.eval_loaders[split]
         if loader is None:
             return []
         self.model.eval()
-        logp = self._per_micro_batch(loader, lambda batch: self._logprobs(batch).float())  # [2B] each
+        temperature = self.config.temperature
+        logp = self._per_micro_batch(loader, lambda batch: sequence_logprobs(self.model, batch, temperature).float())
         values: dict[int, tuple[float, float]] = {}  # pair index -> (ln π_t(y|s_h), ln π_t(y'|s_h))
         for index, micro_batch in enumerate(self.plans[split]):
             y, y_prime = torch.tensor_split(logp[index], 2)  # [B], [B]: the B replies y, then the B replies y'
             values.update(zip(micro_batch, zip(y.tolist(), y_prime.tolist(), strict=True), strict=True))
         return [
             ScoredPair(**pair, logp_t=values[index][0], logp_t_prime=values[index][1])
-            for index, pair in enumerate(self.pairs[split])
+            for index, pair in enumerate(self._pairs[split])
         ]
 
     def _per_micro_batch(self, loader: DataLoader, compute: Callable[[Any], torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -255,57 +285,29 @@ class RefuelTrainer:
             results = gather_object(results)
         return dict(results)
 
-    def _collate_micro_batch(self, split: str, items: list[int]) -> tuple[int, PackedPairs | dict[str, torch.Tensor]]:
-        """A loader item, micro-batch ``index`` of ``split``: that index and its pairs from :attr:`pairs`, collated."""
+    def _collate_micro_batch(self, split: str, items: list[int]) -> tuple[int, PairBatch]:
+        """A loader item, micro-batch ``index`` of ``split``: that index and its pairs, collated."""
         (index,) = items
-        return index, self._collate([self.pairs[split][i] for i in self.plans[split][index]])
+        pairs = [self._pairs[split][i] for i in self.plans[split][index]]
+        return index, collate(pairs, self.config.pair_layout, self.pad_id)
 
-    def _collate(self, pairs: Sequence[TokenizedPair]) -> PackedPairs | dict[str, torch.Tensor]:
-        """``pairs`` as one batch in the configured pair layout (``shared_prefix`` or ``separate``)."""
-        if self.config.pair_layout == "shared_prefix":
-            return pack_pairs(pairs, self.pad_id)
-        return pad_pairs(pairs, self.pad_id)
+    def _loss_inputs(self, batch: PairBatch) -> LossInputs:
+        """ln π and ln π_t of a micro-batch's B pairs' replies, and their rewards, ``[B]`` each.
 
-    def _logprobs(self, batch: PackedPairs | dict[str, torch.Tensor]) -> torch.Tensor:
-        """ln π(y|s_h) of a micro-batch's B replies y, then of its B replies y', ``[2B]`` nats."""
-        if isinstance(batch, PackedPairs):
-            return packed_pair_logprobs(self.model, batch, self.config.temperature)
-        return masked_sequence_logprobs(
-            self.model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], self.config.temperature
-        )
-
-    def _loss_inputs(self, batch: PackedPairs | dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """ln π(y|s_h), ln π(y'|s_h), ln π_t(y|s_h), ln π_t(y'|s_h), r, r' of a batch of B scored pairs, ``[B]`` each.
-
-        These are the arguments of :func:`refuel.training.loss.refuel_loss` (and
-        :func:`~refuel.training.loss.dpo_loss`), in order.
+        Raises:
+            RuntimeError: the batch has no π_t log-probs (:meth:`compute_logp_t` was not called).
         """
-        logp = self._logprobs(batch)  # [2B]
-        logp_t, reward = (
-            (batch.logp_t, batch.reward) if isinstance(batch, PackedPairs) else (batch["logp_t"], batch["reward"])
-        )
-        if logp_t is None:
-            raise ValueError("the batch has no π_t log-probs: collate ScoredPair records (RefuelTrainer.pairs)")
-        return (
-            *torch.tensor_split(logp, 2),  # [B], [B]: π of the B replies y, then of the B replies y'
-            *torch.tensor_split(logp_t.to(logp.dtype), 2),  # [B], [B]
-            *torch.tensor_split(reward.to(logp.dtype), 2),  # [B], [B]
-        )
+        if batch.logp_t is None:
+            raise RuntimeError("the pairs have no π_t log-probs yet: call RefuelTrainer.compute_logp_t() first")
+        logp = sequence_logprobs(self.model, batch, self.config.temperature)  # [2B]
+        return LossInputs.from_replies(logp, batch.logp_t, batch.reward)
 
-    def _pair_terms(
-        self, batch: PackedPairs | dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Loss, relative log-ratio ``[B]`` and relative reward ``[B]`` of a batch of pairs.
-
-        The loss is REFUEL's regression (also REBEL-LT's, on last-turn pairs), or DPO's for ``dpo_lt``.
-        """
+    def _loss(self, batch: PairBatch) -> torch.Tensor:
+        """The micro-batch's REFUEL loss (also REBEL-LT's, on last-turn pairs), or DPO's for ``dpo_lt``."""
         inputs = self._loss_inputs(batch)
         if self.config.method == "dpo_lt":
-            loss = dpo_loss(*inputs, self.config.dpo_beta)
-        else:
-            loss = refuel_loss(*inputs, self.config.eta)
-        logp, logp_prime, logp_t, logp_t_prime, reward, reward_prime = inputs
-        return loss, relative_log_ratio(logp, logp_prime, logp_t, logp_t_prime), reward - reward_prime
+            return dpo_loss(inputs, self.config.dpo_beta)
+        return refuel_loss(inputs, self.config.eta)
 
     @torch.no_grad()
     def validate(self, split: str = "validation") -> ValidationMetrics:
@@ -313,42 +315,42 @@ class RefuelTrainer:
 
         Each process scores its share of the micro-batches; the terms of all pairs are gathered (repeats of
         the padded last round dropped), so every process returns the metrics of the whole split.
+
+        Raises:
+            RuntimeError: before :meth:`compute_logp_t`.
         """
         loader = self.eval_loaders[split]
         if loader is None:
             return ValidationMetrics(float("nan"), float("nan"))
         self.model.eval()
         inputs = self._per_micro_batch(loader, lambda batch: torch.stack(self._loss_inputs(batch)))  # [6, B] each
-        logp, logp_prime, logp_t, logp_t_prime, reward, reward_prime = torch.cat(
-            [inputs[index] for index in sorted(inputs)], dim=1
-        )  # [N] each, N pairs
-        return self._metrics(logp, logp_prime, logp_t, logp_t_prime, reward, reward_prime)
+        return self._metrics(LossInputs(*torch.cat([inputs[index] for index in sorted(inputs)], dim=1)))  # [N] each
 
     def metrics_at_pi_t(self, split: str = "validation") -> ValidationMetrics:
         """What :meth:`validate` returns before the first gradient step, computed without a forward pass.
 
         π_t's log-probs come from the very micro-batches and precision that :meth:`validate` runs, so at
-        π = π_t every relative log-ratio is exactly 0 (``tests/test_packing.py`` checks both agree under bf16
+        π = π_t every relative log-ratio is exactly 0 (``tests/test_layout.py`` checks both agree under bf16
         autocast, in both pair layouts): the loss is η² · mean (r − r')² and the sign agreement 0 (NaN where
         every pair is a tie). It saves one no-grad pass over the split per iteration.
+
+        Raises:
+            RuntimeError: before :meth:`compute_logp_t`.
         """
-        pairs = self.pairs[split]
+        pairs = self._pairs[split]
         if not pairs:
             return ValidationMetrics(float("nan"), float("nan"))
-        logp_t = pair_logp_t(pairs)
+        logp_t = pair_logp_t(pairs)  # [2N]
         if logp_t is None:
-            raise ValueError(f"the {split} pairs have no π_t log-probs yet")
-        y, y_prime = torch.tensor_split(logp_t, 2)  # [N], [N]
-        return self._metrics(y, y_prime, y, y_prime, *torch.tensor_split(pair_rewards(pairs), 2))
+            raise RuntimeError(f"the {split} pairs have no π_t log-probs yet: call RefuelTrainer.compute_logp_t()")
+        return self._metrics(LossInputs.from_replies(logp_t, logp_t, pair_rewards(pairs)))
 
-    def _metrics(self, *inputs: torch.Tensor) -> ValidationMetrics:
-        """REFUEL loss and sign agreement of ``inputs``, the arguments of :func:`~refuel.training.loss.refuel_loss`."""
-        logp, logp_prime, logp_t, logp_t_prime, reward, reward_prime = inputs
-        loss = refuel_loss(*inputs, self.config.eta).item()
-        ratio = relative_log_ratio(logp, logp_prime, logp_t, logp_t_prime)  # [N]
-        return ValidationMetrics(loss, sign_agreement(ratio, reward - reward_prime))
+    def _metrics(self, inputs: LossInputs) -> ValidationMetrics:
+        """REFUEL loss and sign agreement of N pairs' ``inputs``."""
+        loss = refuel_loss(inputs, self.config.eta).item()
+        return ValidationMetrics(loss, sign_agreement(inputs.relative_log_ratio(), inputs.reward - inputs.reward_prime))
 
-    def training_step(self, batch: PackedPairs | dict[str, torch.Tensor]) -> torch.Tensor:
+    def training_step(self, batch: PairBatch) -> torch.Tensor:
         """Forward and backward of one micro-batch of pairs; an optimizer step when accumulation is complete.
 
         Returns:
@@ -360,7 +362,7 @@ class RefuelTrainer:
                 of the last good step.
         """
         with self.accelerator.accumulate(self.model):
-            loss, _, _ = self._pair_terms(batch)
+            loss = self._loss(batch)
             self._non_finite_loss |= not bool(torch.isfinite(loss.detach()))
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients:
@@ -408,12 +410,15 @@ class RefuelTrainer:
                 the last step: π_{t+1} is saved next.
 
         Raises:
-            RuntimeError: called after :meth:`save` merged LoRA adapters into the weights.
+            RuntimeError: called before :meth:`compute_logp_t`, or after :meth:`save` merged LoRA adapters into
+                the weights.
             NonFiniteTrainingError: a loss or gradient of step n is not finite; the weights are those after
                 step n − 1 (never updated with non-finite values) and the checkpoints stay on disk.
         """
         if self._merged:
             raise RuntimeError("save() merged the LoRA adapters into π_{t+1}; start a new RefuelTrainer to train on")
+        if not self._scored:
+            raise RuntimeError("train() needs π_t's log-probs first: call RefuelTrainer.compute_logp_t()")
         resumed = latest_training_state(checkpoints) if checkpoints is not None else None
         done, log = (-1, -1), []
         if resumed is not None:
