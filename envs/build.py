@@ -23,6 +23,21 @@ SIMULATOR_FIELDS = field_names(SimulatorConfig)
 EPISODE_FIELDS = field_names(EpisodeConfig)
 
 
+def check_model_names(config: SimulatorConfig, policy_model: str, *, user_engine_given: bool = False) -> None:
+    """Check the model names a simulator will load, before anything loads: the policy's (its tokenizer) and the
+    simulated user's, unless no user model is loaded (``user_template="replay"``, a user served by ``openai``,
+    or ``user_engine_given``: the user runs on an engine already built).
+
+    Raises:
+        UsageError: a name that is neither an embedded name, a folder nor a hub id (offline: nor in the local
+            cache); see :func:`~dialogsim.models.check_model_name`.
+    """
+    check_model_name("policy_model", policy_model)
+    user_backend = resolve_user_backend(config.user_backend, config.backend)
+    if not user_engine_given and user_backend != "openai" and config.user_template != REPLAY:
+        check_model_name("user_model", config.user_model)
+
+
 def build_simulator(
     config: SimulatorConfig | None = None,
     *,
@@ -90,9 +105,7 @@ def build_simulator(
     )
     user_backend = resolve_user_backend(config.user_backend, config.backend)
     precision.backend_precision(config.engine_dtype, user_backend)  # logged once
-    check_model_name("policy_model", policy_model)  # names first, before anything loads
-    if user_engine is None and user_backend != "openai" and config.user_template != REPLAY:
-        check_model_name("user_model", config.user_model)
+    check_model_names(config, policy_model, user_engine_given=user_engine is not None)
     check_reward_scores(config.reward, None, generation_only=True)  # the reward's name; its tasks with the rows
     tokenizer = load_tokenizer(policy_model)
     if rows is None:

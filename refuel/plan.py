@@ -36,7 +36,7 @@ from dialogsim.console import UsageError, console_command
 from refuel.cli import parse_config
 from refuel.config import RefuelConfig
 from refuel.run_folder import RunFolder, RunFolderError
-from refuel.training.batching import step_schedule, validation_count
+from refuel.training.batching import effective_batch_mismatch, step_schedule, validation_count
 
 SHARDED_TYPES = ("DEEPSPEED", "FSDP")
 REMOTE_CODE_REWARDS = ("armorm",)  # reward models whose hub code must run (trust_remote_code)
@@ -255,12 +255,8 @@ def make_plan(
     effective = config.per_device_batch_size * config.gradient_accumulation_steps * processes
     if config.effective_batch_size is None:
         plan.warnings.append("effective_batch_size is unset: the launch's process count is not checked at start")
-    elif effective != config.effective_batch_size:
-        plan.errors.append(
-            f"{config.per_device_batch_size} pairs per device × {config.gradient_accumulation_steps} accumulation × "
-            f"{processes} processes = {effective} pairs per step, but effective_batch_size is "
-            f"{config.effective_batch_size}; change the process count or the batch fields"
-        )
+    elif mismatch := effective_batch_mismatch(config, processes):
+        plan.errors.append(mismatch)
     pairs = config.pairs_per_iteration
     validation_pairs = validation_count(pairs, config.validation_fraction)
     train_pairs = pairs - validation_pairs

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Sampler
 
+from refuel.config import TrainingConfig
+
 
 def validation_count(pairs: int, fraction: float) -> int:
     """Pairs of an iteration held out for validation: ``round(fraction × pairs)``, none when ``pairs`` ≤ 2."""
@@ -47,6 +49,25 @@ def step_schedule(
     per_process = math.ceil(micro_batches / processes)
     steps = epochs * math.ceil(per_process / accumulation)
     return StepSchedule(per_process, steps, int(warmup_ratio * steps))
+
+
+def effective_batch_mismatch(config: TrainingConfig, processes: int) -> str | None:
+    """The rule ``per_device_batch_size × gradient_accumulation_steps × processes = effective_batch_size``, for
+    ``refuel-plan`` (the launch's predicted process count) and the trainer (accelerate's) alike.
+
+    Returns:
+        ``None`` when the product matches or ``effective_batch_size`` is unset; else the message saying which
+        fields disagree and how to fix them.
+    """
+    effective = config.per_device_batch_size * config.gradient_accumulation_steps * processes
+    if config.effective_batch_size is None or effective == config.effective_batch_size:
+        return None
+    return (
+        f"{config.per_device_batch_size} pairs per device × {config.gradient_accumulation_steps} accumulation × "
+        f"{processes} processes = {effective} pairs per step, but effective_batch_size is "
+        f"{config.effective_batch_size}; launch with the intended number of processes or change "
+        "per_device_batch_size / gradient_accumulation_steps / effective_batch_size"
+    )
 
 
 class StepGroupSampler(Sampler[int]):

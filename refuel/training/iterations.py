@@ -30,16 +30,16 @@ import numpy as np
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, set_seed
 
 from dialogsim.backends.base import ChatBackend, WeightSyncBackend
-from dialogsim.backends.serving import ServingEngine, resolve_user_backend, user_engine
+from dialogsim.backends.serving import ServingEngine, user_engine
 from dialogsim.backends.transformers_backend import load_tokenizer
 from dialogsim.console import console_command, failure_state
 from dialogsim.data import check_prompt_source
 from dialogsim.dialogue import fingerprint
-from dialogsim.models import check_model_name, resolve_model
+from dialogsim.models import resolve_model
 from dialogsim.precision import backend_precision, training_dtype
 from dialogsim.rewards.factory import check_reward_scores
 from dialogsim.simulator import DialogueSimulator
-from envs.build import build_simulator
+from envs.build import build_simulator, check_model_names
 from refuel.cli import parse_config
 from refuel.collection.collect import iter_pair_batches
 from refuel.collection.resets import ResetDistribution
@@ -73,12 +73,7 @@ def build_training_simulator(config: RefuelConfig, engine: PolicyEngine) -> Dial
         partition="train" if config.holdout else "all",
         policy_model=config.policy_model,
         max_horizon=config.max_horizon,
-        user_backend=resolve_user_backend(config.user_backend, config.backend),
         user_engine=user_engine(config.user_backend, engine.current, [config.policy_model], config.user_model),
-        user_base_url=config.user_base_url,
-        engine_dtype=config.engine_dtype,
-        vllm_kv_cache_gib=config.vllm_kv_cache_gib,
-        vllm_tensor_parallel_size=config.vllm_tensor_parallel_size,
     )
 
 
@@ -234,9 +229,7 @@ def run(config: RefuelConfig) -> str:
     run_dir = Path(config.output_dir)
     folder = RunFolder(run_dir)
     restart = folder.check(config)
-    check_model_name("policy_model", config.policy_model)
-    if config.user_backend != "openai":
-        check_model_name("user_model", config.user_model)
+    check_model_names(config, config.policy_model)
     precision = backend_precision(config.engine_dtype, config.backend)  # logged once
     set_seed(config.seed)
     state = build_accelerator(config)  # before any collection: refuses a launch that fell back

@@ -47,7 +47,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_sc
 
 from refuel.config import RefuelConfig
 from refuel.pairs import ScoredPair, TokenizedPair
-from refuel.training.batching import StepGroupSampler, step_schedule
+from refuel.training.batching import StepGroupSampler, effective_batch_mismatch, step_schedule
 from refuel.training.checkpoints import latest_training_state, save_training_state
 from refuel.training.distributed import build_accelerator, full_state_dict, fully_shard_on_cpu
 from refuel.training.layout import (
@@ -225,15 +225,8 @@ class RefuelTrainer:
                 "ACCELERATE_GRADIENT_ACCUMULATION_STEPS or the accelerate config), the run config "
                 f"{config.gradient_accumulation_steps}; set gradient_accumulation_steps in the run config only"
             )
-        effective = self.effective_batch_size
-        if config.effective_batch_size is not None and effective != config.effective_batch_size:
-            raise ValueError(
-                f"effective batch {config.per_device_batch_size} pairs per device × "
-                f"{config.gradient_accumulation_steps} accumulation × {accelerator.num_processes} processes = "
-                f"{effective}, but effective_batch_size is "
-                f"{config.effective_batch_size}; launch with the intended number of processes or change "
-                "per_device_batch_size / gradient_accumulation_steps"
-            )
+        if mismatch := effective_batch_mismatch(config, accelerator.num_processes):
+            raise ValueError(f"effective batch: {mismatch}")
 
     @torch.no_grad()
     def compute_logp_t(self) -> ScoredSplits:
