@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import transformers
 
+from dialogsim import arithmetic
 from refuel.cli import parse_config
 from refuel.config import RefuelConfig
 from refuel.plan import Plan, main, make_plan
@@ -144,6 +145,18 @@ def test_cpu_main_config_plans_a_single_process(
         main(["--config", str(RECIPE), "--eta", "-1"])
     assert exit_info.value.code == 2
     assert "error: invalid RefuelConfig values: eta=-1.0" in capsys.readouterr().err
+
+
+def test_arithmetic_main_config_plans(offline: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The default main job's config (configs/arithmetic/main.yaml) validates on a generated file: H = 1, replayed
+    user (no user model), reward turn_answer, 128 pairs."""
+    prompts = tmp_path / "prompts.jsonl"
+    arithmetic.main(["--output", str(prompts), "--train_dialogues", "40", "--heldout_dialogues", "10"])
+    config = str(REPO / "configs" / "arithmetic" / "main.yaml")
+    assert main(["--config", config, "--prompts", str(prompts), "--output_dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "template 'replay'" in out and "turn_answer" in out and "128 reset points" in out
+    assert "H ~ U{1..1}" in out
 
 
 @pytest.mark.parametrize(
