@@ -38,14 +38,14 @@
 # (compute-bound fp32 steps of ≈ 33 s, with other jobs sharing the cores). Alone on the cores, on a fresh clone, the
 # full run took 98 min (README "Results of record"): ≈ 12.5–15 min per iteration, steps of ≈ 12 s.
 #
-# Sizing, arithmetic (issue 26; not yet measured: run --smoke first and size from its summary's speeds):
+# Sizing, arithmetic (issue 26):
 #   collection: REFUEL 2 seeds × 2 × 256 + REBEL-LT 2 × 256 + DPO-LT 2 × 256 = 2048 pairs (no user-model calls);
 #   training:   8 iterations × 48 steps of 8 pairs (192 trained pairs × 2 epochs);
 #   evaluation: 6 policies (π_0, REFUEL π_1 and π_2 of seed 0, π_2 of seed 1, REBEL-LT π_2, DPO-LT π_2) × 500
 #               held-out dialogues = 3000 dialogues of H = 3.
-# At the gsm8k run's speeds (collection 72 pairs/min, training 21 pair-epochs/min, evaluation 49 dialogues/min)
-# that is ≈ 28 + 146 + 61 min ≈ 4 h, over the issue's 2.5 h: the levers, in the order the evidence allows, are
-# 1 epoch (the one-turn measurement used 2), 64-token replies, and evaluating REFUEL seed 0's π_1 only if time is left.
+# Measured (2026-12-07, fresh clone, Sapphire Rapids with AMX, 2 cores): 73 min end to end; alone on the cores an
+# iteration takes 6–7 min (collection of 256 pairs 45–65 s, 48 fp32 steps of 3.6–4.4 s), the evaluation of 3
+# policies × 500 dialogues 4.5–6 min. Do not run tests beside it: steps went to 22–27 s while they did.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
