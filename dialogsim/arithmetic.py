@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
-import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from transformers import HfArgumentParser
 
+from dialogsim.console import UsageError, console_command
 from dialogsim.prompts import FOLLOW_UPS, TURN_REFERENCES, PromptRow, question_key
 
 FORMAT_REQUEST = "Present your final answer as \\boxed{Your Answer}."  # the Math_CoT header's request
@@ -105,15 +105,15 @@ class ArithmeticConfig:
         for name in ("first_operations", "follow_up_operations"):
             unknown = sorted(set(getattr(self, name)) - set(OPERATIONS))
             if unknown or not getattr(self, name):
-                raise ValueError(f"{name} must name some of {sorted(OPERATIONS)}, got {getattr(self, name)}")
+                raise UsageError(f"{name} must name some of {sorted(OPERATIONS)}, got {getattr(self, name)}")
         for name in ("add_operands", "subtract_operands", "multiply_operands", *_FOLLOW_UP_RANGES.values()):
             low_high = getattr(self, name)
             if len(low_high) != 2 or low_high[0] > low_high[1]:
-                raise ValueError(f"{name} must be [low, high] with low <= high, got {low_high}")
+                raise UsageError(f"{name} must be [low, high] with low <= high, got {low_high}")
         if not 0 <= self.follow_ups <= 4:
-            raise ValueError(f"follow_ups must be in 0..4 (horizon H = 1 + follow_ups <= 5), got {self.follow_ups}")
+            raise UsageError(f"follow_ups must be in 0..4 (horizon H = 1 + follow_ups <= 5), got {self.follow_ups}")
         if self.train_dialogues < 1 or self.heldout_dialogues < 0:
-            raise ValueError("train_dialogues must be >= 1 and heldout_dialogues >= 0")
+            raise UsageError("train_dialogues must be >= 1 and heldout_dialogues >= 0")
 
     def first_range(self, operation: str) -> tuple[int, int]:
         """[low, high] of turn-1 operands a, b of ``operation``."""
@@ -191,7 +191,7 @@ def generate(config: ArithmeticConfig) -> list[PromptRow]:
     would under-represent it.
 
     Raises:
-        ValueError: the settings allow fewer than twice as many questions as an operation's share (drawing would
+        UsageError: the settings allow fewer than twice as many questions as an operation's share (drawing would
             slow down near exhaustion); widen the ranges, add operations or follow-ups, or ask for fewer rows.
     """
     count = len(config.first_operations)
@@ -203,7 +203,7 @@ def generate(config: ArithmeticConfig) -> list[PromptRow]:
         wanted[name] += heldout_share + train_share
     for name, count in wanted.items():
         if 2 * count > config.question_count(name):
-            raise ValueError(
+            raise UsageError(
                 f"{count} dialogues opening with {name} requested but the settings allow only "
                 f"{config.question_count(name)} distinct questions (need at least twice as many); widen the operand "
                 "ranges, add operations or follow-ups, or ask for fewer dialogues"
@@ -244,11 +244,14 @@ def _size(low_high: tuple[int, int]) -> int:
     return low_high[1] - low_high[0] + 1
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m dialogsim.arithmetic [--output FILE] [--seed N] ...``: write the rows, print a summary."""
-    (config,) = HfArgumentParser(ArithmeticConfig).parse_args_into_dataclasses(
-        args=list(sys.argv[1:] if argv is None else argv)
-    )
+@console_command
+def main(argv: Sequence[str]) -> None:
+    """``python -m dialogsim.arithmetic [--output FILE] [--seed N] ...``: write the rows, print a summary.
+
+    Settings the generator cannot satisfy are refused with one ``error:`` line and exit status 2
+    (:func:`~dialogsim.console.console_command`), before anything is written.
+    """
+    (config,) = HfArgumentParser(ArithmeticConfig).parse_args_into_dataclasses(args=list(argv))
     rows = generate(config)
     write_rows(rows, Path(config.output))
     digest = hashlib.sha256(Path(config.output).read_bytes()).hexdigest()

@@ -102,6 +102,30 @@ def test_settings_with_too_few_questions_are_refused() -> None:
         ArithmeticConfig(add_operands=[9, 2])
 
 
+def test_the_cli_refuses_unsatisfiable_settings_with_exit_2_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The console convention: one ``error:`` line naming the fix, exit status 2, no traceback, no file."""
+    output = tmp_path / "prompts.jsonl"
+    argv = [
+        "--output",
+        str(output),
+        "--first_operations",
+        "multiply",
+        "--multiply_operands",
+        "2",
+        "3",
+        "--follow_ups",
+        "0",
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--train_dialogues", "100", "--heldout_dialogues", "20"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 120 dialogues opening with multiply") and "widen the operand ranges" in err
+    assert "Traceback" not in err and not output.exists()
+
+
 def test_the_cli_writes_the_same_file_twice_and_every_row_loads_unchanged(tmp_path: Path) -> None:
     """python -m dialogsim.arithmetic: deterministic bytes; load_prompts keeps every row (no duplicate dropped)."""
     argv = ["--train_dialogues", "300", "--heldout_dialogues", "60", "--seed", "3"]
