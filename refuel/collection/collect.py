@@ -35,7 +35,7 @@ from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
 from envs.vector_env import VectorDialogueEnv
 from refuel.collection.resets import REFUEL_RESET, ResetDistribution, ResetPoint, plan_reset_points
-from refuel.collection.rollout import draw_seed, run_policy
+from refuel.collection.rollout import PolicyCall, draw_seed, policy_turn, run_policy
 from refuel.pairs import Pair
 
 DROP_REASONS = ("identical_replies", "truncated", "invalid_reward")
@@ -201,13 +201,13 @@ def _run_batch(
         rolling_in = [i for i in active if i < half and i not in snapshots]
         rolling_out = [i for i in active if i not in rolling_in]
         actions = [""] * env.num_envs
-        for backend, slots in _calls(rollin_policy, rolling_in, policy, rolling_out):
-            completions = backend.chat([list(observations[i]) for i in slots], sampling.with_seed(draw_seed(rng)))
+        groups = _calls(rollin_policy, rolling_in, policy, rolling_out)
+        calls = [PolicyCall(backend, [list(observations[i]) for i in slots], rng) for backend, slots in groups]
+        for (_, slots), completions in zip(groups, policy_turn(calls, sampling, progress), strict=True):
             for slot, completion in zip(slots, completions, strict=True):
                 actions[slot] = completion.text
                 if slot in rolling_out and slot not in replies:
                     replies[slot] = completion  # the first reply after the reset is the turn-h reply
-            progress.update(len(slots))
         observations, rewards, terminated, truncated, infos = env.step(actions)
         for i in np.flatnonzero(terminated | truncated):
             finished[int(i)] = (list(observations[i]), float(rewards[i]), bool(truncated[i]))

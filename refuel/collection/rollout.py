@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from dialogsim.backends.base import ChatBackend
+from dialogsim.backends.base import ChatBackend, Completion
 from dialogsim.dialogue import DialogueState
+from dialogsim.messages import Message
 from dialogsim.sampling import SamplingParams
 from dialogsim.simulator import DialogueSimulator
 
@@ -57,6 +59,32 @@ class PolicyRun:
         return sum(target - state.turn for state, target in self._pending())
 
 
+@dataclass(frozen=True)
+class PolicyCall:
+    """One batched policy call of a round: ``policy`` replies to each of ``conversations``, with a sampling seed
+    drawn from ``rng`` (one draw per call)."""
+
+    policy: ChatBackend
+    conversations: list[list[Message]]
+    rng: np.random.Generator
+
+
+def policy_turn(calls: Sequence[PolicyCall], sampling: SamplingParams, progress: tqdm) -> list[list[Completion]]:
+    """The policy half of one round, shared by collection (:func:`refuel.collection.collect.collect_pairs`) and
+    evaluation (:func:`run_policies`): each call in order draws its seed and makes one batched
+    :meth:`~dialogsim.backends.base.ChatBackend.chat`; ``progress`` advances by the replies (turns).
+
+    Returns:
+        Per call, its completions in the order of its conversations. The other half of the round, the simulated
+        user's turns and the reward, is one step of the simulator (evaluation) or of the vector env (collection).
+    """
+    completions = []
+    for call in calls:
+        completions.append(call.policy.chat(call.conversations, sampling.with_seed(draw_seed(call.rng))))
+        progress.update(len(call.conversations))
+    return completions
+
+
 def run_policies(simulator: DialogueSimulator, runs: list[PolicyRun], sampling: SamplingParams) -> None:
     """Advance several policies' dialogues together: per round one call per policy, then ONE simulator step.
 
@@ -72,17 +100,14 @@ def run_policies(simulator: DialogueSimulator, runs: list[PolicyRun], sampling: 
     progress = tqdm(total=sum(run.remaining_turns() for run in runs), desc="dialogue turns", unit="turn")
     while True:
         started = time.perf_counter()
-        states, replies = [], []
-        for run in runs:
-            active = run.active()
-            if active:
-                states += active
-                replies += run.policy.chat([state.messages for state in active], sampling.with_seed(draw_seed(run.rng)))
-        if not states:
+        actives = [(run, active) for run in runs if (active := run.active())]
+        if not actives:
             progress.close()
             return
+        calls = [PolicyCall(run.policy, [state.messages for state in active], run.rng) for run, active in actives]
+        states = [state for _, active in actives for state in active]
+        replies = [reply for completions in policy_turn(calls, sampling, progress) for reply in completions]
         simulator.step(states, [reply.text for reply in replies])
-        progress.update(len(replies))
         logger.info(
             "%d dialogues of %d policies advanced one turn (%d policy tokens) in %.1f s",
             len(states),
